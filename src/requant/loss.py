@@ -1,0 +1,19 @@
+"""The language-modelling loss F: next-token cross-entropy, summed so callers can weight windows exactly."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def token_nll(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sum of next-token NLL (nats) over a batch of windows (b, L), and the number of predicted tokens.
+
+    Logits are upcast to fp32 so a bf16 model still gets an fp32 loss. The sum is differentiable.
+    """
+    ids = ids.to(next(model.parameters()).device)
+    logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
+    targets = ids[:, 1:]
+    nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+    return nll, targets.numel()

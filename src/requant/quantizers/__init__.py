@@ -1,0 +1,32 @@
+"""Base quantization methods behind one interface, and the registry the CLI and pipeline use."""
+
+from __future__ import annotations
+
+from ..errors import ConfigError
+from .base import ALLOWED_BITS, BaseQuantizer, LayerInputs, LUTTensor, QuantizedTensor, UniformTensor
+from .rtn import RTNQuantizer
+from .squeezellm import SqueezeLLMQuantizer
+
+QUANTIZERS: dict[str, type[BaseQuantizer]] = {"rtn": RTNQuantizer, "squeezellm": SqueezeLLMQuantizer}
+
+
+def make_quantizer(name: str, bits: int, group_size: int | None = None, **options: object) -> BaseQuantizer:
+    """Construct a registered base quantizer by name."""
+    cls = QUANTIZERS.get(name)
+    if cls is None:
+        raise ConfigError(f"base method {name!r} is not available; use one of {', '.join(QUANTIZERS)}")
+    return cls(bits, group_size, **options)  # type: ignore[arg-type]
+
+
+__all__ = [
+    "ALLOWED_BITS",
+    "QUANTIZERS",
+    "BaseQuantizer",
+    "LUTTensor",
+    "LayerInputs",
+    "QuantizedTensor",
+    "RTNQuantizer",
+    "SqueezeLLMQuantizer",
+    "UniformTensor",
+    "make_quantizer",
+]
