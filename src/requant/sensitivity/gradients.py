@@ -55,7 +55,7 @@ def window_gradients(
             for w in weights.values():
                 w.grad = None
             nll, count = token_nll(model, batch)
-            if not math.isfinite(float(nll)):
+            if not math.isfinite(nll.item()):
                 raise NumericalError(f"loss is not finite on calibration window {start}")
             nll.backward()
             grads = {}
@@ -64,7 +64,7 @@ def window_gradients(
                 if not torch.isfinite(g).all():
                     raise NumericalError(f"gradient of {n} is not finite on calibration window {start}")
                 grads[n] = g
-            yield start, float(nll), count, grads
+            yield start, nll.item(), count, grads
             pbar.update(len(batch))
         pbar.close()
 

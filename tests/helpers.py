@@ -1,0 +1,48 @@
+"""Tiny offline test models and a byte-level tokenizer (importable from tests: `from helpers import ...`)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer with 256 byte tokens plus <s>: deterministic and fully offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab["<s>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<s>")
+
+
+def tiny_llama(
+    seed: int = 0, *, layers: int = 2, hidden: int = 64, inter: int = 96, vocab: int = 257, tie: bool = True
+):
+    """A random Llama-architecture causal LM small enough for unit tests (fp32, eval mode)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=tie,
+        bos_token_id=256,
+        eos_token_id=256,
+        pad_token_id=None,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    # Larger-than-default init so quantization visibly changes the loss.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    return model

@@ -1,0 +1,103 @@
+import json
+
+import pytest
+
+from requant.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_quantize_then_eval_json(capsys, model_dir, text_file, tmp_path):
+    out = tmp_path / "q"
+    code, stdout, _ = run(
+        capsys,
+        "quantize",
+        str(model_dir),
+        "-o",
+        str(out),
+        "--base",
+        "squeezellm",
+        "--bits",
+        "3",
+        "--outliers",
+        "0.5",
+        "--significant",
+        "0.1",
+        "--calib",
+        str(text_file),
+        "--nsamples",
+        "2",
+        "--seqlen",
+        "32",
+        "--json",
+    )
+    assert code == 0
+    rep = json.loads(stdout)
+    assert 3 < rep["bits_per_weight"] < 6 and rep["sparse_percent"] == pytest.approx(0.6, abs=0.1)
+    code, stdout, _ = run(
+        capsys,
+        "eval",
+        str(out),
+        "--data",
+        str(text_file),
+        "--seqlen",
+        "32",
+        "--limit",
+        "3",
+        "--kl-to",
+        str(model_dir),
+        "--json",
+    )
+    assert code == 0
+    res = json.loads(stdout)["results"][0]
+    assert res["tokens"] == 3 * 31 and res["perplexity"] > 1 and res["kl"] > 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["quantize", "-o", "X", "--bits", "5"], "bits 5 is not allowed"),
+        (["quantize", "-o", "X", "--outliers", "100"], "outlier percent 100.0 is outside"),
+        (["quantize", "-o", "X", "--outliers", "-1"], "outlier percent -1.0 is outside"),
+        (["quantize", "-o", "X", "--base", "foo"], "base method 'foo' is not allowed"),
+        (["eval", "MISSING_DIR/x.gguf"], "does not exist"),
+    ],
+)
+def test_bad_input_gives_one_line_and_exit_2(capsys, argv, message):
+    code, stdout, err = run(capsys, *argv)
+    assert code == 2 and stdout == ""
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_errors_on_model_and_text(capsys, model_dir, text_file, tmp_path):
+    code, _, err = run(
+        capsys,
+        "quantize",
+        str(model_dir),
+        "-o",
+        str(tmp_path / "o"),
+        "--base",
+        "rtn",
+        "--group-size",
+        "48",
+        "--calib",
+        str(text_file),
+    )
+    assert code == 2 and "group size 48 does not divide the input width 64 of layer model.layers.0" in err
+    code, _, err = run(capsys, "eval", str(model_dir), "--data", "nope:text")
+    assert code == 2 and "unknown text 'nope:text'" in err
+    code, _, err = run(capsys, "eval", str(model_dir), "--data", str(text_file), "--seqlen", "100000")
+    assert code == 2 and "too short for one window" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_output_refused_before_work(capsys, model_dir, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "something.txt").write_text("x")
+    code, _, err = run(capsys, "quantize", str(model_dir), "-o", str(out), "--base", "rtn")
+    assert code == 2 and "not a requant checkpoint" in err and (out / "something.txt").exists()

@@ -1,0 +1,54 @@
+import pytest
+import torch
+
+from requant.config import QuantConfig
+from requant.errors import ConfigError, NumericalError
+from requant.eval import evaluate
+from requant.pipeline import quantize
+
+
+def test_budgets_are_met_and_disjoint(model, tokenizer, text_file):
+    cfg = QuantConfig(
+        base="squeezellm",
+        bits=3,
+        outliers=0.45,
+        significant=0.05,
+        calib=str(text_file),
+        nsamples=2,
+        seqlen=32,
+    )
+    r = quantize(model, tokenizer, cfg)
+    total = sum(q.info.numel for q in r.layers.values())
+    info = r.report["sparse"]
+    assert info["outlier_entries"] <= round(0.0045 * total)
+    assert info["outlier_entries"] >= round(0.0045 * total) * 0.9
+    assert r.bit_count().sparse_entries == info["outlier_entries"] + info["significant_entries"]
+
+
+def test_weights_in_model_equal_reconstruction(model, tokenizer, text_file):
+    r = quantize(model, tokenizer, QuantConfig(base="rtn", bits=4, group_size=32, calib=str(text_file)))
+    for name, q in r.layers.items():
+        assert torch.equal(model.get_submodule(name).weight, q.weight())
+
+
+def test_more_bits_lower_perplexity(tokenizer, text_file, windows):
+    from helpers import tiny_llama
+
+    ppl = {}
+    for bits in (2, 4, 8):
+        m = tiny_llama()
+        quantize(m, tokenizer, QuantConfig(base="rtn", bits=bits, calib=str(text_file)))
+        ppl[bits] = evaluate(m, windows).perplexity
+    fp = evaluate(tiny_llama(), windows).perplexity
+    assert ppl[2] > ppl[4] > ppl[8] and abs(ppl[8] - fp) / fp < 0.01
+
+
+def test_bad_inputs(model, tokenizer):
+    with pytest.raises(ConfigError, match="leaves no dense weights"):
+        QuantConfig(outliers=60, significant=40)
+    with pytest.raises(ConfigError, match="group size 48 does not divide the input width 64"):
+        quantize(model, tokenizer, QuantConfig(base="rtn", bits=3, group_size=48))
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(NumericalError, match=r"model.layers.1.mlp.up_proj"):
+        quantize(model, tokenizer, QuantConfig(base="rtn", bits=3))
