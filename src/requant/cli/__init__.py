@@ -1,0 +1,47 @@
+"""The `requant` command line: one module per command, each registering its parser and handler.
+
+Every RequantError becomes one line on stderr and exit code 2; a real bug still shows its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from ..errors import RequantError
+from ..progress import quiet_transformers, set_quiet
+
+# Each module defines add_parser(subparsers) and run(args) -> int.
+COMMAND_MODULES = ("quantize", "eval")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="requant", description="Post-training quantization with PQI and ReQuant."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMAND_MODULES:
+        mod = importlib.import_module(f".{name}", __name__)
+        p = mod.add_parser(sub)
+        p.set_defaults(handler=mod.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    set_quiet(bool(getattr(args, "json", False)))
+    try:
+        with quiet_transformers():
+            return args.handler(args)
+    except RequantError as e:
+        print(f"requant: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("requant: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

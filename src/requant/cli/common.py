@@ -1,0 +1,27 @@
+"""Argument helpers shared by the commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+
+def percent(s: str) -> float:
+    try:
+        return float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number (percent of quantized weights)") from None
+
+
+def add_calib(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("calibration")
+    g.add_argument("--calib", default="wiki:train", help="calibration text (default: wiki:train)")
+    g.add_argument("--nsamples", type=int, default=32, help="calibration windows (default: 32)")
+    g.add_argument("--seqlen", type=int, default=512, help="tokens per window (default: 512)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the window sampling (default: 0)")
+
+
+def emit(args: argparse.Namespace, obj: dict[str, Any], text: str) -> None:
+    """Print `obj` as JSON under --json, else the human-readable `text`."""
+    print(json.dumps(obj, indent=2) if args.json else text)
