@@ -6,7 +6,6 @@ The algorithms are pure functions elsewhere; this module walks the model, times 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +48,19 @@ class QuantizationResult:
 
     def bit_count(self) -> accounting.BitCount:
         return accounting.total(layer.bit_count() for layer in self.layers.values())
+
+
+def compute_fisher(
+    model: nn.Module, tokenizer: object, config: QuantConfig, names: list[str]
+) -> dict[str, torch.Tensor]:
+    """Fisher Σg² over the config's calibration windows, with the model temporarily in the gradient dtype."""
+    windows = text_windows(tokenizer, config.calib, config.seqlen, nsamples=config.nsamples, seed=config.seed)
+    orig_dtype = next(model.parameters()).dtype
+    model.to(parse_dtype(config.grad_dtype))
+    try:
+        return {n: f.cpu() for n, f in fisher_information(model, names, windows).items()}
+    finally:
+        model.to(orig_dtype)
 
 
 def check_finite_weights(model: nn.Module, layers: list[LayerInfo]) -> None:
@@ -114,9 +126,12 @@ def quantize(
     tokenizer: object,
     config: QuantConfig,
     *,
-    log: Callable[[str], None] | None = None,
+    fisher: dict[str, torch.Tensor] | None = None,
 ) -> QuantizationResult:
-    """Quantize the model's selected linear layers in place and return the per-layer results."""
+    """Quantize the model's selected linear layers in place and return the per-layer results.
+
+    `fisher` may carry a precomputed Fisher (same calibration settings) to share between runs.
+    """
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     layers = quantizable_layers(model, config.include, config.exclude)
@@ -127,19 +142,9 @@ def quantize(
     infos = {i.name: i for i in layers}
     weights = {i.name: get_linear(model, i.name).weight.detach().float().cpu().clone() for i in layers}
 
-    fisher = None
-    if config.needs_fisher:
+    if config.needs_fisher and fisher is None:
         t = time.perf_counter()
-        windows = text_windows(
-            tokenizer, config.calib, config.seqlen, nsamples=config.nsamples, seed=config.seed
-        )
-        grad_dtype = parse_dtype(config.grad_dtype)
-        orig_dtype = next(model.parameters()).dtype
-        model.to(grad_dtype)
-        try:
-            fisher = {n: f.cpu() for n, f in fisher_information(model, list(infos), windows).items()}
-        finally:
-            model.to(orig_dtype)
+        fisher = compute_fisher(model, tokenizer, config, list(infos))
         timings["fisher_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
