@@ -1,0 +1,130 @@
+"""Algorithm 2: step-wise significant-weight detach driven by a posterior sensitivity (PQI).
+
+Each step scores every weight against the *current* reconstruction, restores the top entries to their
+original values (as fp16 sparse residuals, exactly as they will be stored) and rescores. Dense codes
+stay fixed. The scorer is a callable, so the loop is testable without a model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+import torch
+
+from ..errors import ConfigError
+
+RANKINGS = ("abs", "positive")
+SCOPES = ("global", "module")
+
+
+def rank_scores(scores: torch.Tensor, ranking: str) -> torch.Tensor:
+    """Ranking key from signed ΔF_PQI: |ΔF| (default) or max(ΔF, 0) (only entries that raised the loss)."""
+    if ranking == "abs":
+        return scores.abs()
+    if ranking == "positive":
+        return scores.clamp_min(0)
+    raise ConfigError(f"ranking {ranking!r} is not allowed; use one of {', '.join(RANKINGS)}")
+
+
+def select_top(
+    keys: Mapping[str, torch.Tensor],
+    count: int,
+    exclude: Mapping[str, torch.Tensor],
+    *,
+    scope: str = "global",
+) -> dict[str, torch.Tensor]:
+    """Masks of the top entries by key, never inside `exclude`.
+
+    global: the `count` largest keys over all layers (keys share units, e.g. nats of loss);
+    module: every layer gets its share of `count` in proportion to its size.
+    """
+    if scope not in SCOPES:
+        raise ConfigError(f"selection scope {scope!r} is not allowed; use one of {', '.join(SCOPES)}")
+    masked = {}
+    for n, k in keys.items():
+        v = k.float().flatten().clone()
+        v[exclude[n].flatten()] = -torch.inf
+        masked[n] = v
+    out = {n: torch.zeros(k.numel(), dtype=torch.bool) for n, k in keys.items()}
+    if count <= 0:
+        return {n: m.view(keys[n].shape) for n, m in out.items()}
+    if scope == "module":
+        total = sum(v.numel() for v in masked.values())
+        for n, v in masked.items():
+            c = min(round(count * v.numel() / total), int(torch.isfinite(v).sum()))
+            if c:
+                out[n][torch.topk(v, c, sorted=False).indices] = True
+    else:
+        # Only each layer's own top-`count` can be in the global top-`count`: merge those candidates.
+        cand_v, cand_l, cand_i = [], [], []
+        for li, (_, v) in enumerate(masked.items()):
+            c = min(count, v.numel())
+            top = torch.topk(v, c, sorted=False)
+            cand_v.append(top.values)
+            cand_i.append(top.indices)
+            cand_l.append(torch.full((c,), li, dtype=torch.long))
+        values, layer, index = torch.cat(cand_v), torch.cat(cand_l), torch.cat(cand_i)
+        finite = torch.isfinite(values)
+        values, layer, index = values[finite], layer[finite], index[finite]
+        best = torch.topk(values, min(count, values.numel()), sorted=False).indices
+        names = list(masked)
+        for li in layer[best].unique().tolist():
+            sel = best[layer[best] == li]
+            out[names[li]][index[sel]] = True
+    return {n: m.view(keys[n].shape) for n, m in out.items()}
+
+
+def restore_entries(current: torch.Tensor, original: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """current + fp16(original − current) on the mask: bit-identical to storing an fp16 sparse residual."""
+    out = current.clone()
+    out[mask] = current[mask].float() + (original[mask].float() - current[mask].float()).half().float()
+    return out
+
+
+def step_counts(total: int, step: int) -> list[int]:
+    """Entries detached at each step: ceil(total/step) steps of `step`, the last one takes the rest."""
+    if step <= 0:
+        raise ConfigError(f"detach step {step} must be positive")
+    steps = math.ceil(total / step) if total > 0 else 0
+    return [min(step, total - i * step) for i in range(steps)]
+
+
+def stepwise_detach(
+    original: Mapping[str, torch.Tensor],
+    current: Mapping[str, torch.Tensor],
+    sparse: Mapping[str, torch.Tensor],
+    score_fn: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+    total: int,
+    step: int,
+    *,
+    scope: str = "global",
+    ranking: str = "abs",
+    on_step: Callable[[int, dict[str, torch.Tensor], dict[str, torch.Tensor]], None] | None = None,
+    start: tuple[int, dict[str, torch.Tensor]] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Masks of `total` significant entries chosen in steps of `step`, rescoring the reconstruction each time.
+
+    `sparse` marks entries already stored sparse (never chosen). `score_fn(current)` returns signed
+    element-wise sensitivities. `on_step(k, chosen, current)` lets the caller checkpoint; `start=(k, chosen)`
+    resumes after step k.
+    """
+    cur = {n: t.clone() for n, t in current.items()}
+    chosen = {n: torch.zeros(t.shape, dtype=torch.bool) for n, t in current.items()}
+    counts = step_counts(total, step)
+    first = 0
+    if start is not None:
+        first, prev = start
+        chosen = {n: m.clone() for n, m in prev.items()}
+        cur = {n: restore_entries(cur[n], original[n], chosen[n]) for n in cur}
+    for k in range(first, len(counts)):
+        keys = {n: rank_scores(s, ranking) for n, s in score_fn(cur).items()}
+        exclude = {n: sparse[n] | chosen[n] for n in cur}
+        new = select_top(keys, counts[k], exclude, scope=scope)
+        for n in cur:
+            if new[n].any():
+                cur[n] = restore_entries(cur[n], original[n], new[n])
+                chosen[n] |= new[n]
+        if on_step is not None:
+            on_step(k + 1, chosen, cur)
+    return chosen
