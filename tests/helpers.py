@@ -46,3 +46,32 @@ def tiny_llama(
             if p.dim() == 2:
                 p.normal_(0, 0.08)
     return model
+
+
+_TRAINED: dict[tuple, dict] = {}
+
+
+def trained_tiny_llama(text: str, *, steps: int = 80, seed: int = 0):
+    """A tiny Llama briefly trained on `text` (byte tokens), so quantization quality comparisons mean something.
+
+    Training runs once per (text, steps, seed) and is cached; each call returns a fresh copy.
+    """
+    key = (hash(text), steps, seed)
+    if key not in _TRAINED:
+        model = tiny_llama(seed)
+        ids = torch.tensor(byte_tokenizer()(text)["input_ids"], dtype=torch.long)
+        gen = torch.Generator().manual_seed(seed)
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        model.train()
+        for _ in range(steps):
+            starts = torch.randint(0, ids.numel() - 65, (8,), generator=gen)
+            batch = torch.stack([ids[s : s + 64] for s in starts.tolist()])
+            loss = model(input_ids=batch, labels=batch).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+        _TRAINED[key] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model = tiny_llama(seed)
+    model.load_state_dict(_TRAINED[key])
+    return model

@@ -101,3 +101,58 @@ def test_existing_output_refused_before_work(capsys, model_dir, tmp_path):
     (out / "something.txt").write_text("x")
     code, _, err = run(capsys, "quantize", str(model_dir), "-o", str(out), "--base", "rtn")
     assert code == 2 and "not a requant checkpoint" in err and (out / "something.txt").exists()
+
+
+def test_recipe_fills_defaults_and_flags_override(capsys, model_dir, text_file, tmp_path):
+    out = tmp_path / "r"
+    code, stdout, err = run(
+        capsys,
+        "quantize",
+        str(model_dir),
+        "-o",
+        str(out),
+        "--recipe",
+        "requant",
+        "--bits",
+        "3",
+        "--significant",
+        "0.2",
+        "--step",
+        "0.1",
+        "--calib",
+        str(text_file),
+        "--nsamples",
+        "2",
+        "--seqlen",
+        "32",
+        "--alg1-steps",
+        "2",
+        "--keep-work",
+        "--json",
+    )
+    assert code == 0, err
+    cfg = json.loads(stdout)["config"]
+    assert cfg["outlier_select"] == "adaptive" and cfg["outliers"] == 0.45 and cfg["significant_select"] == "pqi"
+    assert cfg["significant"] == 0.2 and cfg["step"] == 0.1 and cfg["pqi_rule"] == "gauss"
+    assert (tmp_path / "r.work" / "dense.json").is_file()
+    code, _, err = run(capsys, "quantize", str(model_dir), "-o", str(tmp_path / "x"), "--recipe", "nope")
+    assert code == 2 and "recipe 'nope' is not known" in err
+
+
+def test_resume_refuses_other_settings(capsys, model_dir, text_file, tmp_path):
+    common = [
+        "quantize",
+        str(model_dir),
+        "-o",
+        str(tmp_path / "q"),
+        "--calib",
+        str(text_file),
+        "--nsamples",
+        "2",
+        "--seqlen",
+        "32",
+        "--keep-work",
+    ]
+    assert run(capsys, *common, "--bits", "3")[0] == 0
+    code, _, err = run(capsys, *common, "--bits", "4", "--resume", "--force")
+    assert code == 2 and "cannot resume" in err and "bits" in err

@@ -22,7 +22,7 @@ def test_budgets_are_met_and_disjoint(model, tokenizer, text_file):
     info = r.report["sparse"]
     assert info["outlier_entries"] <= round(0.0045 * total)
     assert info["outlier_entries"] >= round(0.0045 * total) * 0.9
-    assert r.bit_count().sparse_entries == info["outlier_entries"] + info["significant_entries"]
+    assert r.bit_count().sparse_entries == info["outlier_entries"] + info["sensitive_entries"]
 
 
 def test_weights_in_model_equal_reconstruction(model, tokenizer, text_file):

@@ -9,9 +9,16 @@ from typing import Any
 from .errors import ConfigError
 from .quantizers import ALLOWED_BITS, QUANTIZERS
 
-OUTLIER_SELECT = ("iqr",)
-SIGNIFICANT_SELECT = ("fisher",)
+OUTLIER_SELECT = ("iqr", "adaptive", "random")
+SIGNIFICANT_SELECT = ("fisher", "pqi", "random")
 DTYPES = ("fp32", "bf16")
+PQI_RULES = ("midpoint", "trapezoid", "left", "gauss")
+ALG1_OBJECTIVES = ("base", "pqi")
+ALG1_CRITERIA = ("magnitude", "pqi_pre")
+ALG1_GRANULARITY = ("module", "block")
+ALG1_ALLOCATORS = ("greedy", "lagrange")
+DETACH_SCOPES = ("global", "module")
+DETACH_RANKINGS = ("abs", "positive")
 
 
 def _choice(value: Any, allowed: tuple[Any, ...], what: str) -> None:
@@ -36,6 +43,18 @@ class QuantConfig:
     outlier_select: str = "iqr"
     significant: float = 0.0
     significant_select: str = "fisher"
+    step: float | None = None  # β of Algorithm 2, percent per detach step; None = a single step
+    pqi_nodes: int = 32
+    pqi_rule: str = "midpoint"
+    pqi_nsamples: int | None = None  # calibration windows for PQI; None = nsamples
+    alg1_objective: str = "base"
+    alg1_criterion: str = "magnitude"
+    alg1_granularity: str = "module"
+    alg1_steps: int = 8  # candidate ratios {0, 1/steps, ..., max_factor} × budget
+    alg1_max_factor: float = 4.0
+    alg1_allocator: str = "greedy"
+    detach_scope: str = "global"
+    detach_ranking: str = "abs"
     calib: str = "wiki:train"
     nsamples: int = 32
     seqlen: int = 512
@@ -60,6 +79,26 @@ class QuantConfig:
             )
         _choice(self.outlier_select, OUTLIER_SELECT, "outlier selection")
         _choice(self.significant_select, SIGNIFICANT_SELECT, "significant selection")
+        if self.step is not None and not 0 < self.step <= max(self.significant, 0):
+            raise ConfigError(f"detach step {self.step} must be in (0, significant={self.significant}] percent")
+        _positive(self.pqi_nodes, "PQI nodes")
+        _choice(self.pqi_rule, PQI_RULES, "PQI rule")
+        if self.pqi_nsamples is not None:
+            _positive(self.pqi_nsamples, "PQI nsamples")
+        _choice(self.alg1_objective, ALG1_OBJECTIVES, "Algorithm 1 objective")
+        _choice(self.alg1_criterion, ALG1_CRITERIA, "Algorithm 1 outlier criterion")
+        _choice(self.alg1_granularity, ALG1_GRANULARITY, "Algorithm 1 granularity")
+        _choice(self.alg1_allocator, ALG1_ALLOCATORS, "Algorithm 1 allocator")
+        _positive(self.alg1_steps, "Algorithm 1 grid steps")
+        if not self.alg1_max_factor >= 1:
+            raise ConfigError(f"Algorithm 1 max factor {self.alg1_max_factor} must be at least 1")
+        _choice(self.detach_scope, DETACH_SCOPES, "detach scope")
+        _choice(self.detach_ranking, DETACH_RANKINGS, "detach ranking")
+        if (self.outliers > 0 or self.significant > 0) and not QUANTIZERS[self.base].supports_exclude:
+            raise ConfigError(
+                f"base method {self.base!r} cannot leave entries out of its fit; "
+                "use --outliers 0 --significant 0 with it"
+            )
         _positive(self.nsamples, "nsamples")
         _positive(self.seqlen, "seqlen")
         if self.seqlen < 2:
@@ -70,8 +109,15 @@ class QuantConfig:
 
     @property
     def needs_fisher(self) -> bool:
-        return QUANTIZERS[self.base].uses_importance or (
-            self.significant > 0 and self.significant_select == "fisher"
+        return QUANTIZERS[self.base].uses_importance or (self.significant > 0 and self.significant_select == "fisher")
+
+    @property
+    def needs_pqi_pre(self) -> bool:
+        """Algorithm 1 variants that need one PQI pass between w and the pre-quantized w̃_pre."""
+        return (
+            self.outliers > 0
+            and self.outlier_select == "adaptive"
+            and (self.alg1_objective == "pqi" or self.alg1_criterion == "pqi_pre")
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,58 +1,90 @@
-"""`requant quantize`: quantize a model and write a checkpoint."""
+"""`requant quantize`: quantize a model (ReQuant or a baseline) and write a checkpoint."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from .common import add_calib, emit, percent
+
+# Flags whose default is "unset", so a --recipe value can fill them and an explicit flag still wins.
+_RECIPE_FLAGS = (
+    "outliers",
+    "outlier_select",
+    "significant",
+    "significant_select",
+    "step",
+    "pqi_nodes",
+    "pqi_rule",
+    "group_size",
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model and write a checkpoint")
-    q.add_argument(
-        "model", nargs="?", default=None, help="model dir, .gguf or cached hub id (default: SmolLM2)"
-    )
+    q.add_argument("model", nargs="?", default=None, help="model dir, .gguf or cached hub id (default: SmolLM2)")
     q.add_argument("-o", "--output", required=True, help="output checkpoint directory")
     q.add_argument("--base", default="squeezellm", help="base method: rtn, squeezellm (default: squeezellm)")
     q.add_argument("--bits", type=int, default=3, help="bits per dense weight: 2, 3, 4 or 8 (default: 3)")
     q.add_argument(
-        "--group-size", type=int, default=None, help="inputs per scale group (rtn; default per row)"
+        "--recipe",
+        default=None,
+        help="preset: requant (the paper's settings per base) or dns "
+        "(SqueezeLLM's IQR outliers + Fisher values); explicit flags override it",
     )
+    q.add_argument("--group-size", type=int, default=None, help="inputs per scale group (default: per row)")
     q.add_argument("--sym", action="store_true", help="symmetric uniform grid (rtn)")
-    q.add_argument("--outliers", type=percent, default=0.0, help="outlier percent of quantized weights")
-    q.add_argument("--outlier-select", default="iqr", help="outlier selection: iqr")
-    q.add_argument("--significant", type=percent, default=0.0, help="sensitive-value percent of weights")
-    q.add_argument("--significant-select", default="fisher", help="sensitive-value selection: fisher")
+    g = q.add_argument_group("dense-and-sparse")
+    g.add_argument("--outliers", type=percent, default=None, help="outlier percent of quantized weights (r_o)")
+    g.add_argument("--outlier-select", default=None, help="iqr (SqueezeLLM), adaptive (Algorithm 1), random")
+    g.add_argument("--significant", type=percent, default=None, help="significant-weight percent (r_s)")
+    g.add_argument("--significant-select", default=None, help="fisher (SqueezeLLM), pqi (Algorithm 2), random")
+    g.add_argument("--step", type=percent, default=None, help="Algorithm 2 step β in percent (default: r_s)")
+    g.add_argument("--pqi-nodes", type=int, default=None, help="PQI quadrature nodes N (default 32)")
+    g.add_argument("--pqi-rule", default=None, help="PQI rule: midpoint, trapezoid, left, gauss")
+    g.add_argument("--pqi-nsamples", type=int, default=None, help="calibration windows for PQI (default: nsamples)")
+    a = q.add_argument_group("algorithm 1 / 2 variants (paper.md §4-5)")
+    a.add_argument("--alg1-objective", default="base", help="base (the base method's own error) or pqi")
+    a.add_argument("--alg1-criterion", default="magnitude", help="outliers by magnitude or pqi_pre")
+    a.add_argument("--alg1-granularity", default="module", help="module or block")
+    a.add_argument("--alg1-allocator", default="greedy", help="greedy or lagrange")
+    a.add_argument("--alg1-steps", type=int, default=8, help="candidate grid steps per budget (default 8)")
+    a.add_argument("--alg1-max-factor", type=float, default=4.0, help="largest candidate / budget (default 4)")
+    a.add_argument("--detach-scope", default="global", help="global or module top-k in Algorithm 2")
+    a.add_argument("--detach-ranking", default="abs", help="abs (|ΔF_PQI|) or positive (ΔF_PQI > 0 only)")
     q.add_argument("--include", action="append", default=[], help="regex of layer names to quantize (repeat)")
     q.add_argument("--exclude", action="append", default=[], help="regex of layer names to skip (repeat)")
-    q.add_argument("--grad-dtype", default="fp32", help="model dtype for gradients: fp32 or bf16")
+    q.add_argument("--grad-dtype", default="fp32", help="model dtype for gradient passes: fp32 or bf16")
     q.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    q.add_argument("--resume", action="store_true", help="continue an interrupted run from OUTPUT.work")
+    q.add_argument("--keep-work", action="store_true", help="keep OUTPUT.work (stage results) after success")
     q.add_argument("--force", action="store_true", help="replace an existing different checkpoint")
     q.add_argument("--json", action="store_true", help="print one JSON object, no progress bars")
     add_calib(q)
-
     return q
 
 
-def run(args: argparse.Namespace) -> int:
+def config_from_args(args: argparse.Namespace) -> Any:
+    """QuantConfig from the flags: built-in defaults, then the recipe, then every flag given explicitly."""
     from ..config import QuantConfig
-    from ..format import save_checkpoint
-    from ..format.checkpoint import _check_replace
-    from ..model import load_model, resolve_model_path
-    from ..pipeline import quantize
+    from ..recipes import recipe_settings
 
-    config = QuantConfig(
+    settings: dict[str, Any] = {}
+    if args.recipe:
+        settings.update(recipe_settings(args.recipe, args.base))
+    for key in _RECIPE_FLAGS:
+        value = getattr(args, key)
+        if value is not None:
+            settings[key] = value
+    defaults = {f.name: f.default for f in dataclasses.fields(QuantConfig)}
+    return QuantConfig(
         base=args.base,
         bits=args.bits,
-        group_size=args.group_size,
         sym=args.sym,
-        outliers=args.outliers,
-        outlier_select=args.outlier_select,
-        significant=args.significant,
-        significant_select=args.significant_select,
         calib=args.calib,
         nsamples=args.nsamples,
         seqlen=args.seqlen,
@@ -60,15 +92,39 @@ def run(args: argparse.Namespace) -> int:
         grad_dtype=args.grad_dtype,
         include=tuple(args.include),
         exclude=tuple(args.exclude),
+        pqi_nsamples=args.pqi_nsamples,
+        alg1_objective=args.alg1_objective,
+        alg1_criterion=args.alg1_criterion,
+        alg1_granularity=args.alg1_granularity,
+        alg1_allocator=args.alg1_allocator,
+        alg1_steps=args.alg1_steps,
+        alg1_max_factor=args.alg1_max_factor,
+        detach_scope=args.detach_scope,
+        detach_ranking=args.detach_ranking,
+        **{k: settings.get(k, defaults[k]) for k in _RECIPE_FLAGS},
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..format import save_checkpoint
+    from ..format.checkpoint import _check_replace
+    from ..model import load_model, resolve_model_path
+    from ..pipeline import quantize
+
+    config = config_from_args(args)
     out = Path(args.output)
     if out.exists():
         _check_replace(out, config, args.force)  # refuse before hours of work, not after
+    work = out.with_name(out.name + ".work")
     t0 = time.perf_counter()
     model, tok = load_model(args.model, device=args.device)
-    result = quantize(model, tok, config)
+    result = quantize(model, tok, config, workdir=work, resume=args.resume)
     meta = {"model": resolve_model_path(args.model), "argv": sys.argv[1:], "wall_s": time.perf_counter() - t0}
     save_checkpoint(out, model, tok, result, metadata=meta, force=args.force)
+    if not args.keep_work:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
     bits = result.bit_count()
     obj = {
         "output": str(out),
@@ -76,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
         "sparse_percent": bits.sparse_percent,
         "layers": len(result.layers),
         "wall_s": meta["wall_s"],
+        "config": config.to_dict(),
         "report": result.report,
     }
     emit(

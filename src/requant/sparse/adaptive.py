@@ -1,0 +1,149 @@
+"""Algorithm 1 (reconstructed, paper.md §4): per-layer outlier ratios under one global budget.
+
+For every layer and candidate ratio r: take the top r·n entries by a criterion (|w| by default) as
+outliers, fit the base quantizer with them left out, and score the base method's own objective on the
+rest. A multiple-choice knapsack then picks one ratio per layer (or per block) within the budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from ..progress import bar
+from ..quantizers import BaseQuantizer
+from .allocation import ALLOCATORS, candidate_percents, topk_mask
+from .outliers import budget as budget_entries
+
+
+@dataclass
+class OutlierAllocation:
+    """Chosen outlier count per layer, with what the allocation saw."""
+
+    counts: dict[str, int]
+    percents: dict[str, float]  # achieved percent of each layer
+    candidate: dict[str, float]  # the chosen candidate ratio (percent) of each layer
+    objective: float  # Σ_l J_l at the chosen ratios
+    objective_none: float  # Σ_l J_l with no outliers (the pre-quantized model)
+    candidates: list[float]  # candidate percents (relative to each layer's size)
+    table: dict[str, list[float]] = field(default_factory=dict)  # J_l per candidate
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "percent_per_layer": self.percents,
+            "candidate_per_layer": self.candidate,
+            "objective": self.objective,
+            "objective_no_outliers": self.objective_none,
+            "candidates": self.candidates,
+        }
+
+
+def layer_objective(
+    weight: torch.Tensor,
+    recon: torch.Tensor,
+    keep: torch.Tensor,
+    *,
+    kind: str,
+    importance: torch.Tensor | None = None,
+    gbar: torch.Tensor | None = None,
+) -> float:
+    """J on the kept (dense) entries: Σ s (w − D)² for `base`, Σ |ḡ|·|w − D| for `pqi`."""
+    err = (weight.float() - recon.float())[keep]
+    if kind == "base":
+        s = importance.float()[keep] if importance is not None else torch.ones_like(err)
+        return float((s.double() * err.double().square()).sum())
+    if kind == "pqi":
+        assert gbar is not None
+        return float((gbar.float()[keep].double().abs() * err.double().abs()).sum())
+    raise ConfigError(f"Algorithm 1 objective {kind!r} is not allowed; use base or pqi")
+
+
+def criterion_scores(weight: torch.Tensor, criterion: str, pre_scores: torch.Tensor | None) -> torch.Tensor:
+    """Which entries become outliers first: largest |w| (magnitude) or largest |ΔF_PQI| of w̃_pre (pqi_pre)."""
+    if criterion == "magnitude":
+        return weight.float().abs()
+    if criterion == "pqi_pre":
+        assert pre_scores is not None
+        return pre_scores.float().abs()
+    raise ConfigError(f"outlier criterion {criterion!r} is not allowed; use magnitude or pqi_pre")
+
+
+def outlier_masks(
+    weights: Mapping[str, torch.Tensor],
+    counts: Mapping[str, int],
+    *,
+    criterion: str = "magnitude",
+    pre_scores: Mapping[str, torch.Tensor] | None = None,
+    skip: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The chosen outliers: top `counts[l]` entries of each layer by the criterion, outside `skip`."""
+    return {
+        n: topk_mask(
+            criterion_scores(w, criterion, pre_scores[n] if pre_scores else None), counts[n], skip[n] if skip else None
+        )
+        for n, w in weights.items()
+    }
+
+
+def allocate_outliers(
+    weights: Mapping[str, torch.Tensor],
+    quantizer: BaseQuantizer,
+    budget_pct: float,
+    *,
+    importance: Mapping[str, torch.Tensor] | None = None,
+    skip: Mapping[str, torch.Tensor] | None = None,
+    objective: str = "base",
+    criterion: str = "magnitude",
+    groups: Mapping[str, Any] | None = None,
+    steps: int = 8,
+    max_factor: float = 4.0,
+    allocator: str = "greedy",
+    gbar: Mapping[str, torch.Tensor] | None = None,
+    pre_scores: Mapping[str, torch.Tensor] | None = None,
+) -> OutlierAllocation:
+    """Per-layer outlier counts minimising Σ_l J_l subject to Σ_l count_l ≤ budget_pct % of all weights.
+
+    `groups` maps each layer to a unit that shares one ratio (e.g. its block); default: every layer alone.
+    """
+    if allocator not in ALLOCATORS:
+        raise ConfigError(f"allocator {allocator!r} is not allowed; use one of {', '.join(ALLOCATORS)}")
+    cands = candidate_percents(budget_pct, steps, max_factor)
+    table: dict[str, list[float]] = {}
+    counts: dict[str, list[int]] = {}
+    for n in bar(list(weights), desc="algorithm 1", unit="layer"):
+        w = weights[n]
+        imp = importance.get(n) if importance else None
+        sk = skip.get(n) if skip else None
+        scores = criterion_scores(w, criterion, pre_scores.get(n) if pre_scores else None)
+        table[n], counts[n] = [], []
+        for p in cands:
+            c = budget_entries(p, w.numel())
+            mask = topk_mask(scores, c, sk)
+            exclude = mask if sk is None else mask | sk
+            recon = quantizer.fit(w, importance=imp, exclude=exclude).dequantize()
+            table[n].append(
+                layer_objective(w, recon, ~exclude, kind=objective, importance=imp, gbar=gbar.get(n) if gbar else None)
+            )
+            counts[n].append(c)
+    unit_of = dict(groups) if groups else {n: n for n in weights}
+    units: dict[Any, list[str]] = {}
+    for n in weights:
+        units.setdefault(unit_of[n], []).append(n)
+    u_counts = {str(u): [sum(counts[n][j] for n in ns) for j in range(len(cands))] for u, ns in units.items()}
+    u_costs = {str(u): [sum(table[n][j] for n in ns) for j in range(len(cands))] for u, ns in units.items()}
+    total = budget_entries(budget_pct, sum(w.numel() for w in weights.values()))
+    choice = ALLOCATORS[allocator](u_counts, u_costs, total)
+    chosen = {n: choice[str(unit_of[n])] for n in weights}
+    return OutlierAllocation(
+        counts={n: counts[n][j] for n, j in chosen.items()},
+        percents={n: 100.0 * counts[n][j] / weights[n].numel() for n, j in chosen.items()},
+        candidate={n: cands[j] for n, j in chosen.items()},
+        objective=sum(table[n][j] for n, j in chosen.items()),
+        objective_none=sum(table[n][0] for n in weights),
+        candidates=cands,
+        table=table,
+    )
