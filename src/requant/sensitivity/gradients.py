@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -16,6 +16,9 @@ from torch import nn
 from ..errors import NumericalError
 from ..loss import token_nll
 from ..progress import bar
+
+# (model, windows) -> (differentiable summed loss, number of terms it sums); token_nll by default.
+LossFn = Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, int]]
 
 
 @contextlib.contextmanager
@@ -43,6 +46,7 @@ def window_gradients(
     *,
     batch_size: int = 1,
     desc: str = "gradients",
+    loss_fn: LossFn = token_nll,
 ) -> Iterator[tuple[int, float, int, dict[str, torch.Tensor]]]:
     """For each batch of windows yield (first window index, summed NLL, token count, fp32 grads of the sum).
 
@@ -54,7 +58,7 @@ def window_gradients(
             batch = windows[start : start + batch_size]
             for w in weights.values():
                 w.grad = None
-            nll, count = token_nll(model, batch)
+            nll, count = loss_fn(model, batch)
             if not math.isfinite(nll.item()):
                 raise NumericalError(f"loss is not finite on calibration window {start}")
             nll.backward()
@@ -76,11 +80,14 @@ def mean_loss_gradient(
     *,
     batch_size: int = 1,
     desc: str = "gradient",
+    loss_fn: LossFn = token_nll,
 ) -> tuple[float, dict[str, torch.Tensor]]:
     """Mean token NLL F over the windows and its fp32 gradient for the named layers' weights."""
     acc: dict[str, torch.Tensor] = {}
     nll_total, tokens = 0.0, 0
-    for _, nll, count, grads in window_gradients(model, names, windows, batch_size=batch_size, desc=desc):
+    for _, nll, count, grads in window_gradients(
+        model, names, windows, batch_size=batch_size, desc=desc, loss_fn=loss_fn
+    ):
         nll_total += nll
         tokens += count
         for n, g in grads.items():
