@@ -20,12 +20,11 @@ __version__ = "0.1.0"
 
 def load(spec: str | os.PathLike | None = None, *, device: str = "cpu", dtype: str = "fp32") -> tuple:
     """Load a requant checkpoint or a plain model (dir, .gguf, cached hub id; None = embedded)."""
-    from .format import is_checkpoint, load_checkpoint
+    from .format import is_checkpoint, load_quantized
     from .model import load_model
 
     if spec is not None and is_checkpoint(spec):
-        model, tok, _ = load_checkpoint(spec, device=device)
-        return model, tok
+        return load_quantized(spec, device=device)  # quantized layers are packed QuantLinear modules
     return load_model(spec, dtype=dtype, device=device)
 
 

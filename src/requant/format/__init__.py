@@ -1,5 +1,28 @@
-"""On-disk format of quantized checkpoints (safetensors + JSON, never pickle)."""
+"""On-disk format of quantized checkpoints (safetensors + JSON, never pickle) and the packed QuantLinear."""
 
-from .checkpoint import FORMAT_VERSION, is_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    is_checkpoint,
+    load_checkpoint,
+    load_quantized,
+    read_layers,
+    read_quantized,
+    save_checkpoint,
+)
+from .layout import FORMAT_VERSION, READABLE_VERSIONS, LayerLayout
+from .qlinear import QuantLinear, quant_linears, replace_with_quant_linear, set_kernel_mode
 
-__all__ = ["FORMAT_VERSION", "is_checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "FORMAT_VERSION",
+    "READABLE_VERSIONS",
+    "LayerLayout",
+    "QuantLinear",
+    "is_checkpoint",
+    "load_checkpoint",
+    "load_quantized",
+    "quant_linears",
+    "read_layers",
+    "read_quantized",
+    "replace_with_quant_linear",
+    "save_checkpoint",
+    "set_kernel_mode",
+]

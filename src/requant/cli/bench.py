@@ -1,0 +1,84 @@
+"""`requant bench`: prefill and decode tokens/s of a checkpoint against the fp32 model it came from.
+
+Both models are loaded in one process and measured alternately at batch 1; figures are medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import ConfigError
+from .common import emit
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("bench", help="prefill/decode speed of a checkpoint vs its fp32 source model")
+    p.add_argument("checkpoint", help="requant checkpoint directory")
+    p.add_argument("--baseline", default=None, help="fp32 model to compare with (default: the source model)")
+    p.add_argument("--prompt-tokens", type=int, default=128, help="prefill length (default: 128)")
+    p.add_argument("--new-tokens", type=int, default=32, help="decoded tokens per run (default: 32)")
+    p.add_argument("--repeats", type=int, default=5, help="runs per model, alternating (default: 5)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--json", action="store_true", help="print one JSON object, no progress bars")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from .. import load
+    from ..format import is_checkpoint, kernels
+    from ..format.checkpoint import read_meta
+    from ..format.speed import measure, random_prompt
+    from ..progress import bar
+
+    for what, v in (("--prompt-tokens", args.prompt_tokens), ("--new-tokens", args.new_tokens)):
+        if v < 1:
+            raise ConfigError(f"{what} {v} must be at least 1")
+    if args.repeats < 1:
+        raise ConfigError(f"--repeats {args.repeats} must be at least 1")
+    if not is_checkpoint(args.checkpoint):
+        raise ConfigError(f"{args.checkpoint!r} is not a requant checkpoint (no requant.json)")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads {args.threads} must be at least 1")
+        torch.set_num_threads(args.threads)
+    baseline = args.baseline or read_meta(args.checkpoint).get("metadata", {}).get("model")
+    if baseline is None:
+        raise ConfigError("the checkpoint does not record its source model; pass --baseline MODEL")
+    quant, _ = load(args.checkpoint)
+    fp32, _ = load(baseline, dtype="fp32")
+    vocab = quant.get_input_embeddings().num_embeddings
+    prompt = random_prompt(vocab, args.prompt_tokens)
+    with bar(total=args.repeats, desc="bench", unit="round") as pbar:
+        res = measure(
+            {"fp32": fp32, "quantized": quant}, prompt, args.new_tokens, args.repeats, progress=lambda _: pbar.update()
+        )
+    q, f = res["quantized"], res["fp32"]
+    obj = {
+        "checkpoint": str(Path(args.checkpoint)),
+        "baseline": str(baseline),
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "threads": torch.get_num_threads(),
+        "kernels": kernels.status(),
+        "prefill_speedup": q.prefill / f.prefill,
+        "decode_speedup": q.decode / f.decode,
+        "quantized": q.to_dict(),
+        "fp32": f.to_dict(),
+    }
+    text = "\n".join(
+        [
+            f"batch 1, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, "
+            f"{torch.get_num_threads()} threads, median of {args.repeats} alternating runs; kernels: {obj['kernels']}",
+            "| model | prefill tok/s | decode tok/s |",
+            "|---|---|---|",
+            f"| fp32 | {f.prefill:.1f} | {f.decode:.2f} |",
+            f"| checkpoint | {q.prefill:.1f} | {q.decode:.2f} |",
+            f"| speedup | {obj['prefill_speedup']:.2f}× | {obj['decode_speedup']:.2f}× |",
+        ]
+    )
+    emit(args, obj, text)
+    return 0

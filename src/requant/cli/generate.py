@@ -1,0 +1,70 @@
+"""`requant generate`: greedy (or sampled) continuation of a prompt with a checkpoint or a model."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from ..errors import ConfigError
+from .common import emit
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("generate", help="continue a prompt with a checkpoint (or a plain model)")
+    p.add_argument("checkpoint", help="requant checkpoint directory (or a model dir / .gguf)")
+    p.add_argument("prompt", help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from .. import load
+
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
+    if args.temperature < 0:
+        raise ConfigError(f"--temperature {args.temperature} must be ≥ 0")
+    model, tok = load(args.checkpoint, device=args.device)
+    if args.chat:
+        if not getattr(tok, "chat_template", None):
+            raise ConfigError("--chat: this tokenizer has no chat template")
+        ids = tok.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, return_tensors="pt"
+        )
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    else:
+        ids = tok(args.prompt, return_tensors="pt")["input_ids"]
+    if ids.shape[1] == 0:
+        raise ConfigError("the prompt is empty after tokenization")
+    ids = ids.to(args.device)
+    sample = args.temperature > 0
+    torch.manual_seed(args.seed)
+    kwargs = {"do_sample": True, "temperature": args.temperature} if sample else {"do_sample": False}
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=args.max_new_tokens,
+            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+            **kwargs,
+        )
+    wall = time.perf_counter() - t0
+    new = out[0, ids.shape[1] :]
+    text = tok.decode(new, skip_special_tokens=True)
+    obj = {
+        "prompt": args.prompt,
+        "continuation": text,
+        "new_tokens": int(new.numel()),
+        "prompt_tokens": int(ids.shape[1]),
+        "wall_s": wall,
+    }
+    emit(args, obj, text)
+    return 0

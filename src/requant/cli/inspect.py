@@ -1,0 +1,121 @@
+"""`requant inspect`: bits per weight, stored bytes and sparse counts of a checkpoint, total and per layer."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from .common import emit
+
+_CODES = {"qweight", "codes"}
+_SPARSE = {"sparse_rowptr", "sparse_col", "sparse_value", "sparse_index"}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("inspect", help="bits per weight, memory and sparse counts of a checkpoint")
+    p.add_argument("checkpoint", help="requant checkpoint directory")
+    p.add_argument("--summary", action="store_true", help="totals only, no per-layer table")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    """Everything `inspect` reports, read from the metadata and the safetensors headers only."""
+    from ..accounting import SPARSE_ENTRY_BITS, total
+    from ..errors import CheckpointError
+    from ..format.checkpoint import DENSE_FILE, QUANT_FILE, check_header, layouts_of, read_header, read_meta
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a directory")
+    meta = read_meta(path)
+    header = read_header(path / QUANT_FILE)
+    layouts = check_header(path, meta, header) if meta["format_version"] >= 1 else layouts_of(path, meta)
+    dense_header = read_header(path / DENSE_FILE)
+    layers = []
+    for name, layout in layouts.items():
+        parts = {"code_bytes": 0, "table_bytes": 0, "sparse_bytes": 0}
+        for key, (_, _, nbytes) in header.items():
+            if not key.startswith(name + "."):
+                continue
+            suffix = key[len(name) + 1 :]
+            part = "code_bytes" if suffix in _CODES else "sparse_bytes" if suffix in _SPARSE else "table_bytes"
+            parts[part] += nbytes
+        stored = sum(parts.values())
+        count = layout.bit_count()
+        layers.append(
+            {
+                "name": name,
+                "shape": [layout.out_features, layout.in_features],
+                "kind": layout.kind,
+                "bits": layout.bits,
+                "group_size": layout.group_size,
+                "nnz": layout.nnz,
+                "sparse_percent": count.sparse_percent,
+                **parts,
+                "stored_bytes": stored,
+                "bits_per_weight": count.bits_per_weight,
+                "stored_bits_per_weight": 8 * stored / layout.numel,
+            }
+        )
+    bits = total(lo.bit_count() for lo in layouts.values())
+    quantized_bytes = sum(nbytes for _, _, nbytes in header.values())
+    accounting_bytes = bits.total_bits / 8
+    other = sum(nbytes for _, _, nbytes in dense_header.values())
+    config = meta.get("config", {})
+    return {
+        "checkpoint": str(path),
+        "format_version": meta["format_version"],
+        "base": config.get("base"),
+        "bits": config.get("bits"),
+        "source_model": meta.get("metadata", {}).get("model"),
+        "layers_quantized": len(layers),
+        "numel": bits.numel,
+        "bits_per_weight": bits.bits_per_weight,
+        "stored_bits_per_weight": 8 * quantized_bytes / bits.numel if bits.numel else 0.0,
+        "quantized_bytes": quantized_bytes,
+        "accounting_bytes": accounting_bytes,
+        "overhead_percent": 100.0 * (quantized_bytes - accounting_bytes) / accounting_bytes,
+        "code_bytes": sum(lay["code_bytes"] for lay in layers),
+        "table_bytes": sum(lay["table_bytes"] for lay in layers),
+        "sparse_bytes": sum(lay["sparse_bytes"] for lay in layers),
+        "sparse_entries": bits.sparse_entries,
+        "sparse_percent": bits.sparse_percent,
+        "sparse_entry_bits_accounted": SPARSE_ENTRY_BITS,
+        "other_bytes": other,
+        "file_bytes": sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
+        "layers": layers,
+    }
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def run(args: argparse.Namespace) -> int:
+    d = describe(args.checkpoint)
+    lines = [
+        f"checkpoint {d['checkpoint']} (format v{d['format_version']}): {d['base']} {d['bits']}-bit, "
+        f"{d['layers_quantized']} quantized layers, {d['numel']:,} weights",
+        f"bits per weight: {d['bits_per_weight']:.4f} (accounting), {d['stored_bits_per_weight']:.4f} (as stored)",
+        f"quantized layers: {_mib(d['quantized_bytes'])} stored = codes {_mib(d['code_bytes'])} + "
+        f"LUT/scales {_mib(d['table_bytes'])} + sparse {_mib(d['sparse_bytes'])}; accounting "
+        f"{_mib(d['accounting_bytes'])} ({d['overhead_percent']:+.2f}%)",
+        f"sparse entries: {d['sparse_entries']:,} ({d['sparse_percent']:.3f}% of quantized weights)",
+        f"other parameters (16/32-bit, model.safetensors): {_mib(d['other_bytes'])}; files: {_mib(d['file_bytes'])}",
+    ]
+    if not args.summary:
+        lines += [
+            "",
+            "| layer | shape | bits | nnz | codes B | LUT/scales B | sparse B | bits/weight | stored b/w |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for lay in d["layers"]:
+            lines.append(
+                f"| {lay['name']} | {lay['shape'][0]}×{lay['shape'][1]} | {lay['bits']} | {lay['nnz']} | "
+                f"{lay['code_bytes']} | {lay['table_bytes']} | {lay['sparse_bytes']} | "
+                f"{lay['bits_per_weight']:.4f} | {lay['stored_bits_per_weight']:.4f} |"
+            )
+    emit(args, d, "\n".join(lines))
+    return 0

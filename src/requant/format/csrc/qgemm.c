@@ -1,0 +1,540 @@
+/* CPU kernels for requant's packed Dense-and-Sparse layers (format v1), called through ctypes.
+ *
+ * Packed codes: each output row is a little-endian bit stream, code i at bits [i*b, i*b + b), padded to a
+ * multiple of 8 codes, so every group of 8 codes fills exactly b bytes (3-bit: 8 codes in 3 bytes).
+ * Dense decode: LUT mode  w = lut[r][code];  affine mode  w = ((float)code - zero) * scale  per group.
+ * Sparse residual: CSR (row pointers, column indices, fp32 values), added to the row.
+ *
+ * rq_dequantize writes the fp32 weight with exactly the operations of the PyTorch reference (bit-exact).
+ * rq_gemm computes y = x W^T (+ bias) for up to RQ_MAX_M rows of x without materialising W: each row of
+ * W is decoded in registers (AVX-512 VBMI, one input row) or block by block into an L1 buffer, so the
+ * weight is read once per call at b bits per entry. Its sums are reassociated (vector lanes, several
+ * accumulators), hence equal to the reference within fp32 rounding, not bit for bit.
+ *
+ * Threads: a small pool of helpers that claim chunks of rows from an atomic counter. The caller works on
+ * chunks too and waits only for chunks already claimed, never for a helper to wake up, so a helper that
+ * is descheduled on a busy machine costs nothing (an OpenMP barrier would stall the whole call).
+ */
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VBMI__)
+#define RQ_AVX512 1
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+#define RQ_AVX2 1
+#endif
+
+#define RQ_BLOCK 1024 /* columns decoded at a time: 4 KiB of fp32, stays in L1; a multiple of 64 */
+#define RQ_MAX_M 64   /* input rows per rq_gemm call */
+#define RQ_MAX_THREADS 64
+
+typedef struct {
+    const uint8_t *q; /* (out, row_bytes) packed codes */
+    int64_t out, in, row_bytes;
+    int32_t bits, mode; /* mode 0: LUT, 1: affine */
+    const float *lut;   /* (out, 2^bits) */
+    const float *scale; /* (out, ngroups) */
+    const float *zero;  /* (out, ngroups) or NULL: zero_const */
+    float zero_const;
+    int64_t group, ngroups;
+    const int32_t *rowptr, *col; /* CSR, rowptr NULL when there are no sparse entries */
+    const float *val;
+    const float *bias; /* (out) or NULL */
+} rq_layer;
+
+int rq_abi_version(void) { return 2; }
+
+const char *rq_isa(void) {
+#if defined(RQ_AVX512)
+    return "avx512-vbmi";
+#elif defined(RQ_AVX2)
+    return "avx2";
+#else
+    return "scalar";
+#endif
+}
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    _mm_pause();
+#endif
+}
+
+/* ------------------------------------------------------------------------------------------------------
+ * Thread pool */
+
+typedef void (*rq_task)(const void *ctx, int64_t chunk);
+
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int started;              /* helpers created */
+    _Atomic int active;       /* threads that take part in a job, caller included */
+    _Atomic int sleepers;
+    _Atomic uint32_t gen;     /* generation of the latest job; helpers wake on a change */
+    _Atomic uint64_t ticket;  /* (generation << 32) | next unclaimed chunk */
+    _Atomic int64_t done;     /* chunks finished in the current job */
+    _Atomic(rq_task) fn;
+    _Atomic(const void *) ctx;
+    _Atomic int64_t nchunks;
+    _Atomic int busy;         /* a job is running: a concurrent caller runs its job alone */
+    int64_t spin_ns;
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 1, 0, 0, 0, 0, NULL, NULL, 0, 0, 50000};
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* Claim and run chunks of job `g` until none is left (or a newer job replaced it). */
+static void work_on(uint32_t g) {
+    for (;;) {
+        uint64_t t = atomic_load_explicit(&pool.ticket, memory_order_acquire);
+        if ((uint32_t)(t >> 32) != g) return;
+        int64_t i = (int64_t)(t & 0xffffffffu);
+        if (i >= atomic_load_explicit(&pool.nchunks, memory_order_relaxed)) return;
+        if (!atomic_compare_exchange_weak_explicit(&pool.ticket, &t, t + 1, memory_order_acq_rel,
+                                                   memory_order_relaxed))
+            continue;
+        /* The claim succeeded for job g, so the caller cannot start another job before this chunk is done:
+         * fn and ctx are job g's. */
+        rq_task fn = atomic_load_explicit(&pool.fn, memory_order_relaxed);
+        const void *ctx = atomic_load_explicit(&pool.ctx, memory_order_relaxed);
+        fn(ctx, i);
+        atomic_fetch_add_explicit(&pool.done, 1, memory_order_release);
+    }
+}
+
+static void *helper_main(void *arg) {
+    const int id = (int)(intptr_t)arg; /* helpers are 1..started */
+    uint32_t seen = atomic_load(&pool.gen);
+    for (;;) {
+        uint32_t g;
+        int64_t t0 = now_ns();
+        int spins = 0;
+        while ((g = atomic_load_explicit(&pool.gen, memory_order_acquire)) == seen) {
+            cpu_relax();
+            if (++spins % 64 == 0 && now_ns() - t0 > pool.spin_ns) {
+                pthread_mutex_lock(&pool.mu);
+                atomic_fetch_add(&pool.sleepers, 1);
+                while (atomic_load(&pool.gen) == seen) pthread_cond_wait(&pool.cv, &pool.mu);
+                atomic_fetch_sub(&pool.sleepers, 1);
+                pthread_mutex_unlock(&pool.mu);
+                t0 = now_ns();
+            }
+        }
+        seen = g;
+        if (id < atomic_load(&pool.active)) work_on(g);
+    }
+    return NULL;
+}
+
+static void pool_after_fork(void) {
+    /* helpers do not survive fork: the child starts with none */
+    pthread_mutex_init(&pool.mu, NULL);
+    pthread_cond_init(&pool.cv, NULL);
+    pool.started = 0;
+    atomic_store(&pool.sleepers, 0);
+    atomic_store(&pool.busy, 0);
+}
+
+/* Threads used by the kernels, caller included (torch.get_num_threads() is passed in). */
+int rq_set_threads(int n) {
+    static int atfork = 0;
+    if (n < 1) n = 1;
+    if (n > RQ_MAX_THREADS) n = RQ_MAX_THREADS;
+    pthread_mutex_lock(&pool.mu);
+    if (!atfork) {
+        pthread_atfork(NULL, NULL, pool_after_fork);
+        atfork = 1;
+    }
+    while (pool.started < n - 1) {
+        pthread_t th;
+        if (pthread_create(&th, NULL, helper_main, (void *)(intptr_t)(pool.started + 1)) != 0) break;
+        pthread_detach(th);
+        pool.started++;
+    }
+    atomic_store(&pool.active, pool.started + 1 < n ? pool.started + 1 : n);
+    pthread_mutex_unlock(&pool.mu);
+    return atomic_load(&pool.active);
+}
+
+void rq_set_spin_us(int us) { pool.spin_ns = (int64_t)us * 1000; }
+
+static void run_chunks(rq_task fn, const void *ctx, int64_t nchunks) {
+    if (nchunks <= 1 || atomic_load(&pool.active) <= 1 || atomic_exchange(&pool.busy, 1)) {
+        for (int64_t i = 0; i < nchunks; i++) fn(ctx, i);
+        return;
+    }
+    const uint32_t g = atomic_load(&pool.gen) + 1;
+    /* Close the ticket first (new generation, no chunk left): a late helper of the previous job can then
+     * neither claim a chunk nor act on the fields written next. */
+    atomic_store(&pool.ticket, (uint64_t)g << 32 | 0xffffffffu);
+    atomic_store_explicit(&pool.fn, fn, memory_order_relaxed);
+    atomic_store_explicit(&pool.ctx, ctx, memory_order_relaxed);
+    atomic_store_explicit(&pool.nchunks, nchunks, memory_order_relaxed);
+    atomic_store_explicit(&pool.done, 0, memory_order_relaxed);
+    atomic_store_explicit(&pool.ticket, (uint64_t)g << 32, memory_order_release);
+    atomic_store(&pool.gen, g); /* seq_cst, paired with the helpers' sleepers++ then gen check */
+    if (atomic_load(&pool.sleepers) > 0) {
+        pthread_mutex_lock(&pool.mu);
+        pthread_cond_broadcast(&pool.cv);
+        pthread_mutex_unlock(&pool.mu);
+    }
+    work_on(g);
+    int spins = 0;
+    while (atomic_load_explicit(&pool.done, memory_order_acquire) < nchunks)
+        if (++spins % 256 == 0) sched_yield(); else cpu_relax();
+    atomic_store(&pool.busy, 0);
+}
+
+/* ------------------------------------------------------------------------------------------------------
+ * Decoding packed codes */
+
+static inline uint32_t load_chunk(const uint8_t *p, int bits) {
+    /* the 8 codes of one chunk as an integer (bits <= 4: at most 32 bits) */
+    switch (bits) {
+    case 2: return (uint32_t)p[0] | (uint32_t)p[1] << 8;
+    case 3: return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16;
+    default: return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+    }
+}
+
+#ifdef RQ_AVX512
+/* 64 codes starting at p (avail bytes readable): byte k of the result holds code k in its low `bits` bits
+ * (higher bits are garbage). Only for bits 2..4, where 64 codes take 8*bits <= 32 bytes. */
+static inline __m512i codes64(const uint8_t *p, int bits, int64_t avail) {
+    static const int8_t perm[3][64] __attribute__((aligned(64))) = {
+#define L2(j) 2 * j, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1
+#define L3(j) 3 * j, 3 * j + 1, 3 * j + 2, 3 * j + 2, 3 * j + 2, 3 * j + 2, 3 * j + 2, 3 * j + 2
+#define L4(j) 4 * j, 4 * j + 1, 4 * j + 2, 4 * j + 3, 4 * j + 3, 4 * j + 3, 4 * j + 3, 4 * j + 3
+        {L2(0), L2(1), L2(2), L2(3), L2(4), L2(5), L2(6), L2(7)},
+        {L3(0), L3(1), L3(2), L3(3), L3(4), L3(5), L3(6), L3(7)},
+        {L4(0), L4(1), L4(2), L4(3), L4(4), L4(5), L4(6), L4(7)},
+#undef L2
+#undef L3
+#undef L4
+    };
+    static const int8_t ctrl[3][8] = {{0, 2, 4, 6, 8, 10, 12, 14}, {0, 3, 6, 9, 12, 15, 18, 21},
+                                      {0, 4, 8, 12, 16, 20, 24, 28}};
+    const int64_t need = 8 * bits;
+    const int64_t n = avail < need ? avail : need;
+    const __mmask32 lm = n >= 32 ? 0xffffffffu : ((1u << n) - 1u);
+    const __m512i src = _mm512_zextsi256_si512(_mm256_maskz_loadu_epi8(lm, p));
+    const __m512i arranged = _mm512_permutexvar_epi8(_mm512_load_si512(perm[bits - 2]), src);
+    int64_t c;
+    memcpy(&c, ctrl[bits - 2], 8);
+    return _mm512_multishift_epi64_epi8(_mm512_set1_epi64(c), arranged);
+}
+
+static inline __m512i quarter(__m512i v, int t) {
+    switch (t) {
+    case 0: return _mm512_cvtepu8_epi32(_mm512_castsi512_si128(v));
+    case 1: return _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(v, 1));
+    case 2: return _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(v, 2));
+    default: return _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(v, 3));
+    }
+}
+
+/* The row's LUT in a register, replicated to 16 entries (vpermps reads the low 4 bits of an index). */
+static inline __m512 lut16(const float *lut, int bits) {
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512 raw = _mm512_maskz_loadu_ps((__mmask16)((1u << (1 << bits)) - 1u), lut);
+    return _mm512_permutexvar_ps(_mm512_and_si512(iota, _mm512_set1_epi32((1 << bits) - 1)), raw);
+}
+
+static inline int fast512(const rq_layer *d) {
+    return d->bits <= 4 && (d->mode == 0 || d->ngroups == 1 || d->group % 16 == 0);
+}
+
+/* Values of 16 weights (columns c .. c+15 of row r) from their codes (dword lanes). */
+static inline __m512 values16(const rq_layer *d, int64_t r, int64_t c, __m512i idx, __m512 L) {
+    if (d->mode == 0) return _mm512_permutexvar_ps(idx, L);
+    int64_t g = d->ngroups == 1 ? 0 : c / d->group;
+    if (g >= d->ngroups) g = d->ngroups - 1;
+    const float *sc = d->scale + r * d->ngroups, *ze = d->zero ? d->zero + r * d->ngroups : NULL;
+    const __m512 z = _mm512_set1_ps(ze ? ze[g] : d->zero_const);
+    idx = _mm512_and_si512(idx, _mm512_set1_epi32((1 << d->bits) - 1));
+    return _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(idx), z), _mm512_set1_ps(sc[g]));
+}
+#endif
+
+#ifdef RQ_AVX2
+static inline __m256i codes8_avx2(const uint8_t *p, int bits) {
+    const __m256i shifts = bits == 2   ? _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)
+                           : bits == 3 ? _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21)
+                                       : _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+    const __m256i vmask = _mm256_set1_epi32((1 << bits) - 1);
+    return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)load_chunk(p, bits)), shifts), vmask);
+}
+#endif
+
+/* Decode columns [c0, c0 + n) of row r into buf; n a multiple of 64 (ISA paths may write up to there),
+ * columns past `in` hold arbitrary finite values. */
+static void decode_block(const rq_layer *d, int64_t r, int64_t c0, int64_t n, float *buf) {
+    const uint8_t *row = d->q + r * d->row_bytes;
+    const int bits = d->bits;
+    const uint32_t mask = (1u << bits) - 1u;
+    const int64_t padded = (d->in + 7) / 8 * 8;
+    if (c0 + n > padded) n = padded - c0;
+#ifdef RQ_AVX512
+    if (fast512(d)) {
+        const __m512 L = d->mode == 0 ? lut16(d->lut + (r << bits), bits) : _mm512_setzero_ps();
+        for (int64_t j = 0; j < n; j += 64) {
+            const int64_t off = (c0 + j) / 8 * bits;
+            const __m512i codes = codes64(row + off, bits, d->row_bytes - off);
+            for (int t = 0; t < 4; t++)
+                _mm512_storeu_ps(buf + j + 16 * t, values16(d, r, c0 + j + 16 * t, quarter(codes, t), L));
+        }
+        return;
+    }
+#endif
+    if (d->mode == 0) {
+        const float *lut = d->lut + (r << bits);
+#ifdef RQ_AVX2
+        if (bits <= 4) {
+            float lo8[8], hi8[8];
+            for (int k = 0; k < 8; k++) {
+                lo8[k] = lut[k & (int)mask & 7];
+                hi8[k] = bits == 4 ? lut[8 + k] : 0.0f;
+            }
+            const __m256 lo = _mm256_loadu_ps(lo8), hi = _mm256_loadu_ps(hi8);
+            for (int64_t j = 0; j < n; j += 8) {
+                const __m256i idx = codes8_avx2(row + (c0 + j) / 8 * bits, bits);
+                __m256 w = _mm256_permutevar8x32_ps(lo, idx);
+                if (bits == 4) {
+                    const __m256 wh = _mm256_permutevar8x32_ps(hi, idx);
+                    w = _mm256_blendv_ps(w, wh, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+                }
+                _mm256_storeu_ps(buf + j, w);
+            }
+            return;
+        }
+#endif
+        for (int64_t j = 0; j < n; j += 8) {
+            const uint8_t *p = row + (c0 + j) / 8 * bits;
+            if (bits == 8) {
+                for (int k = 0; k < 8; k++) buf[j + k] = lut[p[k]];
+            } else {
+                const uint32_t u = load_chunk(p, bits);
+                for (int k = 0; k < 8; k++) buf[j + k] = lut[(u >> (k * bits)) & mask];
+            }
+        }
+        return;
+    }
+    /* affine: (code - zero) * scale, the reference's two fp32 operations in the same order */
+    const float *sc = d->scale + r * d->ngroups;
+    const float *ze = d->zero ? d->zero + r * d->ngroups : NULL;
+#ifdef RQ_AVX2
+    if (bits <= 4 && (d->group % 8 == 0 || d->ngroups == 1)) {
+        for (int64_t j = 0; j < n; j += 8) {
+            const int64_t c = c0 + j;
+            int64_t g = d->ngroups == 1 ? 0 : c / d->group;
+            if (g >= d->ngroups) g = d->ngroups - 1;
+            const __m256i idx = codes8_avx2(row + c / 8 * bits, bits);
+            const __m256 z = _mm256_set1_ps(ze ? ze[g] : d->zero_const);
+            _mm256_storeu_ps(buf + j, _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(idx), z), _mm256_set1_ps(sc[g])));
+        }
+        return;
+    }
+#endif
+    for (int64_t j = 0; j < n; j += 8) {
+        const int64_t c = c0 + j;
+        const uint8_t *p = row + c / 8 * bits;
+        uint32_t codes[8];
+        if (bits == 8) {
+            for (int k = 0; k < 8; k++) codes[k] = p[k];
+        } else {
+            const uint32_t u = load_chunk(p, bits);
+            for (int k = 0; k < 8; k++) codes[k] = (u >> (k * bits)) & mask;
+        }
+        for (int k = 0; k < 8; k++) {
+            int64_t g = (c + k) / d->group;
+            if (g >= d->ngroups) g = d->ngroups - 1; /* padding columns past `in` */
+            const float z = ze ? ze[g] : d->zero_const;
+            buf[j + k] = ((float)codes[k] - z) * sc[g];
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------------
+ * Dot products */
+
+static inline float dot(const float *a, const float *b, int64_t n) {
+    int64_t i = 0;
+    float s = 0.0f;
+#if defined(RQ_AVX512)
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(),
+           s3 = _mm512_setzero_ps();
+    for (; i + 64 <= n; i += 64) {
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
+        s2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 32), _mm512_loadu_ps(b + i + 32), s2);
+        s3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 48), _mm512_loadu_ps(b + i + 48), s3);
+    }
+    for (; i + 16 <= n; i += 16) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+    if (i < n) {
+        const __mmask16 m = (__mmask16)((1u << (n - i)) - 1u);
+        s1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), s1);
+        i = n;
+    }
+    s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+#elif defined(RQ_AVX2)
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(),
+           s3 = _mm256_setzero_ps();
+    for (; i + 32 <= n; i += 32) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+        s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), s2);
+        s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), s3);
+    }
+    for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    __m256 t = _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3));
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+    s = _mm_cvtss_f32(h);
+#else
+    float acc[8] = {0};
+    for (; i + 8 <= n; i += 8)
+        for (int k = 0; k < 8; k++) acc[k] += a[i + k] * b[i + k];
+    for (int k = 0; k < 8; k++) s += acc[k];
+#endif
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+#ifdef RQ_AVX512
+/* Dense part of row r dotted with one input row, decoding in registers (no buffer). */
+static float row_dot1(const rq_layer *d, int64_t r, const float *x) {
+    const uint8_t *row = d->q + r * d->row_bytes;
+    const int bits = d->bits;
+    const int64_t in = d->in;
+    const __m512 L = d->mode == 0 ? lut16(d->lut + (r << bits), bits) : _mm512_setzero_ps();
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    int64_t c = 0;
+    for (; c + 64 <= in; c += 64) {
+        const __m512i codes = codes64(row + c / 8 * bits, bits, 32);
+        for (int t = 0; t < 4; t++)
+            acc[t] = _mm512_fmadd_ps(values16(d, r, c + 16 * t, quarter(codes, t), L), _mm512_loadu_ps(x + c + 16 * t),
+                                     acc[t]);
+    }
+    if (c < in) {
+        const int64_t off = c / 8 * bits;
+        const __m512i codes = codes64(row + off, bits, d->row_bytes - off);
+        for (int t = 0; t < 4 && c + 16 * t < in; t++) {
+            const int64_t left = in - c - 16 * t;
+            const __mmask16 m = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1u);
+            const __m512 w = _mm512_maskz_mov_ps(m, values16(d, r, c + 16 * t, quarter(codes, t), L));
+            acc[t] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m, x + c + 16 * t), acc[t]);
+        }
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+}
+#endif
+
+/* ------------------------------------------------------------------------------------------------------
+ * Tasks and entry points */
+
+typedef struct {
+    const rq_layer *d;
+    const float *x;
+    int64_t m, ldx, rows_per_chunk;
+    float *y;
+} gemm_ctx;
+
+static void gemm_task(const void *arg, int64_t chunk) {
+    const gemm_ctx *g = (const gemm_ctx *)arg;
+    const rq_layer *d = g->d;
+    const int64_t in = d->in, padded = (in + 7) / 8 * 8, m = g->m;
+    const int64_t r0 = chunk * g->rows_per_chunk;
+    const int64_t r1 = r0 + g->rows_per_chunk < d->out ? r0 + g->rows_per_chunk : d->out;
+    float buf[RQ_BLOCK] __attribute__((aligned(64)));
+    float acc[RQ_MAX_M];
+    for (int64_t r = r0; r < r1; r++) {
+#ifdef RQ_AVX512
+        if (m == 1 && fast512(d)) {
+            acc[0] = row_dot1(d, r, g->x);
+        } else
+#endif
+        {
+            for (int64_t t = 0; t < m; t++) acc[t] = 0.0f;
+            for (int64_t c0 = 0; c0 < padded; c0 += RQ_BLOCK) {
+                const int64_t n = padded - c0 < RQ_BLOCK ? padded - c0 : RQ_BLOCK;
+                const int64_t valid = in - c0 < n ? in - c0 : n;
+                decode_block(d, r, c0, (n + 63) / 64 * 64, buf);
+                for (int64_t t = 0; t < m; t++) acc[t] += dot(buf, g->x + t * g->ldx + c0, valid);
+            }
+        }
+        if (d->rowptr) {
+            for (int32_t k = d->rowptr[r]; k < d->rowptr[r + 1]; k++) {
+                const float v = d->val[k];
+                const int32_t c = d->col[k];
+                for (int64_t t = 0; t < m; t++) acc[t] += v * g->x[t * g->ldx + c];
+            }
+        }
+        const float b = d->bias ? d->bias[r] : 0.0f;
+        for (int64_t t = 0; t < m; t++) g->y[t * d->out + r] = acc[t] + b;
+    }
+}
+
+static int64_t rows_per_chunk(const rq_layer *d, int64_t m) {
+    /* about 64K multiply-adds per chunk: small enough to balance, large enough to amortise a claim */
+    int64_t work = d->in * (m < 4 ? m : 4);
+    int64_t rows = (65536 + work - 1) / work;
+    return rows < 1 ? 1 : rows;
+}
+
+/* y (m, out) = x (m, in; row stride ldx) W^T + bias, for 1 <= m <= RQ_MAX_M. Returns 0, or -1 on bad m. */
+int rq_gemm(const rq_layer *d, const float *x, int64_t m, int64_t ldx, float *y) {
+    if (m < 1 || m > RQ_MAX_M) return -1;
+    gemm_ctx g = {d, x, m, ldx, rows_per_chunk(d, m), y};
+    run_chunks(gemm_task, &g, (d->out + g.rows_per_chunk - 1) / g.rows_per_chunk);
+    return 0;
+}
+
+typedef struct {
+    const rq_layer *d;
+    float *w;
+    int64_t rows_per_chunk;
+} deq_ctx;
+
+static void dequant_task(const void *arg, int64_t chunk) {
+    const deq_ctx *q = (const deq_ctx *)arg;
+    const rq_layer *d = q->d;
+    const int64_t in = d->in, padded = (in + 7) / 8 * 8;
+    const int64_t r0 = chunk * q->rows_per_chunk;
+    const int64_t r1 = r0 + q->rows_per_chunk < d->out ? r0 + q->rows_per_chunk : d->out;
+    float buf[RQ_BLOCK] __attribute__((aligned(64)));
+    for (int64_t r = r0; r < r1; r++) {
+        float *wr = q->w + r * in;
+        for (int64_t c0 = 0; c0 < padded; c0 += RQ_BLOCK) {
+            const int64_t n = padded - c0 < RQ_BLOCK ? padded - c0 : RQ_BLOCK;
+            const int64_t valid = in - c0 < n ? in - c0 : n;
+            if (valid == n && n % 64 == 0) {
+                decode_block(d, r, c0, n, wr + c0);
+            } else {
+                decode_block(d, r, c0, (n + 63) / 64 * 64, buf);
+                memcpy(wr + c0, buf, (size_t)valid * sizeof(float));
+            }
+        }
+        if (d->rowptr)
+            for (int32_t k = d->rowptr[r]; k < d->rowptr[r + 1]; k++) wr[d->col[k]] += d->val[k];
+    }
+}
+
+/* w (out, in) = dense decode + sparse residual, bit-exact with the PyTorch reference. */
+void rq_dequantize(const rq_layer *d, float *w) {
+    deq_ctx q = {d, w, rows_per_chunk(d, 4)};
+    run_chunks(dequant_task, &q, (d->out + q.rows_per_chunk - 1) / q.rows_per_chunk);
+}

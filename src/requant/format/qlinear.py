@@ -1,0 +1,184 @@
+"""QuantLinear: a drop-in nn.Linear whose weight stays packed (format v1) in memory.
+
+Buffers are named after the layout's tensors (`qweight`, `lut` | `scale`/`zero`, `sparse_rowptr`,
+`sparse_col`, `sparse_value`), so a checkpoint's tensors load straight into them.
+
+Two forward paths:
+- reference: unpack → decode (LUT gather or (code − zero)·scale) → add the sparse residual → F.linear on
+  the fp32 weight. This is the ground truth: identical, bit for bit, to nn.Linear holding ŵ.
+- fast (C kernels, format.kernels): up to GEMM_MAX_M input rows (decode) never materialise Ŵ: each row is
+  decoded in L1 and dotted with the inputs, so a token reads b bits per weight instead of 32. Its result
+  equals the reference within fp32 reassociation error (|Δy| ≤ FAST_PATH_RTOL · Σ|ŵ·x|, tested). More
+  rows (prefill) decode Ŵ once per call, bit-exactly, and use BLAS, so prefill stays bit-exact.
+The fast path is used for inference on CPU when the kernels are available ("auto"); gradients, other
+devices and a missing compiler fall back to the reference path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..model import LayerInfo, get_linear, set_module
+from . import kernels
+from .layout import COL, LUT, QWEIGHT, ROWPTR, SCALE, VALUE, ZERO, LayerLayout, decode_layer, encode_layer
+
+MODES = ("auto", "reference", "fast")
+# Tolerance of the fast decode path relative to Σ_i |ŵ_ri · x_i| per output (fp32 eps ≈ 1.2e-7; the
+# kernel sums 8 lanes × 4 accumulators per 1024-column block, BLAS its own order).
+FAST_PATH_RTOL = 2e-6
+
+
+class QuantLinear(nn.Module):
+    """y = x Ŵᵀ + b with Ŵ = dense(codes, tables) + sparse residual, stored packed."""
+
+    def __init__(self, layout: LayerLayout, *, bias: bool = False, name: str = "") -> None:
+        super().__init__()
+        self.layout = layout
+        self.name = name
+        self.in_features, self.out_features = layout.in_features, layout.out_features
+        for suffix, spec in layout.tensors().items():
+            self.register_buffer(suffix, torch.zeros(spec.shape, dtype=spec.dtype))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(layout.out_features))
+        else:
+            self.register_parameter("bias", None)
+        self.mode = "auto"
+        self.gemm_max_m = kernels.GEMM_MAX_M
+        self._kernel: tuple | None = None
+
+    # -- construction -----------------------------------------------------------------------------------
+
+    @classmethod
+    def from_layer(cls, q: object, bias: torch.Tensor | None = None) -> QuantLinear:
+        """Pack one pipeline QuantizedLayer (with the original layer's bias, if any)."""
+        layout, tensors = encode_layer(q)  # type: ignore[arg-type]
+        mod = cls(layout, bias=bias is not None, name=q.info.name)  # type: ignore[attr-defined]
+        for suffix, t in tensors.items():
+            setattr(mod, suffix, t)
+        if bias is not None:
+            mod.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+        return mod
+
+    def stored_tensors(self) -> dict[str, torch.Tensor]:
+        """Suffix → tensor, exactly the layout's tensors (what a checkpoint stores for this layer)."""
+        return {k: getattr(self, k) for k in self.layout.tensors()}
+
+    def quantized_layer(self, info: LayerInfo | None = None) -> object:
+        """The unpacked pipeline QuantizedLayer this module holds."""
+        info = info or LayerInfo(self.name, None, self.name.rsplit(".", 1)[-1], self.out_features, self.in_features)
+        return decode_layer(self.layout, {k: t.cpu() for k, t in self.stored_tensors().items()}, info)
+
+    # -- reference path ----------------------------------------------------------------------------------
+
+    def dequantize(self) -> torch.Tensor:
+        """Ŵ in fp32 through the reference decoder (the pipeline's own QuantizedLayer.weight())."""
+        info = LayerInfo(self.name, None, "", self.out_features, self.in_features)
+        return decode_layer(self.layout, self.stored_tensors(), info).weight()  # type: ignore[attr-defined]
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantize().to(x.dtype), self.bias)
+
+    # -- fast path --------------------------------------------------------------------------------------
+
+    def _prepare(self) -> tuple | None:
+        """(lib, descriptor, address, keep-alive) for the C kernels, or None when they cannot run here."""
+        if self._kernel is None:
+            lib = kernels.library()
+            if lib is None or not self.qweight.is_cpu:
+                return None
+            f32 = {k: getattr(self, k).float().contiguous() for k in (LUT, SCALE, ZERO, VALUE) if hasattr(self, k)}
+            bias = None if self.bias is None else self.bias.detach().float().contiguous()
+            desc = kernels.describe(
+                self.qweight.contiguous(),
+                self.in_features,
+                self.layout.bits,
+                lut=f32.get(LUT),
+                scale=f32.get(SCALE),
+                zero=f32.get(ZERO),
+                group_size=self.layout.group_size,
+                rowptr=getattr(self, ROWPTR, None),
+                col=getattr(self, COL, None),
+                value=f32.get(VALUE),
+                bias=bias,
+            )
+            keep = [self.qweight, *f32.values()] + ([bias] if bias is not None else [])
+            self._kernel = (lib, desc, keep)
+        return self._kernel
+
+    def _invalidate(self) -> None:
+        self._kernel = None
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        self._invalidate()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self._invalidate()
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            self.mode == "reference"
+            or not x.is_cpu
+            or (x.requires_grad and torch.is_grad_enabled())
+            or (self.bias is not None and self.bias.requires_grad and torch.is_grad_enabled())
+        ):
+            return self.forward_reference(x)
+        k = self._kernel or self._prepare()
+        if k is None:
+            if self.mode == "fast":
+                raise RuntimeError(f"QuantLinear fast path requested but unavailable: {kernels.status()}")
+            return self.forward_reference(x)
+        lib, desc, _ = k
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != torch.float32 or not x2.is_contiguous():
+            x2 = x2.float().contiguous()
+        if 0 < x2.shape[0] <= self.gemm_max_m:
+            y = kernels.gemm(lib, desc, x2)
+        else:
+            y = F.linear(x2, kernels.dequantize(lib, desc), None if self.bias is None else self.bias.float())
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        lo = self.layout
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, kind={lo.kind}, "
+            f"bits={lo.bits}, nnz={lo.nnz}, bias={self.bias is not None}"
+        )
+
+
+def quant_linears(model: nn.Module) -> Iterator[tuple[str, QuantLinear]]:
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantLinear):
+            yield name, mod
+
+
+def set_kernel_mode(model: nn.Module, mode: str) -> None:
+    """Choose the forward path of every QuantLinear: "auto" (fast when possible), "reference" or "fast"."""
+    if mode not in MODES:
+        raise ValueError(f"kernel mode {mode!r} is not one of {MODES}")
+    for _, mod in quant_linears(model):
+        mod.mode = mode
+
+
+def replace_with_quant_linear(model: nn.Module, layers: dict[str, object]) -> None:
+    """Swap each quantized nn.Linear of an in-memory model for a QuantLinear holding its packed form."""
+    for name, q in layers.items():
+        lin = get_linear(model, name)
+        set_module(model, name, QuantLinear.from_layer(q, lin.bias))
+
+
+__all__ = [
+    "FAST_PATH_RTOL",
+    "MODES",
+    "QWEIGHT",
+    "QuantLinear",
+    "quant_linears",
+    "replace_with_quant_linear",
+    "set_kernel_mode",
+]

@@ -1,0 +1,41 @@
+"""Fixtures of the format tests: random quantized layers of any kind, width and sparsity."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from requant.model import LayerInfo
+from requant.pipeline import QuantizedLayer
+from requant.quantizers import LUTTensor, UniformTensor
+from requant.sparse import SparseResidual
+
+
+def random_layer(
+    out: int,
+    inp: int,
+    bits: int,
+    kind: str = "lut",
+    nnz: int = 0,
+    group: int | None = None,
+    sym: bool = False,
+    seed: int = 0,
+) -> QuantizedLayer:
+    """A QuantizedLayer with random codes, tables (LUT or scale/zero per group) and sparse residual."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (out, inp), generator=g, dtype=torch.uint8)
+    if kind == "lut":
+        dense = LUTTensor(codes, torch.randn(out, 2**bits, generator=g).half(), bits)
+    else:
+        group = group or inp
+        scale = (torch.rand(out, inp // group, generator=g) / 10 + 0.01).half()
+        zero = None if sym else torch.randint(0, 2**bits, (out, inp // group), generator=g).half()
+        dense = UniformTensor(codes, scale, zero, bits, group)
+    index = torch.randperm(out * inp, generator=g)[:nnz].sort().values
+    sparse = SparseResidual(index, torch.randn(nnz, generator=g).half(), (out, inp))
+    return QuantizedLayer(LayerInfo("blk.0.proj", 0, "proj", out, inp), dense, sparse)
+
+
+@pytest.fixture
+def make_layer():
+    return random_layer

@@ -1,0 +1,165 @@
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from requant.format import kernels
+from requant.format.qlinear import FAST_PATH_RTOL, QuantLinear, replace_with_quant_linear, set_kernel_mode
+
+needs_kernels = pytest.mark.skipif(kernels.library() is None, reason=f"C kernels unavailable: {kernels.status()}")
+
+# widths not divisible by 8, 16, 32 or 64 included; 1100 spans two 1024-column decode blocks
+SHAPES = [(1, 1), (3, 7), (5, 13), (17, 100), (33, 129), (8, 1100), (64, 64)]
+KINDS = [
+    dict(kind="lut"),
+    dict(kind="uniform"),  # asymmetric, one group per row
+    dict(kind="uniform", sym=True, group=8),  # groups of 8 where the width allows
+]
+
+
+def _kw(kind: dict, inp: int) -> dict:
+    kw = dict(kind)
+    if kw.get("group") and inp % kw["group"]:
+        kw["group"] = None
+    return kw
+
+
+def assert_within_tolerance(y: torch.Tensor, ref: torch.Tensor, w: torch.Tensor, x: torch.Tensor, bias=None):
+    bound = x.abs() @ w.abs().T + (0 if bias is None else bias.abs())
+    err = (y - ref).abs()
+    assert bool((err <= FAST_PATH_RTOL * bound + 1e-30).all()), float((err / bound).max())
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("kind", KINDS, ids=["lut", "affine", "sym-g8"])
+def test_fast_path_matches_reference(bits, kind, make_layer):
+    for i, (out, inp) in enumerate(SHAPES):
+        nnz = (out * inp) // 20
+        q = make_layer(out, inp, bits, nnz=nnz, seed=i, **_kw(kind, inp))
+        bias = torch.randn(out) if i % 2 else None
+        ql = QuantLinear.from_layer(q, bias)
+        w = q.weight()
+        assert torch.equal(ql.dequantize(), w)
+        assert torch.equal(kernels.dequantize(kernels.library(), ql._prepare()[1]), w)  # bit-exact decode
+        for m in (1, 3, 64, 65):
+            x = torch.randn(2, m, inp) if m == 64 else torch.randn(m, inp)
+            ref = F.linear(x, w, bias)
+            with torch.no_grad():
+                y = ql(x)
+            assert y.shape == ref.shape
+            if x.numel() // inp > kernels.GEMM_MAX_M:
+                assert torch.equal(y, ref)  # prefill: dequantize + BLAS is bit-exact
+            else:
+                assert_within_tolerance(y, ref, w, x, bias)
+
+
+@needs_kernels
+def test_fast_path_is_deterministic_across_thread_counts(make_layer):
+    ql = QuantLinear.from_layer(make_layer(300, 576, 3, nnz=500))
+    x = torch.randn(4, 576)
+    threads = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            torch.set_num_threads(1)
+            one = ql(x), ql(x[:1])
+            torch.set_num_threads(2)
+            two = ql(x), ql(x[:1])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
+def test_without_kernels_falls_back_to_the_reference(make_layer, monkeypatch):
+    q = make_layer(16, 24, 3, nnz=10)
+    ql = QuantLinear.from_layer(q)
+    monkeypatch.setattr(kernels, "library", lambda: None)
+    x = torch.randn(1, 24)
+    with torch.no_grad():
+        assert torch.equal(ql(x), F.linear(x, q.weight()))
+    ql.mode = "fast"
+    with pytest.raises(RuntimeError, match="unavailable"):
+        ql(x)
+
+
+def test_gradients_flow_through_the_reference_path(make_layer):
+    q = make_layer(6, 10, 4, nnz=3)
+    ql = QuantLinear.from_layer(q, torch.zeros(6))
+    lin = torch.nn.Linear(10, 6)
+    with torch.no_grad():
+        lin.weight.copy_(q.weight())
+        lin.bias.zero_()
+    x1 = torch.randn(3, 10, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    ql(x1).square().sum().backward()
+    lin(x2).square().sum().backward()
+    assert torch.equal(x1.grad, x2.grad)
+
+
+@needs_kernels
+def test_half_precision_inputs_keep_their_dtype(make_layer):
+    q = make_layer(8, 32, 3)
+    ql = QuantLinear.from_layer(q)
+    x = torch.randn(1, 32).bfloat16()
+    with torch.no_grad():
+        y = ql(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), F.linear(x.float(), q.weight()), rtol=2e-2, atol=2e-2)
+
+
+def test_replace_with_quant_linear_keeps_the_model_output(model, tokenizer):
+    from requant.config import QuantConfig
+    from requant.pipeline import quantize
+
+    result = quantize(model, tokenizer, QuantConfig(base="rtn", bits=4, group_size=16))
+    ids = torch.randint(0, 256, (1, 10))
+    with torch.no_grad():
+        before = model(ids).logits
+        replace_with_quant_linear(model, result.layers)
+        set_kernel_mode(model, "reference")
+        assert torch.equal(model(ids).logits, before)
+        set_kernel_mode(model, "auto")
+        torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=1e-4)
+    assert isinstance(model.model.layers[0].mlp.up_proj, QuantLinear)
+
+
+@pytest.mark.skipif(kernels._compiler() is None, reason="no C compiler")
+@pytest.mark.parametrize(
+    "flags",
+    [["-O2", "-mavx2", "-mfma", "-ffp-contract=off", "-pthread"], ["-O2", "-ffp-contract=off", "-pthread"]],
+    ids=["avx2", "portable"],
+)
+def test_every_isa_variant_matches_the_reference(flags, make_layer, tmp_path):
+    """The AVX2 and portable C paths (not the ones this machine picks) against the reference."""
+    try:
+        lib = kernels.load(kernels.build(kernels._compiler(), (flags,), tmp_path))
+    except RuntimeError as e:
+        pytest.skip(f"cannot build with {flags}: {e}")
+    for bits in (2, 3, 4, 8):
+        for i, (out, inp) in enumerate(SHAPES[1:6]):
+            for kind in KINDS:
+                q = make_layer(out, inp, bits, nnz=(out * inp) // 20, seed=i, **_kw(kind, inp))
+                ql = QuantLinear.from_layer(q)
+                is_lut = kind["kind"] == "lut"
+                f32 = {  # kept alive while the descriptor points at them
+                    "lut": q.dense.lut.float() if is_lut else None,
+                    "scale": None if is_lut else q.dense.scale.float(),
+                    "zero": None if is_lut or q.dense.zero is None else q.dense.zero.float(),
+                    "value": ql.sparse_value.float() if q.sparse.nnz else None,
+                }
+                desc = kernels.describe(
+                    ql.qweight,
+                    inp,
+                    bits,
+                    **f32,
+                    group_size=None if is_lut else q.dense.group_size,
+                    rowptr=getattr(ql, "sparse_rowptr", None),
+                    col=getattr(ql, "sparse_col", None),
+                )
+                w = q.weight()
+                assert torch.equal(kernels.dequantize(lib, desc), w)
+                x = torch.randn(3, inp)
+                assert_within_tolerance(kernels.gemm(lib, desc, x), F.linear(x, w), w, x)
+                assert_within_tolerance(kernels.gemm(lib, desc, x[:1]), F.linear(x[:1], w), w, x[:1])
+    shutil.rmtree(tmp_path, ignore_errors=True)
