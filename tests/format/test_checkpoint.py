@@ -53,9 +53,9 @@ def test_reload_gives_identical_logits_and_weights(quantized, ckpt):
         set_kernel_mode(loaded, "reference")
         assert torch.equal(loaded(ids).logits, expected)  # the reference path is bit-exact
         set_kernel_mode(loaded, "auto")
-        assert torch.equal(loaded(ids).logits, expected)  # > 64 rows: dequantize + BLAS, still bit-exact
-        step = loaded(ids[:1, :5]).logits  # decode-sized: kernel sums, equal within fp32 rounding
-        torch.testing.assert_close(step, expected[:1, :5], rtol=0, atol=1e-4)
+        assert torch.equal(loaded(ids).logits, expected)  # many rows: dequantize + BLAS, still bit-exact
+        step = loaded(ids[:1, :1]).logits  # decode-sized: kernel sums, equal within fp32 rounding
+        torch.testing.assert_close(step, expected[:1, :1], rtol=0, atol=1e-4)
     _, _, back = load_checkpoint(ckpt)
     for name, q in result.layers.items():
         assert torch.equal(back.layers[name].weight(), q.weight())

@@ -5,7 +5,13 @@ import torch
 import torch.nn.functional as F
 
 from requant.format import kernels
-from requant.format.qlinear import FAST_PATH_RTOL, QuantLinear, replace_with_quant_linear, set_kernel_mode
+from requant.format.qlinear import (
+    DECODE_MAX_ROWS,
+    FAST_PATH_RTOL,
+    QuantLinear,
+    replace_with_quant_linear,
+    set_kernel_mode,
+)
 
 needs_kernels = pytest.mark.skipif(kernels.library() is None, reason=f"C kernels unavailable: {kernels.status()}")
 
@@ -43,13 +49,14 @@ def test_fast_path_matches_reference(bits, kind, make_layer):
         w = q.weight()
         assert torch.equal(ql.dequantize(), w)
         assert torch.equal(kernels.dequantize(kernels.library(), ql._prepare()[1]), w)  # bit-exact decode
-        for m in (1, 3, 64, 65):
+        for m in (1, 3, 4, 5, 64):
             x = torch.randn(2, m, inp) if m == 64 else torch.randn(m, inp)
+            ql.gemm_max_m = 64 if m == 5 else DECODE_MAX_ROWS  # the kernel on 5 rows too
             ref = F.linear(x, w, bias)
             with torch.no_grad():
                 y = ql(x)
             assert y.shape == ref.shape
-            if x.numel() // inp > kernels.GEMM_MAX_M:
+            if x.numel() // inp > ql.gemm_max_m:
                 assert torch.equal(y, ref)  # prefill: dequantize + BLAS is bit-exact
             else:
                 assert_within_tolerance(y, ref, w, x, bias)

@@ -135,7 +135,18 @@ def load(path: Path) -> ctypes.CDLL:
     lib.rq_gemm.restype = ctypes.c_int
     lib.rq_dequantize.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     lib.rq_dequantize.restype = None
+    lib.rq_pool_chunks.argtypes = [ctypes.c_int]
+    lib.rq_pool_chunks.restype = ctypes.c_int64
     return lib
+
+
+def pool_share() -> float | None:
+    """Fraction of parallel work chunks the helper threads ran so far (None before any parallel call)."""
+    lib = library()
+    if lib is None:
+        return None
+    own, helpers = lib.rq_pool_chunks(0), lib.rq_pool_chunks(1)
+    return helpers / (own + helpers) if own + helpers else None
 
 
 def _sync_threads(lib: ctypes.CDLL) -> None:

@@ -88,7 +88,8 @@ static struct {
     _Atomic int64_t nchunks;
     _Atomic int busy;         /* a job is running: a concurrent caller runs its job alone */
     int64_t spin_ns;
-} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 1, 0, 0, 0, 0, NULL, NULL, 0, 0, 50000};
+    _Atomic int64_t chunks[2]; /* chunks run by the caller [0] and by helpers [1], for diagnostics */
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 1, 0, 0, 0, 0, NULL, NULL, 0, 0, 50000, {0, 0}};
 
 static int64_t now_ns(void) {
     struct timespec ts;
@@ -97,7 +98,7 @@ static int64_t now_ns(void) {
 }
 
 /* Claim and run chunks of job `g` until none is left (or a newer job replaced it). */
-static void work_on(uint32_t g) {
+static void work_on(uint32_t g, int helper) {
     for (;;) {
         uint64_t t = atomic_load_explicit(&pool.ticket, memory_order_acquire);
         if ((uint32_t)(t >> 32) != g) return;
@@ -111,6 +112,7 @@ static void work_on(uint32_t g) {
         rq_task fn = atomic_load_explicit(&pool.fn, memory_order_relaxed);
         const void *ctx = atomic_load_explicit(&pool.ctx, memory_order_relaxed);
         fn(ctx, i);
+        atomic_fetch_add_explicit(&pool.chunks[helper], 1, memory_order_relaxed);
         atomic_fetch_add_explicit(&pool.done, 1, memory_order_release);
     }
 }
@@ -134,7 +136,7 @@ static void *helper_main(void *arg) {
             }
         }
         seen = g;
-        if (id < atomic_load(&pool.active)) work_on(g);
+        if (id < atomic_load(&pool.active)) work_on(g, 1);
     }
     return NULL;
 }
@@ -171,6 +173,9 @@ int rq_set_threads(int n) {
 
 void rq_set_spin_us(int us) { pool.spin_ns = (int64_t)us * 1000; }
 
+/* Chunks run in parallel jobs so far by the calling thread (who = 0) or by helpers (who = 1). */
+int64_t rq_pool_chunks(int who) { return atomic_load(&pool.chunks[who ? 1 : 0]); }
+
 static void run_chunks(rq_task fn, const void *ctx, int64_t nchunks) {
     if (nchunks <= 1 || atomic_load(&pool.active) <= 1 || atomic_exchange(&pool.busy, 1)) {
         for (int64_t i = 0; i < nchunks; i++) fn(ctx, i);
@@ -191,7 +196,7 @@ static void run_chunks(rq_task fn, const void *ctx, int64_t nchunks) {
         pthread_cond_broadcast(&pool.cv);
         pthread_mutex_unlock(&pool.mu);
     }
-    work_on(g);
+    work_on(g, 0);
     int spins = 0;
     while (atomic_load_explicit(&pool.done, memory_order_acquire) < nchunks)
         if (++spins % 256 == 0) sched_yield(); else cpu_relax();
@@ -446,6 +451,21 @@ static float row_dot1(const rq_layer *d, int64_t r, const float *x) {
 /* ------------------------------------------------------------------------------------------------------
  * Tasks and entry points */
 
+/* Batch-1 decode streams each layer once from DRAM in short runs (a few hundred bytes per row): hardware
+ * prefetchers ramp up too slowly for that, so the rows a few steps ahead are requested explicitly. */
+#define RQ_PREFETCH_ROWS 6
+static inline void prefetch_row(const rq_layer *d, int64_t r) {
+    if (r >= d->out) return;
+    const char *p = (const char *)(d->q + r * d->row_bytes);
+    for (int64_t off = 0; off < d->row_bytes; off += 64) __builtin_prefetch(p + off, 0, 0);
+    if (d->mode == 0) __builtin_prefetch(d->lut + (r << d->bits), 0, 0);
+    if (d->rowptr) {
+        __builtin_prefetch(d->rowptr + r, 0, 0);
+        __builtin_prefetch(d->col + d->rowptr[r], 0, 0);
+        __builtin_prefetch(d->val + d->rowptr[r], 0, 0);
+    }
+}
+
 typedef struct {
     const rq_layer *d;
     const float *x;
@@ -462,6 +482,7 @@ static void gemm_task(const void *arg, int64_t chunk) {
     float buf[RQ_BLOCK] __attribute__((aligned(64)));
     float acc[RQ_MAX_M];
     for (int64_t r = r0; r < r1; r++) {
+        prefetch_row(d, r + RQ_PREFETCH_ROWS);
 #ifdef RQ_AVX512
         if (m == 1 && fast512(d)) {
             acc[0] = row_dot1(d, r, g->x);
