@@ -14,7 +14,7 @@ from ..errors import RequantError
 from ..progress import quiet_transformers, set_quiet
 
 # Each module defines add_parser(subparsers) and run(args) -> int.
-COMMAND_MODULES = ("quantize", "eval", "inspect", "generate", "bench")
+COMMAND_MODULES = ("quantize", "eval", "sensitivity", "inspect", "generate", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,14 +6,19 @@ from .gradients import grads_only_for, mean_loss_gradient, window_gradients
 from .path import weight_delta, weights_on_path
 from .pqi import PathNode, PQIResult, path_gradients, post_quantization_integral
 from .quadrature import RULES, exact_degree, quadrature
+from .report import REPORTS, Problem, Report, check_report, prepare_problem, run_report
 from .taylor import first_order, fisher_second_order, second_order_hvp
 
 __all__ = ["fisher_information", "grads_only_for", "mean_loss_gradient", "window_gradients"]
 __all__ += [
+    "REPORTS",
     "RULES",
     "PQIResult",
     "PathNode",
+    "Problem",
+    "Report",
     "actual_delta_f",
+    "check_report",
     "exact_degree",
     "first_order",
     "fisher_second_order",
@@ -21,7 +26,9 @@ __all__ += [
     "path_gradients",
     "path_losses",
     "post_quantization_integral",
+    "prepare_problem",
     "quadrature",
+    "run_report",
     "second_order_hvp",
     "weight_delta",
     "weights_on_path",

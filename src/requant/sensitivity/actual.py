@@ -15,9 +15,7 @@ from .gradients import LossFn
 from .path import check_path, weights_on_path
 
 
-def loss(
-    model: nn.Module, windows: torch.Tensor, *, batch_size: int = 1, loss_fn: LossFn = token_nll
-) -> float:
+def loss(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 1, loss_fn: LossFn = token_nll) -> float:
     """F: mean token NLL (nats) of the model as it is, over the windows (summed in fp64)."""
     if batch_size < 1:
         raise ConfigError(f"batch size {batch_size} must be at least 1")

@@ -46,6 +46,8 @@ def check_path(
             if not torch.isfinite(weights[n]).all():
                 raise NumericalError(f"{what} weight of layer {n!r} contains NaN or Inf")
     if subset is not None:
+        if not subset:
+            raise ConfigError("the subset of layers to move is empty")
         unknown = sorted(set(subset) - set(names))
         if unknown:
             raise ConfigError(f"subset layer(s) {', '.join(unknown)} are not among the path's layers")
@@ -67,8 +69,8 @@ def weights_on_path(
 ) -> Iterator[SetPoint]:
     """Yield set_point(t, subset=None): write w + t·Δw into the named layers (only `subset` moves, if given).
 
-    The point is torch.lerp in fp32 (fp64 for a fp64 model), exact at both ends (t = 1 gives w̃ bit for bit), then cast to the
-    model dtype. On exit, normal or not, every named layer holds `original` (cast to the model dtype).
+    The point is torch.lerp in fp32 (fp64 for a fp64 model), exact at both ends (t = 1 gives w̃ bit for
+    bit), then cast to the model dtype. On exit, normal or not, every named layer holds `original`.
     """
     check_path(model, names, original, quantized)
     params = {n: model.get_submodule(n).weight for n in names}

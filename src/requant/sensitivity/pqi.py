@@ -58,15 +58,18 @@ def path_gradients(
     windows: torch.Tensor,
     ts: Sequence[float],
     *,
+    subset: Sequence[str] | None = None,
     batch_size: int = 1,
     loss_fn: LossFn = token_nll,
     desc: str = "path",
 ) -> Iterator[PathNode]:
     """For each t, yield the loss, fp32 gradient and dF/dt at w + tΔw over all windows (one node at a time).
 
-    The model holds `original` again when the generator finishes or is closed, also on error.
+    Only `subset` moves if given (the others stay at w and get no gradient). The model holds `original`
+    again when the generator finishes or is closed, also on error.
     """
-    check_path(model, names, original, quantized)
+    check_path(model, names, original, quantized, subset)
+    moving = list(names) if subset is None else [n for n in names if n in set(subset)]
     if batch_size < 1:
         raise ConfigError(f"batch size {batch_size} must be at least 1")
     if len(windows) == 0:
@@ -74,12 +77,12 @@ def path_gradients(
     device = model.get_submodule(names[0]).weight.device
     with weights_on_path(model, names, original, quantized) as set_point:
         for i, t in enumerate(bar(ts, desc=f"{desc} nodes", unit="node")):
-            set_point(float(t))
+            set_point(float(t), subset)
             acc: dict[str, torch.Tensor] = {}
             nll_total, tokens = 0.0, 0
             try:
                 for _, nll, count, grads in window_gradients(
-                    model, names, windows, batch_size=batch_size, desc=f"{desc} t={t:.4f}", loss_fn=loss_fn
+                    model, moving, windows, batch_size=batch_size, desc=f"{desc} t={t:.4f}", loss_fn=loss_fn
                 ):
                     nll_total += nll
                     tokens += count
@@ -95,7 +98,7 @@ def path_gradients(
                 g.div_(tokens)
             deriv = sum(
                 _dot64(acc[n], quantized[n].to(device, torch.float32) - original[n].to(device, torch.float32))
-                for n in names
+                for n in moving
             )
             yield PathNode(float(t), nll_total / tokens, acc, deriv)
 
@@ -110,12 +113,14 @@ def post_quantization_integral(
     nodes: int = 32,
     rule: str = "midpoint",
     batch_size: int = 1,
+    subset: Sequence[str] | None = None,
     loss_fn: LossFn = token_nll,
 ) -> PQIResult:
     """PQI between w (original) and w̃ (quantized) over the same calibration windows at every node.
 
     The named layers' weights are set in place to w + t·Δw (formed in fp32, cast to the model dtype) for
     each node and restored to `original` at the end (also on error). Cost: nodes × windows fwd+bwd.
+    With `subset`, only those layers move (the others stay at w) and only they get scores.
     """
     ts, cs = quadrature(rule, nodes)
     gbar: dict[str, torch.Tensor] = {}
@@ -127,6 +132,7 @@ def post_quantization_integral(
         quantized,
         windows,
         ts.tolist(),
+        subset=subset,
         batch_size=batch_size,
         loss_fn=loss_fn,
         desc=f"pqi {rule}",
@@ -142,7 +148,7 @@ def post_quantization_integral(
                 else:
                     gbar[n] = g.mul_(c)
     gbar = {n: g.cpu() for n, g in gbar.items()}
-    scores = {n: (quantized[n].float() - original[n].float()).mul_(gbar[n]) for n in names}
+    scores = {n: (quantized[n].float() - original[n].float()).mul_(gbar[n]) for n in gbar}
     predicted = sum(s.sum(dtype=torch.float64).item() for s in scores.values())
     return PQIResult(
         scores=scores,
