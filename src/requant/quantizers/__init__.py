@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from .base import ALLOWED_BITS, BaseQuantizer, LayerInputs, LUTTensor, QuantizedTensor, UniformTensor
+from .qtip import QTIPQuantizer, TrellisTensor
 from .rtn import RTNQuantizer
 from .squeezellm import SqueezeLLMQuantizer
 
-QUANTIZERS: dict[str, type[BaseQuantizer]] = {"rtn": RTNQuantizer, "squeezellm": SqueezeLLMQuantizer}
+QUANTIZERS: dict[str, type[BaseQuantizer]] = {
+    "rtn": RTNQuantizer,
+    "squeezellm": SqueezeLLMQuantizer,
+    "qtip": QTIPQuantizer,
+}
 
 
 def make_quantizer(name: str, bits: int, group_size: int | None = None, **options: object) -> BaseQuantizer:
@@ -24,9 +29,11 @@ __all__ = [
     "BaseQuantizer",
     "LUTTensor",
     "LayerInputs",
+    "QTIPQuantizer",
     "QuantizedTensor",
     "RTNQuantizer",
     "SqueezeLLMQuantizer",
+    "TrellisTensor",
     "UniformTensor",
     "make_quantizer",
 ]

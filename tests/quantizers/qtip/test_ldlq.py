@@ -87,3 +87,12 @@ def test_damping_and_bad_hessians():
         damp_hessian(torch.full((3, 3), float("nan")), 0.01)
     with pytest.raises(NumericalError, match="not positive definite"):
         block_ldl(-torch.eye(4, dtype=torch.float64), 2)
+
+
+def test_lazy_super_block_updates_match_the_reference_on_wide_layers():
+    w, h = _problem(n=160, m=6, seed=7)  # wider than one 128-column super-block
+    for block in (4, 16):
+        u, _ = block_ldl(h, block)
+        assert torch.allclose(
+            block_ldlq(w, u, block, lambda k, x: _round(x)), _sequential_obs(w, h, block), atol=1e-9
+        )

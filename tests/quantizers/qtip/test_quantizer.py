@@ -3,8 +3,10 @@ import json
 import pytest
 import torch
 
+from requant.config import QuantConfig
 from requant.errors import ConfigError
-from requant.quantizers import LayerInputs, QuantizedTensor
+from requant.pipeline import quantize
+from requant.quantizers import LayerInputs, QuantizedTensor, make_quantizer
 from requant.quantizers.qtip import QTIPQuantizer, TrellisTensor
 from requant.quantizers.qtip.hadamard import incoherent_weight, unpack_signs
 from requant.quantizers.qtip.quantizer import sequences_to_tiles, tiles_to_sequences
@@ -99,3 +101,26 @@ def test_bad_settings_are_refused():
         QTIPQuantizer(2).check_shape("model.x", (40, 48))
     with pytest.raises(ConfigError, match="40x48"):
         QTIPQuantizer(2).fit(torch.zeros(40, 48))
+
+
+def test_registered_base_quantizes_a_tiny_model_end_to_end(tokenizer, text_file, windows):
+    from helpers import tiny_llama
+
+    assert isinstance(make_quantizer("qtip", 2, L=8), QTIPQuantizer)
+    with torch.no_grad():
+        ref = tiny_llama()(windows[:2]).logits
+    logit_err = {}
+    for base, options in (("qtip", {"L": 6, "tile": (4, 8)}), ("rtn", {})):
+        m = tiny_llama()
+        cfg = QuantConfig(
+            base=base, bits=2, calib=str(text_file), nsamples=2, seqlen=32, base_options=options
+        )
+        r = quantize(m, tokenizer, cfg)
+        with torch.no_grad():
+            logit_err[base] = float((m(windows[:2]).logits - ref).square().mean())
+        if base == "qtip":
+            assert all(isinstance(q.dense, TrellisTensor) for q in r.layers.values())
+            assert 2.0 < r.bit_count().bits_per_weight < 2.1
+            for name, q in r.layers.items():
+                assert torch.equal(m.get_submodule(name).weight, q.weight())
+    assert logit_err["qtip"] < 0.5 * logit_err["rtn"]

@@ -67,10 +67,18 @@ def block_ldlq(
     n = w.shape[1]
     w = w.to(u.dtype)
     err = torch.zeros_like(w)  # W − Ŵ on the blocks done so far
+    feedback = torch.zeros_like(w)  # (W − Ŵ) U from the finished super-blocks
     recon = torch.empty_like(w)
-    for k in range(n // block):
-        cols = slice(k * block, (k + 1) * block)
-        x = w[:, cols] + err[:, : k * block] @ u[: k * block, cols]
-        recon[:, cols] = quantize_block(k, x).to(w.dtype)
-        err[:, cols] = w[:, cols] - recon[:, cols]
+    # GPTQ's lazy batching: feedback within a super-block of ~128 columns is added block by block, and the
+    # finished super-block updates every later column in one wide matmul (skinny matmuls are slow on CPU).
+    sb = max(block, 128 // block * block)
+    for s0 in range(0, n, sb):
+        s1 = min(n, s0 + sb)
+        for c0 in range(s0, s1, block):
+            cols = slice(c0, c0 + block)
+            x = w[:, cols] + feedback[:, cols] + err[:, s0:c0] @ u[s0:c0, cols]
+            recon[:, cols] = quantize_block(c0 // block, x).to(w.dtype)
+            err[:, cols] = w[:, cols] - recon[:, cols]
+        if s1 < n:
+            feedback[:, s1:] += err[:, s0:s1] @ u[s0:s1, s1:]
     return recon

@@ -118,15 +118,16 @@ def step_costs(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 
 
 _STEP_CHUNK_ENTRIES = 1 << 18  # step costs computed per call (B·steps·2^L entries): cache-sized chunks
-_SMALL_STEP = 1 << 20  # below this many B·2^L entries a step runs single-threaded (see `_threads`)
+_SMALL_STEP = 1 << 20  # up to this many B·2^L entries a step runs single-threaded (single_thread_if_small)
 
 
 @contextmanager
-def _threads(n_entries: int) -> Iterator[None]:
-    """One intra-op thread for small steps: there, thread start-up and contention cost more than the work
-    (measured on the shared 2-core machine: ~10× slower per step with 2 threads under load)."""
+def single_thread_if_small(n_entries: int, limit: int = _SMALL_STEP) -> Iterator[None]:
+    """One intra-op thread while working on at most `limit` entries at a time: there, thread start-up and
+    contention cost more than the work (measured on the shared 2-core machine: 2 threads made a Viterbi step
+    ~10× and a BlockLDLQ pass ~20× slower under load)."""
     old = torch.get_num_threads()
-    if n_entries <= _SMALL_STEP and old > 1:
+    if n_entries <= limit and old > 1:
         torch.set_num_threads(1)
     try:
         yield
@@ -142,7 +143,7 @@ def viterbi(x: torch.Tensor, trellis: Trellis, overlap: torch.Tensor | None = No
     tail-biting streams whose ends meet in those bits.
     """
     kv, ov, n = trellis.kv, trellis.overlap, trellis.n_states
-    with _threads(x.shape[0] * n):
+    with single_thread_if_small(x.shape[0] * n):
         return _viterbi(x, trellis.values().to(x.device), kv, ov, n, overlap)
 
 
