@@ -1,0 +1,378 @@
+"""Vectorised weighted 1-D k-means per row, exact sums (no binning): the core of SqueezeLLM's quantizer.
+
+Each row is sorted once and reduced to float64 prefix sums of w and w·x. In 1-D the nearest-centroid clusters
+of sorted centroids are contiguous runs of the sorted row, so a clustering is k-1 boundary positions: a Lloyd
+iteration is one batched `searchsorted` of the centroid midpoints plus prefix-sum differences, O(k log n) per
+row, for all rows and all starts at once. Lloyd's fixed points are then polished by moves Lloyd cannot make,
+each an exact SSE decrease: merge the cheapest adjacent pair of clusters while splitting the cluster that
+gains most (moves a centroid across the row, e.g. into a heavy tail), and move each boundary to its best
+position within a few points with its neighbours fixed. Lloyd re-settles the rows that moved.
+
+Zero-weight entries are sorted to the end of their row and take part only in the final nearest-centroid
+coding, so the fit is exactly the fit of the row without them.
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = ["KMeansResult", "weighted_kmeans_1d"]
+
+_BAND = 2  # a boundary move tries ±_BAND positions
+_PP_RUNS = 4  # k-means++ runs on a coreset of _PP_RUNS·k equal-weight runs per row
+_POLISH_ROUNDS = 30  # at most this many move-then-Lloyd rounds (they stop earlier when nothing moves)
+# A polish move must gain more than this fraction of the row's 1-cluster SSE: prefix-sum rounding is about
+# n·1e-16 of it, so smaller "gains" are noise and could make the descent cycle.
+_REL_GAIN = 1e-11
+_TINY = 1e-300  # keeps (Σw·x)²/Σw = 0/0 at 0 for empty runs (their Σw·x is exactly 0 too)
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+@dataclass(frozen=True)
+class KMeansResult:
+    """Per-row clustering: centroids (rows, k) float32 ascending, codes (rows, n), objective (rows,) float64.
+
+    `objective` is the weighted SSE Σ w·(x − centroids[code])² in units of weight × x², for the returned
+    (possibly rounded) centroids and codes and the effective weights (a row whose weights are all zero is
+    fitted, and scored, with uniform weights). Codes are uint8 for k ≤ 256, else int16.
+    """
+
+    centroids: torch.Tensor
+    codes: torch.Tensor
+    objective: torch.Tensor
+
+
+def weighted_kmeans_1d(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    k: int,
+    *,
+    max_iter: int = 100,
+    n_init: int = 3,
+    seed: int = 0,
+    tol: float = 0.0,
+    round_centroids_to: torch.dtype | None = None,
+) -> KMeansResult:
+    """Cluster each row of x (rows, n) into k weighted 1-D clusters; objective is Σ w·(x − c)² (weight × x²).
+
+    `weight` (rows, n) must be non-negative (None = uniform); zero-weight entries do not move centroids but
+    still get the nearest code, and an all-zero row falls back to uniform weights. `n_init` starts are run
+    and the best per row kept: density^(1/3) quantiles, then weighted quantiles, then weighted k-means++
+    draws from `seed`. Lloyd stops after `max_iter` iterations or at a fixed point (`tol` > 0 also stops a
+    row once no centroid moved more than tol × the row's value range). With `round_centroids_to` (e.g.
+    torch.float16) centroids are rounded to that dtype before the final assignment, so codes and objective
+    are exact for the stored centroids.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D (rows, n), got shape {tuple(x.shape)}")
+    if not 1 <= k <= 32768:
+        raise ValueError(f"k must be in [1, 32768], got {k}")
+    if n_init < 1 or max_iter < 0 or tol < 0:
+        raise ValueError("need n_init >= 1, max_iter >= 0 and tol >= 0")
+    rows, n = x.shape
+    code_dtype = torch.uint8 if k <= 256 else torch.int16
+    if rows == 0 or n == 0:
+        return KMeansResult(
+            torch.zeros(rows, k, dtype=torch.float32),
+            torch.zeros(rows, n, dtype=code_dtype),
+            torch.zeros(rows, dtype=torch.float64),
+        )
+    x = x.detach().cpu().contiguous()
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()  # exact for fp16/bf16
+    if not torch.isfinite(x).all():
+        raise ValueError("x contains NaN or infinite values")
+    w, masked = _effective_weights(weight, x.shape)
+
+    with torch.no_grad():
+        # Zero-weight entries sort to the end (key +inf), so row r's weighted points are [0, ends[r]).
+        key = torch.where(w > 0, x, math.inf) if masked else x
+        order = torch.from_numpy(_argsort_rows(key.numpy()))
+        xs_abs = key.gather(1, order).double()
+        ends = (w > 0).sum(1) if masked else torch.full((rows,), n)
+        # Shift rows by their weighted median: cumulative Σw·x then stays near the row's own spread, so
+        # cluster sums (differences of it) lose few digits.
+        shift = xs_abs.gather(1, (ends // 2)[:, None])
+        xs = xs_abs - shift
+        # Finite copy with one padding column; the tail (zero-weight entries, padding) holds the last value.
+        xp = torch.cat([xs, xs.gather(1, (ends - 1)[:, None])], dim=1)
+        if masked:
+            xp = torch.where(torch.arange(n + 1) < ends[:, None], xp, xp[:, n : n + 1])
+        ws = w.gather(1, order) if w is not None else None
+        wx = xp[:, :n] if ws is None else ws * xp[:, :n]
+        # Prefix sums as one complex tensor, Σw + i·Σw·x, so one `take` fetches both (leading zero column).
+        pz = torch.zeros(rows, n + 1, dtype=torch.complex128)
+        pz[:, 1:] = torch.complex(torch.ones_like(wx) if ws is None else ws, wx).cumsum(1)
+        tot = pz[:, n]
+        sse1 = ((wx * xp[:, :n]).sum(1) - tot.imag**2 / tot.real).clamp_min(0)
+        thresh = (_REL_GAIN * sse1 + _TINY)[:, None]
+        base = torch.arange(rows) * (n + 1)
+
+        if k == 1 or n == 1:
+            g = torch.cat([base[:, None], (base + ends)[:, None].expand(rows, k)], dim=1)
+        else:
+            g = _fit(xs, xp, pz, base, ends, thresh, k, max_iter, n_init, seed, tol)
+
+        c = _centroids(pz.view(-1), g) + shift
+        if round_centroids_to is not None:
+            info = torch.finfo(round_centroids_to)
+            c = c.clamp(info.min, info.max).to(round_centroids_to)  # saturate rather than overflow to inf
+        # Code against exactly the centroids that are returned, so the codes are optimal for them.
+        c = c.to(torch.float32).double().sort(dim=1).values
+        mids = 0.5 * (c[:, 1:] + c[:, :-1])  # exact: c holds float32 values
+        inner = torch.searchsorted(xs_abs, mids)
+        # Codes along the sorted row: position i gets the number of boundaries ≤ i.
+        marks = torch.zeros(rows, n + 1, dtype=code_dtype)
+        marks.scatter_add_(1, inner, torch.ones(1, 1, dtype=code_dtype).expand_as(inner))
+        sorted_codes = marks.cumsum(1, dtype=code_dtype)[:, :n]
+        if masked:
+            # The zero-weight tail is not in value order: code those few entries by direct comparison.
+            tail = torch.arange(n) >= ends[:, None]
+            r = tail.nonzero()[:, 0]
+            vals = x.view(-1).take(order[tail] + r * n).double()
+            sorted_codes[tail] = (vals[:, None] >= mids[r]).sum(1).to(code_dtype)
+        codes = torch.empty(rows, n, dtype=code_dtype).scatter_(1, order, sorted_codes)
+        # Summed directly from the unshifted values: prefix sums of w·x² would lose ~1e-8 relative to
+        # cancellation, and shifted values lose absolute precision near zero.
+        err = x.double() - c.gather(1, codes.long())
+        objective = (err * err if w is None else w * err * err).sum(1)
+    return KMeansResult(c.float(), codes, objective)
+
+
+def _effective_weights(weight: torch.Tensor | None, shape: torch.Size) -> tuple[torch.Tensor | None, bool]:
+    """float64 weights (None = uniform) with dead rows made uniform, and whether any entry has weight 0."""
+    if weight is None:
+        return None, False
+    if weight.shape != shape:
+        raise ValueError(f"weight shape {tuple(weight.shape)} does not match x shape {tuple(shape)}")
+    w = weight.detach().to(device="cpu", dtype=torch.float64)
+    lo, hi = w.aminmax()
+    if not (lo >= 0 and math.isfinite(hi)):  # also false for NaN
+        raise ValueError("weight must be finite and non-negative")
+    if lo > 0:
+        return w, False
+    # SqueezeLLM's convention: a row with no importance at all is clustered as if every entry mattered.
+    dead = w.amax(1) == 0
+    if dead.any():
+        w = torch.where(dead[:, None], 1.0, w)
+    return w, bool((w == 0).any())
+
+
+def _argsort_rows(a: np.ndarray) -> np.ndarray:
+    """Row-wise argsort: numpy's SIMD sort, row blocks in threads, is several times faster than torch's."""
+    threads = min(torch.get_num_threads(), a.shape[0] // 64)
+    if threads <= 1 or a.size < 1 << 16:
+        return np.argsort(a, axis=1)
+    pool = _pools.get(threads)
+    if pool is None:
+        pool = _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="requant-kmeans")
+    out = np.empty(a.shape, dtype=np.int64)
+    step = -(-a.shape[0] // threads)
+
+    def block(i: int) -> None:
+        out[i : i + step] = np.argsort(a[i : i + step], axis=1)
+
+    list(pool.map(block, range(0, a.shape[0], step)))
+    return out
+
+
+def _centroids(pzf: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Cluster means (A, k) for global boundaries g (A, k+1); an empty cluster copies a neighbour."""
+    d = pzf.take(g).diff(dim=1)
+    full = d.real > 0
+    c = d.imag / d.real
+    fwd = torch.where(full, c, -math.inf).cummax(1).values
+    bwd = torch.where(full, c, math.inf).flip(1).cummin(1).values.flip(1)
+    return torch.where(fwd == -math.inf, bwd, fwd)
+
+
+def _quantile_edges(cw: torch.Tensor, base: torch.Tensor, ends: torch.Tensor, parts: int) -> torch.Tensor:
+    """Global positions (rows, parts+1) cutting each row's weighted points into runs of ~equal weight.
+
+    cw (rows, n+1) is the cumulative weight of the first i points, so searchsorted finds the first i whose
+    run reaches each target (the leading 0 never matches, as targets are > 0).
+    """
+    q = torch.arange(1, parts, dtype=torch.float64) / parts * cw[:, -1:]
+    inner = torch.minimum(torch.searchsorted(cw, q), ends[:, None])
+    return torch.cat([base[:, None], base[:, None] + inner, (base + ends)[:, None]], dim=1)
+
+
+def _companding_start(xpf: torch.Tensor, cw: torch.Tensor, base, ends, k: int) -> torch.Tensor:
+    """Centroids at the quantiles of density^(1/3), the high-resolution optimal point density for SSE.
+
+    Density comes from 4k equal-weight runs: a run of width Δ has density ∝ 1/Δ, hence a share of
+    density^(1/3) ∝ Δ^(2/3). Unlike plain quantiles this gives heavy tails their own centroids.
+    """
+    parts = 4 * k
+    v = xpf.take(_quantile_edges(cw, base, ends, parts))  # run starts, then the padding (= row maximum)
+    width = v.diff(dim=1).clamp_min(0)
+    mass = width ** (2.0 / 3.0)
+    cum = mass.cumsum(1)
+    target = (torch.arange(k, dtype=torch.float64) + 0.5) / k * cum[:, -1:]
+    j = torch.searchsorted(cum, target).clamp_max(parts - 1)
+    m = mass.gather(1, j)
+    frac = ((target - cum.gather(1, j) + m) / (m + _TINY)).clamp(0, 1)
+    return v.gather(1, j) + frac * width.gather(1, j)
+
+
+def _quantile_start(xpf: torch.Tensor, cw: torch.Tensor, base, ends, k: int) -> torch.Tensor:
+    """Centroids at the weighted (j + ½)/k quantiles."""
+    e = _quantile_edges(cw, base, ends, 2 * k)
+    return xpf.take(torch.maximum(e[:, 1:-1:2] - 1, base[:, None]))  # the point where the weight crosses
+
+
+def _kmeanspp_start(pzf: torch.Tensor, cw, base, ends, k: int, draws: int, gen) -> torch.Tensor:
+    """Weighted k-means++ centroids (rows, draws, k) on a coreset of _PP_RUNS·k equal-weight runs per row.
+
+    A run is represented by its mean and total weight: the k sequential D²-weighted picks then cost O(k²)
+    per row instead of O(k·n), while the weighted distribution is preserved.
+    """
+    rows = base.shape[0]
+    d = pzf.take(_quantile_edges(cw, base, ends, _PP_RUNS * k)).diff(dim=1)
+    pw = d.real.repeat_interleave(draws, 0)
+    pts = (d.imag / (d.real + _TINY)).repeat_interleave(draws, 0)
+    u = torch.rand(rows * draws, k, generator=gen, dtype=torch.float64)
+    d2 = torch.ones_like(pw)
+    picks = []
+    for j in range(k):
+        # Inverse-CDF sampling ∝ w·D² (∝ w for the first pick); with all mass on picks it takes the last run.
+        cum = (pw * d2).cumsum(1)
+        i = torch.searchsorted(cum, u[:, j : j + 1] * cum[:, -1:], right=True).clamp_max(pw.shape[1] - 1)
+        picks.append(pts.gather(1, i))
+        d2 = torch.minimum(d2, (pts - picks[-1]) ** 2) if j else (pts - picks[-1]) ** 2
+    return torch.cat(picks, dim=1).sort(dim=1).values.view(rows, draws, k)
+
+
+def _fit(xs, xp, pz, base, ends, thresh, k, max_iter, n_init, seed, tol) -> torch.Tensor:
+    """Best-of-n_init Lloyd, then polish; returns global boundaries (rows, k+1) into the flat prefix sums."""
+    rows = xs.shape[0]
+    pzf, xpf = pz.view(-1), xp.view(-1)
+    cw = pz.real.contiguous()
+    starts = [_companding_start(xpf, cw, base, ends, k)[:, None]]
+    if n_init > 1:
+        starts.append(_quantile_start(xpf, cw, base, ends, k)[:, None])
+    if n_init > 2:
+        gen = torch.Generator().manual_seed(seed)
+        starts.append(_kmeanspp_start(pzf, cw, base, ends, k, n_init - 2, gen))
+    c0 = torch.cat(starts, dim=1)  # (rows, S, k)
+    s = c0.shape[1]
+    xs2 = 2 * xs  # Lloyd searches c_j + c_{j+1} in 2x: no halving of the midpoints per iteration
+    span = (xp.gather(1, (ends - 1)[:, None]) - xp[:, :1]) * tol
+    inner = torch.searchsorted(xs2, (c0[..., 1:] + c0[..., :-1]).view(rows, -1)).view(rows, s, k - 1)
+    b = base.view(rows, 1, 1)
+    g = torch.cat([b.expand(rows, s, 1), b + inner, (b + ends.view(rows, 1, 1)).expand(rows, s, 1)], dim=2)
+    g = _lloyd(pzf, xpf, xs2, g, base, max_iter, span)
+    if s > 1:
+        d = pzf.take(g).diff(dim=-1)
+        gain = (d.imag**2 / (d.real + _TINY)).sum(-1)  # 1-cluster SSE minus the clustering's SSE
+        g = g[torch.arange(rows), gain.argmax(1)]
+    else:
+        g = g[:, 0]
+    return _polish(pzf, xpf, xs2, g, base, thresh, max_iter, span)
+
+
+def _lloyd(pzf, xpf, xs2, g, base, max_iter, span) -> torch.Tensor:
+    """Lloyd iterations on global boundaries g (rows, S, k+1) until no row moves (or max_iter)."""
+    rows, s, kp1 = g.shape
+    out = g
+    g = g.clone()
+    work = torch.arange(rows)  # rows of `out` still iterating; xs2, g, base, span follow it
+    base = base.view(rows, 1, 1)
+    prev = None
+    for _ in range(max_iter):
+        d = pzf.take(g).diff(dim=-1)
+        # An empty cluster sits at the first weighted value after its boundary: still between its
+        # neighbours' means, and its midpoint with the right neighbour re-seeds it from that cluster.
+        # cummax irons out last-bit disorder of the means so the boundaries stay sorted.
+        c = torch.where(d.real > 0, d.imag / d.real, xpf.take(g[..., :-1])).cummax(-1).values
+        a = g.shape[0]
+        inner = torch.searchsorted(xs2, (c[..., 1:] + c[..., :-1]).view(a, -1)).view(a, s, kp1 - 2)
+        inner += base
+        moved = (inner != g[..., 1:-1]).view(a, -1).any(1)
+        if prev is not None:
+            moved &= ((c - prev).abs().view(a, -1).amax(1, keepdim=True) > span).view(a)
+        g[..., 1:-1] = inner
+        n_moved = int(moved.sum())
+        if n_moved == 0:
+            break
+        if n_moved <= a // 2:
+            # Shrink the batch so settled rows stop costing work (their boundaries are final).
+            out[work] = g
+            work, g, xs2, base, span, c = work[moved], g[moved], xs2[moved], base[moved], span[moved], c[moved]
+        if span.any():
+            prev = c
+    out[work] = g
+    return out
+
+
+def _polish(pzf, xpf, xs2, g, base, thresh, max_iter, span) -> torch.Tensor:
+    """Rounds of exact improving moves, then Lloyd on the rows that moved, until nothing moves."""
+    live = torch.arange(g.shape[0])
+    for _ in range(_POLISH_ROUNDS):
+        b = g[live]
+        before = b.clone()
+        _split_merge(pzf, xs2[live], b, base[live], thresh[live])
+        _band_sweep(pzf, b, 0, thresh[live])
+        _band_sweep(pzf, b, 1, thresh[live])
+        moved = (b != before).any(1)
+        live, b = live[moved], b[moved]
+        if live.numel() == 0:
+            break
+        g[live] = _lloyd(pzf, xpf, xs2[live], b[:, None], base[live], max_iter, span[live])[:, 0]
+    return g
+
+
+def _split_merge(pzf: torch.Tensor, xs2: torch.Tensor, g: torch.Tensor, base: torch.Tensor, thresh) -> None:
+    """In place: merge the adjacent pair that costs least and split the cluster that gains most, if it pays.
+
+    Splits are at the cluster mean. With Σw·x² constant, SSE = const − Σ_j (Σw·x)²_j/Σw_j, so both the
+    merge cost and the split gain are exact from the prefix sums.
+    """
+    a, kp1 = g.shape
+    k = kp1 - 1
+    zb = pzf.take(g)
+    d = zb.diff(dim=1)
+    q = d.imag**2 / (d.real + _TINY)
+    p = torch.searchsorted(xs2, 2 * d.imag / (d.real + _TINY)) + base[:, None]
+    p = torch.minimum(torch.maximum(p, g[:, :-1]), g[:, 1:])
+    zp = pzf.take(p)
+    left, right = zp - zb[:, :-1], zb[:, 1:] - zp
+    split = left.imag**2 / (left.real + _TINY) + right.imag**2 / (right.real + _TINY) - q
+    pair = d[:, :-1] + d[:, 1:]
+    merge = q[:, :-1] + q[:, 1:] - pair.imag**2 / (pair.real + _TINY)
+    net = split[:, :, None] - merge[:, None, :]  # (a, k clusters to split, k-1 pairs (j, j+1) to merge)
+    j = torch.arange(k)
+    clash = (j[:, None] == j[None, :-1]) | (j[:, None] == j[None, :-1] + 1)  # a split of a merged cluster
+    best, idx = net.masked_fill(clash, -math.inf).view(a, -1).max(1)
+    do = (best > thresh[:, 0]).nonzero()[:, 0]
+    if do.numel() == 0:
+        return
+    si, mi = idx[do] // (k - 1), idx[do] % (k - 1)
+    inner = g[do, 1:-1]
+    inner[torch.arange(do.numel()), mi] = p[do, si]  # drop boundary between mi and mi+1, add the split
+    g[do, 1:-1] = inner.sort(dim=1).values
+
+
+def _band_sweep(pzf: torch.Tensor, g: torch.Tensor, parity: int, thresh: torch.Tensor) -> None:
+    """In place: move every other inner boundary to its best position within ±_BAND, neighbours fixed.
+
+    Boundaries of one parity share no cluster, so they move independently and at once. With the window
+    [lo, hi] fixed, maximising Σ (Σw·x)²/Σw over its two halves minimises their SSE.
+    """
+    kp1 = g.shape[1]
+    cur, lo, hi = g[:, 1 + parity : kp1 - 1 : 2], g[:, parity : kp1 - 2 : 2], g[:, 2 + parity :: 2]
+    if cur.shape[1] == 0:
+        return
+    t = (cur[..., None] + torch.arange(-_BAND, _BAND + 1)).clamp(lo[..., None], hi[..., None])
+    zt = pzf.take(t)
+    left, right = zt - pzf.take(lo)[..., None], pzf.take(hi)[..., None] - zt
+    gain = left.imag**2 / (left.real + _TINY) + right.imag**2 / (right.real + _TINY)
+    best, j = gain.max(-1)
+    better = best > gain[..., _BAND] + thresh
+    g[:, 1 + parity : kp1 - 1 : 2] = torch.where(better, t.gather(-1, j[..., None])[..., 0], cur)
