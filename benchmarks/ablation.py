@@ -1,0 +1,49 @@
+"""Table 8 analog on the reference setting R: which part of ReQuant helps, with train and test perplexity.
+
+Per-row SqueezeLLM at --bits (3 and 4 in the closing note); r_o = 0.45%, r_s = 0.05% unless a row says otherwise.
+Usage: python benchmarks/ablation.py --bits 3 [--limit N] [--texts wiki:train,wiki:test]
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from harness import parser, run_variants
+
+from requant.config import QuantConfig
+from requant.recipes import recipe_settings
+
+
+def variants(bits: int, nodes: int, rule: str) -> dict[str, QuantConfig | None]:
+    full = QuantConfig(
+        base="squeezellm",
+        bits=bits,
+        **{**recipe_settings("requant", "squeezellm"), "pqi_nodes": nodes, "pqi_rule": rule},
+    )
+    return {
+        "fp32": None,
+        "full ReQuant (β=0.025)": full,
+        "Algorithm 1 only": replace(full, significant=0.0, step=None),
+        "SqueezeLLM IQR outliers": replace(full, outlier_select="iqr", significant=0.0, step=None),
+        "Algorithm 2 only": replace(full, outliers=0.0),
+        "dense-only": replace(full, outliers=0.0, significant=0.0, step=None),
+        "random (same budget)": replace(full, outlier_select="random", significant_select="random", step=None),
+        "SqueezeLLM D&S (IQR + Fisher)": replace(full, outlier_select="iqr", significant_select="fisher", step=None),
+        "β = 0.05 (1 step)": replace(full, step=0.05),
+        "β = 0.0125 (4 steps)": replace(full, step=0.0125),
+    }
+
+
+if __name__ == "__main__":
+    p = parser(__doc__)
+    p.add_argument("--bits", type=int, default=3)
+    p.add_argument("--pqi-nodes", type=int, default=2)
+    p.add_argument("--pqi-rule", default="gauss")
+    p.set_defaults(texts="wiki:train,wiki:test")
+    args = p.parse_args()
+    run_variants(
+        variants(args.bits, args.pqi_nodes, args.pqi_rule),
+        args,
+        f"ablation-{args.bits}bit",
+        f"SqueezeLLM {args.bits}-bit per-row LUT; PQI {args.pqi_rule} with {args.pqi_nodes} nodes.",
+    )
