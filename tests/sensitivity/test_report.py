@@ -71,13 +71,19 @@ def _nodes(rule, n):
 
 
 def test_nodes_report_shares_nodes_and_equals_pqi(problem):
-    rep = nodes_report(problem, rules=["midpoint", "trapezoid", "gauss"], nodes=[1, 2, 4])
+    rep = nodes_report(
+        problem, rules=["midpoint", "trapezoid", "gauss"], nodes=[1, 2, 4], pqi_rule="midpoint", pqi_nodes=4
+    )
     # midpoint 1, 2 nodes (½, ¼, ¾) are among trapezoid 4's (k/4); gauss 1 is ½: 4 + 5 + 2 + 4 distinct
     assert rep.summary["distinct_nodes"] == 4 + 5 + 2 + 4
     assert rep.summary["grad_evals_total"] == 15 * len(problem.windows)
     row = next(r for r in rep.rows if r["rule"] == "midpoint" and r["nodes"] == 4)
     pqi = post_quantization_integral(*problem.args(), nodes=4)
     assert abs(row["predicted"] - pqi.predicted) < 1e-6 * abs(pqi.predicted)
+    # the element-wise PQI kept on the way is the one a separate pass computes
+    assert rep.pqi.nodes == pqi.nodes and rep.pqi.grad_evals == pqi.grad_evals
+    for n in problem.names:
+        assert torch.allclose(rep.pqi.scores[n], pqi.scores[n], rtol=1e-5, atol=1e-12)
     actual = actual_delta_f(*problem.args())
     assert all(r["actual"] == actual for r in rep.rows)
     assert row["rel_error"] == pytest.approx((row["predicted"] - actual) / abs(actual))

@@ -103,6 +103,47 @@ def path_gradients(
             yield PathNode(float(t), nll_total / tokens, acc, deriv)
 
 
+class PathIntegral:
+    """Accumulates ḡ = Σ_k c_k ∇F(w + t_k Δw) from path nodes, in any order, and turns it into a PQIResult."""
+
+    def __init__(self, nodes: Sequence[float], weights: Sequence[float]) -> None:
+        self.weight_at = dict(zip(map(float, nodes), map(float, weights), strict=True))
+        self.gbar: dict[str, torch.Tensor] = {}
+        self.seen: dict[float, PathNode] = {}
+
+    def add(self, node: PathNode) -> None:
+        """Fold in one node (a no-op for a t the rule does not use); its gradient tensors are reused."""
+        c = self.weight_at.get(node.t)
+        if c is None or node.t in self.seen:
+            return
+        self.seen[node.t] = PathNode(node.t, node.loss, {}, node.derivative)
+        for n, g in node.grad.items():
+            if n in self.gbar:
+                self.gbar[n].add_(g, alpha=c)
+            else:
+                self.gbar[n] = g.mul_(c)
+
+    def result(
+        self, original: Mapping[str, torch.Tensor], quantized: Mapping[str, torch.Tensor], windows: int
+    ) -> PQIResult:
+        missing = sorted(set(self.weight_at) - set(self.seen))
+        if missing:
+            raise ConfigError(f"path integral is missing nodes t = {', '.join(f'{t:.4g}' for t in missing)}")
+        ts = sorted(self.weight_at)
+        gbar = {n: g.cpu() for n, g in self.gbar.items()}
+        scores = {n: (quantized[n].float() - original[n].float()).mul_(gbar[n]) for n in gbar}
+        return PQIResult(
+            scores=scores,
+            gbar=gbar,
+            predicted=sum(s.sum(dtype=torch.float64).item() for s in scores.values()),
+            nodes=ts,
+            weights=[self.weight_at[t] for t in ts],
+            node_losses=[self.seen[t].loss for t in ts],
+            grad_evals=len(ts) * windows,
+            node_derivatives=[self.seen[t].derivative for t in ts],
+        )
+
+
 def post_quantization_integral(
     model: nn.Module,
     names: Sequence[str],
@@ -123,8 +164,7 @@ def post_quantization_integral(
     With `subset`, only those layers move (the others stay at w) and only they get scores.
     """
     ts, cs = quadrature(rule, nodes)
-    gbar: dict[str, torch.Tensor] = {}
-    losses, derivs = [], []
+    integral = PathIntegral(ts.tolist(), cs.tolist())
     nodes_iter = path_gradients(
         model,
         names,
@@ -139,24 +179,6 @@ def post_quantization_integral(
     )
     # closing(): an error here must still run the generator's restore, not wait for garbage collection.
     with contextlib.closing(nodes_iter):
-        for node, c in zip(nodes_iter, cs.tolist(), strict=True):
-            losses.append(node.loss)
-            derivs.append(node.derivative)
-            for n, g in node.grad.items():
-                if n in gbar:
-                    gbar[n].add_(g, alpha=c)
-                else:
-                    gbar[n] = g.mul_(c)
-    gbar = {n: g.cpu() for n, g in gbar.items()}
-    scores = {n: (quantized[n].float() - original[n].float()).mul_(gbar[n]) for n in gbar}
-    predicted = sum(s.sum(dtype=torch.float64).item() for s in scores.values())
-    return PQIResult(
-        scores=scores,
-        gbar=gbar,
-        predicted=predicted,
-        nodes=ts.tolist(),
-        weights=cs.tolist(),
-        node_losses=losses,
-        grad_evals=len(ts) * len(windows),
-        node_derivatives=derivs,
-    )
+        for node in nodes_iter:
+            integral.add(node)
+    return integral.result(original, quantized, len(windows))

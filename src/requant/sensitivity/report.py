@@ -9,6 +9,7 @@ coverage   Table 5: share of Σ|ΔF_PQI| held by the top p% of weights
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import time
@@ -26,7 +27,7 @@ from ..progress import bar
 from .actual import actual_delta_f, check_fraction, loss, path_losses
 from .fisher import fisher_information
 from .path import weight_delta
-from .pqi import PQIResult, path_gradients, post_quantization_integral
+from .pqi import PathIntegral, PQIResult, path_gradients, post_quantization_integral
 from .quadrature import RULES, check_rule, quadrature
 from .taylor import first_order, fisher_second_order, second_order_hvp
 
@@ -66,6 +67,7 @@ class Report:
     rows: list[dict[str, Any]]
     columns: list[str]
     summary: dict[str, Any] = field(default_factory=dict)
+    pqi: PQIResult | None = None  # the PQI pass the report ran, for reuse (not part of the JSON)
 
     def to_dict(self) -> dict[str, Any]:
         return {"report": self.name, "rows": self.rows, "summary": self.summary}
@@ -253,7 +255,7 @@ def blocks_report(
         "wall_s": time.perf_counter() - t0,
     }
     cols = ["block", "first_order", "second_order", "fisher_second_order", "actual", "pqi"]
-    return Report("blocks", rows, cols, summary)
+    return Report("blocks", rows, cols, summary, joint)
 
 
 def lambda_report(problem: Problem, *, lambdas: Sequence[float] = DEFAULT_LAMBDAS) -> Report:
@@ -287,11 +289,14 @@ def nodes_report(
     rules: Sequence[str] = RULES,
     nodes: Sequence[int] = DEFAULT_NODES,
     target: float = TARGET_REL_ERROR,
+    pqi_rule: str | None = None,
+    pqi_nodes: int = 32,
 ) -> Report:
     """Table 3: predicted ΔF of every rule × N against the actual ΔF.
 
     Gradients are evaluated once per distinct node t and shared by every rule and N that uses it; each
-    row's grad_evals is what that rule alone costs per window (N + 1 for trapezoid).
+    row's grad_evals is what that rule alone costs per window (N + 1 for trapezoid). With `pqi_rule`, the
+    element-wise PQI of that rule and N is accumulated on the way (report.pqi), for sublayers/coverage.
     """
     if not rules or not nodes:
         raise ConfigError("the nodes report needs at least one rule and one node count")
@@ -299,10 +304,19 @@ def nodes_report(
         for n in nodes:
             check_rule(rule, n)
     t0 = time.perf_counter()
-    ts = sorted({t for r in rules for n in nodes for t in quadrature(r, n)[0].tolist()})
+    ts = {t for r in rules for n in nodes for t in quadrature(r, n)[0].tolist()}
+    integral = None
+    if pqi_rule is not None:
+        integral = PathIntegral(*(x.tolist() for x in quadrature(pqi_rule, pqi_nodes)))
+        ts |= set(integral.weight_at)
+    ts = sorted(ts)
     derivs, losses = {}, {}
-    for node in path_gradients(*problem.args(), ts, batch_size=problem.batch_size, desc="nodes report"):
-        derivs[node.t], losses[node.t] = node.derivative, node.loss
+    nodes_iter = path_gradients(*problem.args(), ts, batch_size=problem.batch_size, desc="nodes report")
+    with contextlib.closing(nodes_iter):
+        for node in nodes_iter:
+            derivs[node.t], losses[node.t] = node.derivative, node.loss
+            if integral is not None:
+                integral.add(node)
     grad_s = time.perf_counter() - t0
     actual = actual_delta_f(*problem.args(), batch_size=problem.batch_size)
     rows = rule_predictions(derivs, rules, nodes)
@@ -320,7 +334,9 @@ def nodes_report(
         "gradient_s": grad_s,
         "wall_s": time.perf_counter() - t0,
     }
-    return Report("nodes", rows, ["rule", "nodes", "grad_evals", "predicted", "actual", "rel_error"], summary)
+    pqi = integral.result(problem.original, problem.quantized, len(problem.windows)) if integral else None
+    cols = ["rule", "nodes", "grad_evals", "predicted", "actual", "rel_error"]
+    return Report("nodes", rows, cols, summary, pqi)
 
 
 def sublayers_report(
@@ -331,9 +347,9 @@ def sublayers_report(
     pqi = pqi or _pqi(problem, pqi_nodes, pqi_rule)
     rows = sublayer_means(problem.layers, pqi.scores)
     cols = list(dict.fromkeys(k for r in rows for k in r))
-    summary = {"predicted": pqi.predicted, "pqi_nodes": len(pqi.nodes), "pqi_rule": pqi_rule}
+    summary = {"predicted": pqi.predicted, "pqi_grad_evals": pqi.grad_evals}
     summary["wall_s"] = time.perf_counter() - t0
-    return Report("sublayers", rows, cols, summary)
+    return Report("sublayers", rows, cols, summary, pqi)
 
 
 def coverage_report(
@@ -354,12 +370,11 @@ def coverage_report(
     summary = {
         "predicted": pqi.predicted,
         "abs_total": sum(s.abs().sum(dtype=torch.float64).item() for s in pqi.scores.values()),
-        "pqi_nodes": len(pqi.nodes),
-        "pqi_rule": pqi_rule,
+        "pqi_grad_evals": pqi.grad_evals,
         "curve": [{"percent": r["percent"], "share": r["share"]} for r in coverage(pqi.scores, grid)],
         "wall_s": time.perf_counter() - t0,
     }
-    return Report("coverage", rows, ["percent", "weights", "share", "threshold"], summary)
+    return Report("coverage", rows, ["percent", "weights", "share", "threshold"], summary, pqi)
 
 
 _RUNNERS: dict[str, Callable[..., Report]] = {
@@ -382,8 +397,8 @@ def check_report(name: str, **options: Any) -> None:
         check_rule("midpoint", n)
     for lam in options.get("lambdas", ()):
         check_fraction(lam)
-    if "pqi_nodes" in options or "pqi_rule" in options:
-        check_rule(options.get("pqi_rule", "midpoint"), options.get("pqi_nodes", 32))
+    if options.get("pqi_rule") is not None or "pqi_nodes" in options:
+        check_rule(options.get("pqi_rule") or "midpoint", options.get("pqi_nodes", 32))
     if options.get("pqi_scope", "joint") not in PQI_SCOPES:
         raise ConfigError(f"PQI scope {options['pqi_scope']!r} is not known; use one of {', '.join(PQI_SCOPES)}")
     for p in options.get("percents", ()):
