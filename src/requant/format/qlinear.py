@@ -17,6 +17,7 @@ devices and a missing compiler fall back to the reference path.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -26,12 +27,16 @@ from ..model import LayerInfo, get_linear, set_module
 from . import kernels
 from .layout import COL, LUT, QWEIGHT, ROWPTR, SCALE, VALUE, ZERO, LayerLayout, decode_layer, encode_layer
 
+if TYPE_CHECKING:
+    from ..pipeline import QuantizedLayer
+
 MODES = ("auto", "reference", "fast")
 # Input rows up to which the decode kernel beats dequantize + BLAS (measured on R's shapes, 1 thread:
 # 1536×576 at 3 bits: 84/150 µs at 1 row, 336/377 µs at 4, 452/436 µs at 6).
 DECODE_MAX_ROWS = 4
-# Tolerance of the fast decode path relative to Σ_i |ŵ_ri · x_i| per output (fp32 eps ≈ 1.2e-7; the
-# kernel sums 8 lanes × 4 accumulators per 1024-column block, BLAS its own order).
+# Tolerance of the fast decode path relative to Σ_i |ŵ_ri · x_i| per output. Both sides round in fp32
+# (eps ≈ 1.2e-7): the kernel sums in 16 (AVX-512) or 8 (AVX2) lanes × 4 accumulators, BLAS in its own
+# order. The largest error seen over the tested shapes (widths 1..1536) is ≈ 2.5e-7 of that sum.
 FAST_PATH_RTOL = 2e-6
 
 
@@ -56,10 +61,10 @@ class QuantLinear(nn.Module):
     # -- construction -----------------------------------------------------------------------------------
 
     @classmethod
-    def from_layer(cls, q: object, bias: torch.Tensor | None = None) -> QuantLinear:
+    def from_layer(cls, q: QuantizedLayer, bias: torch.Tensor | None = None) -> QuantLinear:
         """Pack one pipeline QuantizedLayer (with the original layer's bias, if any)."""
-        layout, tensors = encode_layer(q)  # type: ignore[arg-type]
-        mod = cls(layout, bias=bias is not None, name=q.info.name)  # type: ignore[attr-defined]
+        layout, tensors = encode_layer(q)
+        mod = cls(layout, bias=bias is not None, name=q.info.name)
         for suffix, t in tensors.items():
             setattr(mod, suffix, t)
         if bias is not None:
@@ -70,7 +75,7 @@ class QuantLinear(nn.Module):
         """Suffix → tensor, exactly the layout's tensors (what a checkpoint stores for this layer)."""
         return {k: getattr(self, k) for k in self.layout.tensors()}
 
-    def quantized_layer(self, info: LayerInfo | None = None) -> object:
+    def quantized_layer(self, info: LayerInfo | None = None) -> QuantizedLayer:
         """The unpacked pipeline QuantizedLayer this module holds."""
         info = info or LayerInfo(self.name, None, self.name.rsplit(".", 1)[-1], self.out_features, self.in_features)
         return decode_layer(self.layout, {k: t.cpu() for k, t in self.stored_tensors().items()}, info)
@@ -80,7 +85,7 @@ class QuantLinear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         """Ŵ in fp32 through the reference decoder (the pipeline's own QuantizedLayer.weight())."""
         info = LayerInfo(self.name, None, "", self.out_features, self.in_features)
-        return decode_layer(self.layout, self.stored_tensors(), info).weight()  # type: ignore[attr-defined]
+        return decode_layer(self.layout, self.stored_tensors(), info).weight()
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantize().to(x.dtype), self.bias)
@@ -88,12 +93,18 @@ class QuantLinear(nn.Module):
     # -- fast path --------------------------------------------------------------------------------------
 
     def _prepare(self) -> tuple | None:
-        """(lib, descriptor, address, keep-alive) for the C kernels, or None when they cannot run here."""
+        """(lib, descriptor, tensors the descriptor points into) for the C kernels, or None if unavailable."""
         if self._kernel is None:
             lib = kernels.library()
             if lib is None or not self.qweight.is_cpu:
                 return None
             f32 = {k: getattr(self, k).float().contiguous() for k in (LUT, SCALE, ZERO, VALUE) if hasattr(self, k)}
+            if self.layout.kind == "uniform" and self.layout.groups == 1:
+                # One scale per row: (code − zero)·scale over all codes is a per-row LUT with the very same
+                # fp32 values (same two roundings), and the LUT kernel is the faster one.
+                zero = f32.pop(ZERO) if ZERO in f32 else torch.full_like(f32[SCALE], 2.0 ** (self.layout.bits - 1))
+                codes = torch.arange(2**self.layout.bits, dtype=torch.float32)
+                f32[LUT] = ((codes - zero) * f32.pop(SCALE)).contiguous()
             bias = None if self.bias is None else self.bias.detach().float().contiguous()
             desc = kernels.describe(
                 self.qweight.contiguous(),
@@ -102,7 +113,7 @@ class QuantLinear(nn.Module):
                 lut=f32.get(LUT),
                 scale=f32.get(SCALE),
                 zero=f32.get(ZERO),
-                group_size=self.layout.group_size,
+                group_size=None if LUT in f32 else self.layout.group_size,
                 rowptr=getattr(self, ROWPTR, None),
                 col=getattr(self, COL, None),
                 value=f32.get(VALUE),
@@ -169,7 +180,7 @@ def set_kernel_mode(model: nn.Module, mode: str) -> None:
         mod.mode = mode
 
 
-def replace_with_quant_linear(model: nn.Module, layers: dict[str, object]) -> None:
+def replace_with_quant_linear(model: nn.Module, layers: dict[str, QuantizedLayer]) -> None:
     """Swap each quantized nn.Linear of an in-memory model for a QuantLinear holding its packed form."""
     for name, q in layers.items():
         lin = get_linear(model, name)
