@@ -140,6 +140,8 @@ class BaseQuantizer(ABC):
     supports_exclude: ClassVar[bool] = True
     uses_importance: ClassVar[bool] = False
     uses_inputs: ClassVar[bool] = False
+    # True when every output row is fit on its own, so refitting a subset of rows gives those rows' result.
+    row_independent: ClassVar[bool] = False
 
     def __init__(self, bits: int, group_size: int | None = None) -> None:
         if bits not in ALLOWED_BITS:

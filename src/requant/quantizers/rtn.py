@@ -55,6 +55,7 @@ class RTNQuantizer(BaseQuantizer):
     """Plain round-to-nearest; ignores importance."""
 
     name = "rtn"
+    row_independent = True
 
     def __init__(self, bits: int, group_size: int | None = None, sym: bool = False) -> None:
         super().__init__(bits, group_size)

@@ -30,6 +30,7 @@ class SqueezeLLMQuantizer(BaseQuantizer):
     """Non-uniform per-row quantization; importance (Fisher Σg²) weights the k-means objective."""
 
     name = "squeezellm"
+    row_independent = True
     uses_importance = True
 
     def __init__(

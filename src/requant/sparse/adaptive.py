@@ -42,7 +42,7 @@ class OutlierAllocation:
         }
 
 
-def layer_objective(
+def row_objective(
     weight: torch.Tensor,
     recon: torch.Tensor,
     keep: torch.Tensor,
@@ -50,16 +50,58 @@ def layer_objective(
     kind: str,
     importance: torch.Tensor | None = None,
     gbar: torch.Tensor | None = None,
-) -> float:
-    """J on the kept (dense) entries: Σ s (w − D)² for `base`, Σ |ḡ|·|w − D| for `pqi`."""
-    err = (weight.float() - recon.float())[keep]
+) -> torch.Tensor:
+    """J per output row (fp64) on the kept (dense) entries: Σ s (w − D)² for `base`, Σ |ḡ|·|w − D| for `pqi`."""
+    err = (weight.double() - recon.double()) * keep
     if kind == "base":
-        s = importance.float()[keep] if importance is not None else torch.ones_like(err)
-        return float((s.double() * err.double().square()).sum())
+        s = importance.double() if importance is not None else 1.0
+        return (s * err.square()).sum(1)
     if kind == "pqi":
         assert gbar is not None
-        return float((gbar.float()[keep].double().abs() * err.double().abs()).sum())
+        return (gbar.double().abs() * err.abs()).sum(1)
     raise ConfigError(f"Algorithm 1 objective {kind!r} is not allowed; use base or pqi")
+
+
+def layer_objective(weight: torch.Tensor, recon: torch.Tensor, keep: torch.Tensor, **kw: Any) -> float:
+    """J of a whole layer (see row_objective)."""
+    return float(row_objective(weight, recon, keep, **kw).sum())
+
+
+def candidate_objectives(
+    quantizer: BaseQuantizer,
+    weight: torch.Tensor,
+    excludes: list[torch.Tensor],
+    *,
+    kind: str,
+    importance: torch.Tensor | None = None,
+    gbar: torch.Tensor | None = None,
+) -> list[float]:
+    """J for each candidate exclusion mask; masks[0] is the reference fit.
+
+    For base methods that fit every output row on its own, a candidate only refits the rows whose mask
+    differs from the reference, and takes the other rows' error from the reference fit.
+    """
+
+    def sub(t: torch.Tensor | None, rows: torch.Tensor | slice) -> torch.Tensor | None:
+        return None if t is None else t[rows]
+
+    ref_ex = excludes[0]
+    ref = quantizer.fit(weight, importance=importance, exclude=ref_ex).dequantize()
+    ref_rows = row_objective(weight, ref, ~ref_ex, kind=kind, importance=importance, gbar=gbar)
+    out = [float(ref_rows.sum())]
+    for ex in excludes[1:]:
+        rows = (ex != ref_ex).any(1).nonzero().squeeze(1) if quantizer.row_independent else slice(None)
+        if isinstance(rows, torch.Tensor) and rows.numel() == 0:
+            out.append(out[0])
+            continue
+        w, imp, g, e = weight[rows], sub(importance, rows), sub(gbar, rows), ex[rows]
+        recon = quantizer.fit(w, importance=imp, exclude=e).dequantize()
+        part = row_objective(w, recon, ~e, kind=kind, importance=imp, gbar=g)
+        if isinstance(rows, slice):
+            out.append(float(part.sum()))
+        else:
+            out.append(float(ref_rows.sum() - ref_rows[rows].sum() + part.sum()))
+    return out
 
 
 def criterion_scores(weight: torch.Tensor, criterion: str, pre_scores: torch.Tensor | None) -> torch.Tensor:
@@ -119,16 +161,14 @@ def allocate_outliers(
         imp = importance.get(n) if importance else None
         sk = skip.get(n) if skip else None
         scores = criterion_scores(w, criterion, pre_scores.get(n) if pre_scores else None)
-        table[n], counts[n] = [], []
-        for p in cands:
-            c = budget_entries(p, w.numel())
+        counts[n] = [budget_entries(p, w.numel()) for p in cands]
+        excludes = []
+        for c in counts[n]:
             mask = topk_mask(scores, c, sk)
-            exclude = mask if sk is None else mask | sk
-            recon = quantizer.fit(w, importance=imp, exclude=exclude).dequantize()
-            table[n].append(
-                layer_objective(w, recon, ~exclude, kind=objective, importance=imp, gbar=gbar.get(n) if gbar else None)
-            )
-            counts[n].append(c)
+            excludes.append(mask if sk is None else mask | sk)
+        table[n] = candidate_objectives(
+            quantizer, w, excludes, kind=objective, importance=imp, gbar=gbar.get(n) if gbar else None
+        )
     unit_of = dict(groups) if groups else {n: n for n in weights}
     units: dict[Any, list[str]] = {}
     for n in weights:
