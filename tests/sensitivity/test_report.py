@@ -88,6 +88,11 @@ def test_nodes_report_shares_nodes_and_equals_pqi(problem):
     assert all(r["actual"] == actual for r in rep.rows)
     assert row["rel_error"] == pytest.approx((row["predicted"] - actual) / abs(actual))
     assert [r["grad_evals"] for r in rep.rows if r["rule"] == "trapezoid"] == [2, 3, 5]
+    # node counts per rule: gauss 3 adds its two outer nodes only (its middle one is ½)
+    per_rule = nodes_report(problem, rules=["midpoint", "gauss"], nodes={"midpoint": [1, 2], "gauss": [3]})
+    assert per_rule.summary["distinct_nodes"] == 5 and len(per_rule.rows) == 3
+    with pytest.raises(ConfigError, match="no node counts given for rule"):
+        nodes_report(problem, rules=["midpoint", "left"], nodes={"midpoint": [1]})
 
 
 def test_lambda_report_taylor_terms_scale_as_lambda_and_lambda_squared(problem):
