@@ -45,6 +45,27 @@ def test_fit_stores_exact_bits_and_decodes_its_own_codes():
     assert torch.allclose(
         incoherent_weight(dq.double(), s_out.double(), s_in.double()).float(), q.transformed(), atol=1e-6
     )
+    x = torch.randn(5, 48, generator=torch.Generator().manual_seed(9))
+    assert torch.allclose(q.linear(x), x @ dq.T, atol=1e-5)
+
+
+def test_stored_codes_decode_to_what_the_search_reported(monkeypatch):
+    from requant.quantizers.qtip import quantizer as mod
+
+    reported = []
+
+    def spy(x, trellis, **kw):
+        res = mod_quantize_sequences(x, trellis, **kw)
+        reported.append(res.recon.clone())
+        return res
+
+    mod_quantize_sequences = mod.quantize_sequences
+    monkeypatch.setattr(mod, "quantize_sequences", spy)
+    w, inputs = _layer(seed=6)
+    q = QTIPQuantizer(3, L=8, tile=(8, 4)).fit(w, inputs=inputs)
+    blocks = [r.reshape(32, 4) for r in reported]  # one call per 4-column block, tiles of 8 rows
+    assert len(blocks) == 12
+    assert torch.allclose(torch.cat(blocks, 1) * q.scale.float(), q.transformed(), rtol=1e-6, atol=0)
 
 
 def test_hessian_feedback_and_more_bits_lower_the_proxy_loss():

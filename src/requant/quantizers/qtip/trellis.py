@@ -12,10 +12,11 @@ Codes are computed from the state by a fixed hash (no stored codebook), then sta
   them (QTIP's 3INST idea).
 For V = 2 the second value hashes the first word once more.
 
-Encoding is the Viterbi algorithm over all 2^L states: O(2^L · T) time and O(2^(L−KV) · T/V) bytes of
-back-pointers per sequence (L = 12, K = 2: ~4k·T operations, 1 KiB per step). Exact tail-biting costs
-2^(L−KV) runs; the default approximation (QTIP's) costs two: run once on the sequence rotated by half its
-length, read the overlap bits where the ends meet, then run once constrained to that overlap.
+Encoding is the Viterbi algorithm over all 2^L states: O(2^L · T) time and 4 · 2^(L−KV) · T/V bytes of stored
+best-predecessor costs per sequence (L = 12, K = 2, V = 1: ~4k·T operations, 4 KiB per step). Measured on the
+shared 2-core CPU: ~5–10 µs per weight at L = 10, ~2.5× that at L = 12 (benchmarks/results/qtip.md). Exact
+tail-biting costs 2^(L−KV) runs; the default approximation (QTIP's) costs two: run once on the sequence rotated
+by half its length, read the overlap bits where the ends meet, then run once constrained to that overlap.
 """
 
 from __future__ import annotations
@@ -243,7 +244,7 @@ def quantize_sequences(x: torch.Tensor, trellis: Trellis, *, exact: bool = False
     steps = _as_steps(x.float(), trellis)
     # bound the stored best costs (4 · S · 2^(L−KV) bytes per sequence, times 2^(L−KV) runs when exact)
     per_seq = 4 * steps.shape[1] << (trellis.overlap * (2 if exact else 1))
-    chunk = max(1, _PATH_MEMORY_BYTES // per_seq)
+    chunk = max(1, min(_PATH_MEMORY_BYTES // per_seq, _CACHE_ENTRIES >> trellis.L))
     path = torch.cat([_tail_biting_path(c, trellis, exact) for c in steps.split(chunk)])
     codes = path_to_codes(path, trellis)
     recon = decode(codes, trellis)
@@ -251,6 +252,7 @@ def quantize_sequences(x: torch.Tensor, trellis: Trellis, *, exact: bool = False
 
 
 _PATH_MEMORY_BYTES = 64 << 20
+_CACHE_ENTRIES = 1 << 18  # sequences per Viterbi call: B·2^L up to this stays cache-sized (measured fastest)
 
 
 def _tail_biting_path(steps: torch.Tensor, trellis: Trellis, exact: bool) -> torch.Tensor:
