@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,12 +23,13 @@ import torch
 from torch import nn
 
 from . import accounting
+from .calibration import layer_inputs, sequential_fit
 from .config import QuantConfig
 from .data import text_windows
 from .errors import NumericalError
 from .model import LayerInfo, get_linear, parse_dtype, quantizable_layers
 from .progress import bar
-from .quantizers import BaseQuantizer, QuantizedTensor, make_quantizer
+from .quantizers import BaseQuantizer, LayerInputs, QuantizedTensor, make_quantizer
 from .sensitivity import fisher_information, post_quantization_integral
 from .sparse import SparseResidual, iqr_outlier_masks, topk_masks_per_module
 from .sparse.adaptive import allocate_outliers, outlier_masks
@@ -119,6 +120,7 @@ def fit_dense(
     *,
     importance: Mapping[str, torch.Tensor] | None = None,
     exclude: Mapping[str, torch.Tensor] | None = None,
+    inputs: Mapping[str, LayerInputs] | None = None,
     desc: str = "quantize",
 ) -> dict[str, QuantizedTensor]:
     """Fit the base quantizer on every layer, each with its excluded entries left out of the fit."""
@@ -127,9 +129,36 @@ def fit_dense(
             weights[n],
             importance=importance.get(n) if importance else None,
             exclude=exclude.get(n) if exclude else None,
+            inputs=inputs.get(n) if inputs else None,
         )
         for n in bar(list(weights), desc=f"{desc} {quantizer.name}", unit="layer")
     }
+
+
+def fit_sequential(
+    model: nn.Module,
+    quantizer: BaseQuantizer,
+    weights: Mapping[str, torch.Tensor],
+    windows: torch.Tensor,
+    *,
+    importance: Mapping[str, torch.Tensor] | None = None,
+    exclude: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, QuantizedTensor]:
+    """Fit every layer block by block on the inputs the already-quantized blocks give it (GPTQ's order);
+    a fitted block passes its windows on with ŵ = dense + its excluded entries restored."""
+    dense: dict[str, QuantizedTensor] = {}
+
+    def fit(name: str, inputs: LayerInputs) -> torch.Tensor:
+        ex = exclude.get(name) if exclude else None
+        q = quantizer.fit(
+            weights[name], importance=importance.get(name) if importance else None, exclude=ex, inputs=inputs
+        )
+        dense[name] = q
+        d = q.dequantize()
+        return SparseResidual.restore(weights[name], d, ex).add_to(d) if ex is not None and ex.any() else d
+
+    sequential_fit(model, list(weights), windows, fit, desc=f"quantize {quantizer.name} (sequential)")
+    return {n: dense[n] for n in weights}
 
 
 def random_masks(weights: Mapping[str, torch.Tensor], count: int, skip: Mapping[str, torch.Tensor], seed: int) -> Masks:
@@ -238,6 +267,29 @@ def quantize(
         timed("fisher_s", t)
     importance = fisher if quantizer.uses_importance else None
 
+    # Calibration inputs for methods that use them: windows drawn once; one-pass statistics of the fp model
+    # on demand (Algorithm 1, pre-quantization, and the dense fit of non-sequential methods).
+    calib_windows: torch.Tensor | None = None
+    stats: dict[str, LayerInputs] | None = None
+
+    def calibration() -> torch.Tensor:
+        nonlocal calib_windows
+        if calib_windows is None:
+            calib_windows = text_windows(
+                tokenizer, config.calib, config.seqlen, nsamples=config.nsamples, seed=config.seed
+            )
+        return calib_windows
+
+    def inputs() -> dict[str, LayerInputs] | None:
+        nonlocal stats
+        if not quantizer.uses_inputs:
+            return None
+        if stats is None:
+            t = time.perf_counter()
+            stats = layer_inputs(model, names, calibration())
+            timed("calibration_s", t)
+        return stats
+
     pqi_windows: torch.Tensor | None = None
 
     def pqi(current: Mapping[str, torch.Tensor], what: str) -> Any:
@@ -280,7 +332,16 @@ def quantize(
             outliers = random_masks(weights, budget(config.outliers, total), skip, config.seed)
         else:
             outliers = _adaptive_outliers(
-                config, {n: i.block for n, i in infos.items()}, quantizer, weights, importance, skip, work, pqi, report
+                config,
+                {n: i.block for n, i in infos.items()},
+                quantizer,
+                weights,
+                importance,
+                skip,
+                work,
+                pqi,
+                report,
+                inputs,
             )
     timed("outliers_s", t)
 
@@ -290,8 +351,11 @@ def quantize(
     if work.has("dense"):
         tensors, meta = work.load("dense")
         dense = _dense_from_state(tensors, meta)
+    elif quantizer.uses_inputs and quantizer.sequential:
+        dense = fit_sequential(model, quantizer, weights, calibration(), importance=importance, exclude=exclude)
+        work.save("dense", *_dense_state(dense))
     else:
-        dense = fit_dense(quantizer, weights, importance=importance, exclude=exclude)
+        dense = fit_dense(quantizer, weights, importance=importance, exclude=exclude, inputs=inputs())
         work.save("dense", *_dense_state(dense))
     timed("dense_fit_s", t)
 
@@ -330,6 +394,9 @@ def quantize(
             },
             "layers": len(result_layers),
             "quantizer": quantizer.describe(),
+            "calibration_inputs": (
+                ("sequential" if quantizer.sequential else "one pass") if quantizer.uses_inputs else None
+            ),
             "resumed_stages": work.resumed,
         }
     )
@@ -347,8 +414,10 @@ def _adaptive_outliers(
     work: WorkDir,
     pqi: Any,
     report: dict[str, Any],
+    inputs: Callable[[], Mapping[str, LayerInputs] | None],
 ) -> Masks:
-    """Algorithm 1 and the outlier selection it implies (stage `alg1`)."""
+    """Algorithm 1 and the outlier selection it implies (stage `alg1`); `inputs()` gives the layers'
+    calibration statistics (of the fp model) to methods that use them."""
     gbar = pre_scores = None
     if config.needs_pqi_pre:
         if work.has("pqi_pre"):
@@ -356,7 +425,9 @@ def _adaptive_outliers(
             gbar = {n: tensors[f"{n}.gbar"] for n in weights}
             pre_scores = {n: tensors[f"{n}.score"] for n in weights}
         else:
-            pre = fit_dense(quantizer, weights, importance=importance, exclude=skip, desc="pre-quantize")
+            pre = fit_dense(
+                quantizer, weights, importance=importance, exclude=skip, inputs=inputs(), desc="pre-quantize"
+            )
             res = pqi({n: q.dequantize() for n, q in pre.items()}, "pre-quantized")
             gbar, pre_scores = res.gbar, res.scores
             work.save(
@@ -383,6 +454,7 @@ def _adaptive_outliers(
             allocator=config.alg1_allocator,
             gbar=gbar,
             pre_scores=pre_scores,
+            inputs=inputs(),
         )
         counts = alloc.counts
         report["algorithm1"] = alloc.report()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from ..errors import ConfigError
+from .awq import AWQQuantizer, ScaledUniformTensor
 from .base import ALLOWED_BITS, BaseQuantizer, LayerInputs, LUTTensor, QuantizedTensor, UniformTensor
+from .gptq import GPTQQuantizer
 from .qtip import QTIPQuantizer, TrellisTensor
 from .rtn import RTNQuantizer
 from .squeezellm import SqueezeLLMQuantizer
@@ -12,6 +14,8 @@ QUANTIZERS: dict[str, type[BaseQuantizer]] = {
     "rtn": RTNQuantizer,
     "squeezellm": SqueezeLLMQuantizer,
     "qtip": QTIPQuantizer,
+    "awq": AWQQuantizer,
+    "gptq": GPTQQuantizer,
 }
 
 
@@ -26,12 +30,15 @@ def make_quantizer(name: str, bits: int, group_size: int | None = None, **option
 __all__ = [
     "ALLOWED_BITS",
     "QUANTIZERS",
+    "AWQQuantizer",
     "BaseQuantizer",
+    "GPTQQuantizer",
     "LUTTensor",
     "LayerInputs",
     "QTIPQuantizer",
     "QuantizedTensor",
     "RTNQuantizer",
+    "ScaledUniformTensor",
     "SqueezeLLMQuantizer",
     "TrellisTensor",
     "UniformTensor",

@@ -8,6 +8,7 @@ statistics for methods that need them. ReQuant sees base methods only through th
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -142,6 +143,9 @@ class BaseQuantizer(ABC):
     uses_inputs: ClassVar[bool] = False
     # True when every output row is fit on its own, so refitting a subset of rows gives those rows' result.
     row_independent: ClassVar[bool] = False
+    # True when layers should be fitted block by block on the inputs the already-quantized blocks give them
+    # (GPTQ's order, requant.calibration.sequential_fit); otherwise inputs come from the fp model in one pass.
+    sequential: ClassVar[bool] = False
 
     def __init__(self, bits: int, group_size: int | None = None) -> None:
         if bits not in ALLOWED_BITS:
@@ -169,5 +173,35 @@ class BaseQuantizer(ABC):
     ) -> QuantizedTensor:
         """Quantize `weight` (out, in); entries where `exclude` is True are left out of the fit."""
 
+    def objective(
+        self, weight: torch.Tensor, recon: torch.Tensor, keep: torch.Tensor, inputs: LayerInputs | None
+    ) -> torch.Tensor | None:
+        """The error this method minimises, per output row (fp64), on the kept entries (the rest are restored
+        exactly); None means Algorithm 1's default, the importance-weighted squared error."""
+        return None
+
     def describe(self) -> dict[str, Any]:
         return {"base": self.name, "bits": self.bits, "group_size": self.group_size}
+
+
+def output_error_rows(delta: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """Layer output error per output row, Σ_tokens (δ_r·x)² = δ_r H δ_rᵀ (fp64), for ΔW (out, in), H = Σ x xᵀ."""
+    d = delta.to(hessian.dtype)
+    return ((d @ hessian) * d).sum(1, dtype=torch.float64)
+
+
+def layer_hessian(method: str, weight: torch.Tensor, inputs: LayerInputs | None) -> torch.Tensor:
+    """The layer's Σ x xᵀ, refusing a missing or mis-sized one and warning when it is rank-deficient."""
+    n = weight.shape[1]
+    if inputs is None or inputs.hessian is None:
+        raise ConfigError(f"{method} needs the layer's calibration inputs (a LayerInputs with its Hessian)")
+    h = inputs.hessian
+    if tuple(h.shape) != (n, n):
+        raise ConfigError(f"{method}: the input Hessian is {tuple(h.shape)} but the layer has {n} inputs")
+    if 0 < inputs.tokens < n:
+        warnings.warn(
+            f"{method}: {inputs.tokens} calibration tokens cannot give a full-rank Hessian for {n} inputs; "
+            "it is dampened, but use more calibration windows (--nsamples) for a reliable fit",
+            stacklevel=3,
+        )
+    return h

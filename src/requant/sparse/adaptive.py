@@ -15,7 +15,7 @@ import torch
 
 from ..errors import ConfigError
 from ..progress import bar
-from ..quantizers import BaseQuantizer
+from ..quantizers import BaseQuantizer, LayerInputs
 from .allocation import ALLOCATORS, candidate_percents, topk_mask
 from .outliers import budget as budget_entries
 
@@ -75,19 +75,25 @@ def candidate_objectives(
     kind: str,
     importance: torch.Tensor | None = None,
     gbar: torch.Tensor | None = None,
+    inputs: LayerInputs | None = None,
 ) -> list[float]:
     """J for each candidate exclusion mask; masks[0] is the reference fit.
 
     For base methods that fit every output row on its own, a candidate only refits the rows whose mask
-    differs from the reference, and takes the other rows' error from the reference fit.
+    differs from the reference, and takes the other rows' error from the reference fit. With `base`, a
+    method that minimises its own error (e.g. the layer output error on `inputs`) is scored by it.
     """
 
     def sub(t: torch.Tensor | None, rows: torch.Tensor | slice) -> torch.Tensor | None:
         return None if t is None else t[rows]
 
+    def rows_j(w: torch.Tensor, recon: torch.Tensor, keep: torch.Tensor, imp: Any, g: Any) -> torch.Tensor:
+        own = quantizer.objective(w, recon, keep, inputs) if kind == "base" else None
+        return own if own is not None else row_objective(w, recon, keep, kind=kind, importance=imp, gbar=g)
+
     ref_ex = excludes[0]
-    ref = quantizer.fit(weight, importance=importance, exclude=ref_ex).dequantize()
-    ref_rows = row_objective(weight, ref, ~ref_ex, kind=kind, importance=importance, gbar=gbar)
+    ref = quantizer.fit(weight, importance=importance, exclude=ref_ex, inputs=inputs).dequantize()
+    ref_rows = rows_j(weight, ref, ~ref_ex, importance, gbar)
     out = [float(ref_rows.sum())]
     for ex in excludes[1:]:
         rows = (ex != ref_ex).any(1).nonzero().squeeze(1) if quantizer.row_independent else slice(None)
@@ -95,8 +101,8 @@ def candidate_objectives(
             out.append(out[0])
             continue
         w, imp, g, e = weight[rows], sub(importance, rows), sub(gbar, rows), ex[rows]
-        recon = quantizer.fit(w, importance=imp, exclude=e).dequantize()
-        part = row_objective(w, recon, ~e, kind=kind, importance=imp, gbar=g)
+        recon = quantizer.fit(w, importance=imp, exclude=e, inputs=inputs).dequantize()
+        part = rows_j(w, recon, ~e, imp, g)
         if isinstance(rows, slice):
             out.append(float(part.sum()))
         else:
@@ -146,10 +152,12 @@ def allocate_outliers(
     allocator: str = "greedy",
     gbar: Mapping[str, torch.Tensor] | None = None,
     pre_scores: Mapping[str, torch.Tensor] | None = None,
+    inputs: Mapping[str, LayerInputs] | None = None,
 ) -> OutlierAllocation:
     """Per-layer outlier counts minimising Σ_l J_l subject to Σ_l count_l ≤ budget_pct % of all weights.
 
     `groups` maps each layer to a unit that shares one ratio (e.g. its block); default: every layer alone.
+    `inputs` carries each layer's calibration statistics for base methods that use them.
     """
     if allocator not in ALLOCATORS:
         raise ConfigError(f"allocator {allocator!r} is not allowed; use one of {', '.join(ALLOCATORS)}")
@@ -167,7 +175,13 @@ def allocate_outliers(
             mask = topk_mask(scores, c, sk)
             excludes.append(mask if sk is None else mask | sk)
         table[n] = candidate_objectives(
-            quantizer, w, excludes, kind=objective, importance=imp, gbar=gbar.get(n) if gbar else None
+            quantizer,
+            w,
+            excludes,
+            kind=objective,
+            importance=imp,
+            gbar=gbar.get(n) if gbar else None,
+            inputs=inputs.get(n) if inputs else None,
         )
     unit_of = dict(groups) if groups else {n: n for n in weights}
     units: dict[Any, list[str]] = {}
