@@ -170,8 +170,8 @@ def markdown(result: dict[str, Any]) -> str:
             "",
             "| method | bits/weight (mean) | "
             + " | ".join(short)
-            + " | median s/layer | µs/weight (median) |",
-            "|---|---|" + "---|" * len(layers) + "---|---|",
+            + " | median s/layer | µs/weight (median) | dequantize ms (median) |",
+            "|---|---|" + "---|" * len(layers) + "---|---|---|",
         ]
         for m in methods:
             mr = {r["layer"]: r for r in rows if r["method"] == m}

@@ -97,15 +97,17 @@ class TrellisTensor(QuantizedTensor):
         return unpack_signs(self.sign_out, out), unpack_signs(self.sign_in, inp)
 
     def dequantize(self) -> torch.Tensor:
-        return coherent_weight(self.transformed(), *self.signs())
+        with single_thread_if_small(self.codes.numel(), _SMALL_LAYER):
+            return coherent_weight(self.transformed(), *self.signs())
 
     def linear(self, x: torch.Tensor, transformed: torch.Tensor | None = None) -> torch.Tensor:
         """x Wᵀ for x (..., in) without forming W, as QTIP's kernels do: U_outᵀ (W̃ (U_in x)).
 
         `transformed` is a cached `self.transformed()` (decode once, reuse per call)."""
         s_out, s_in = self.signs()
-        wt = self.transformed() if transformed is None else transformed
-        return rht(rht(x, s_in) @ wt.to(x.dtype).T, s_out, transpose=True)
+        with single_thread_if_small(self.codes.numel(), _SMALL_LAYER):
+            wt = self.transformed() if transformed is None else transformed
+            return rht(rht(x, s_in) @ wt.to(x.dtype).T, s_out, transpose=True)
 
     @classmethod
     def _from_state(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> TrellisTensor:
