@@ -19,6 +19,9 @@ ALG1_GRANULARITY = ("module", "block")
 ALG1_ALLOCATORS = ("greedy", "lagrange")
 DETACH_SCOPES = ("global", "module")
 DETACH_RANKINGS = ("abs", "positive")
+# group_size value: the recipe picks the group size at which the outliers cost no more bits than the base
+# method's tables at g128 (requant.recipes.equal_bits_group_size); resolved by the pipeline from the widths.
+EQUAL_BITS = "equal-bits"
 
 
 def _choice(value: Any, allowed: tuple[Any, ...], what: str) -> None:
@@ -37,7 +40,7 @@ class QuantConfig:
 
     base: str = "squeezellm"
     bits: int = 3
-    group_size: int | None = None
+    group_size: int | str | None = None  # inputs per group; None = per row; EQUAL_BITS = chosen by the recipe
     sym: bool = False
     outliers: float = 0.0
     outlier_select: str = "iqr"
@@ -67,7 +70,7 @@ class QuantConfig:
     def __post_init__(self) -> None:
         _choice(self.base, tuple(QUANTIZERS), "base method")
         _choice(self.bits, ALLOWED_BITS, "bits")
-        if self.group_size is not None:
+        if self.group_size is not None and self.group_size != EQUAL_BITS:
             _positive(self.group_size, "group size")
         for pct, what in ((self.outliers, "outlier percent"), (self.significant, "significant percent")):
             if not 0 <= pct < 100:

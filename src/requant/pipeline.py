@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -24,12 +24,13 @@ from torch import nn
 
 from . import accounting
 from .calibration import layer_inputs, sequential_fit
-from .config import QuantConfig
+from .config import EQUAL_BITS, QuantConfig
 from .data import text_windows
 from .errors import NumericalError
 from .model import LayerInfo, get_linear, parse_dtype, quantizable_layers
 from .progress import bar
 from .quantizers import BaseQuantizer, LayerInputs, QuantizedTensor, make_quantizer
+from .recipes import equal_bits_group_size
 from .sensitivity import fisher_information, post_quantization_integral
 from .sparse import SparseResidual, iqr_outlier_masks, topk_masks_per_module
 from .sparse.adaptive import allocate_outliers, outlier_masks
@@ -240,7 +241,10 @@ def quantize(
     timings: dict[str, float] = {}
     report: dict[str, Any] = {}
     layers = quantizable_layers(model, config.include, config.exclude)
-    quantizer = make_quantizer(config.base, config.bits, config.group_size, **config.base_options)
+    group_size = config.group_size
+    if group_size == EQUAL_BITS:  # the recipe's choice, from the layers' widths
+        group_size = equal_bits_group_size((i.in_features for i in layers), config.outliers)
+    quantizer = make_quantizer(config.base, config.bits, group_size, **config.base_options)  # type: ignore[arg-type]
     for info in layers:
         quantizer.check_shape(info.name, (info.out_features, info.in_features))
     check_finite_weights(model, layers)
@@ -379,7 +383,7 @@ def quantize(
         sp = SparseResidual.restore(weights[n], d.dequantize(), m) if m.any() else SparseResidual.empty(shapes[n])
         result_layers[n] = QuantizedLayer(infos[n], d, sp)
     apply_to_model(model, result_layers)
-    result = QuantizationResult(config, result_layers)
+    result = QuantizationResult(replace(config, group_size=group_size), result_layers)
     bits = result.bit_count()
     timings["total_s"] = time.perf_counter() - t0
     report.update(

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from typing import Any
 
+from .accounting import SPARSE_ENTRY_BITS
+from .config import EQUAL_BITS
 from .errors import ConfigError
 
 # ReQuant per base method. PQI runs with 2 Gauss-Legendre nodes: on the reference setting it predicts ΔF as
@@ -21,8 +25,10 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "requant": {
         "squeezellm": _REQUANT_DNS,
         "rtn": _REQUANT_DNS,
-        "awq": {"outliers": 0.25, "outlier_select": "adaptive", "significant": 0.0},
-        "gptq": {"outliers": 0.25, "outlier_select": "adaptive", "significant": 0.0},
+        # paper.md §6.2: AWQ+ReQuant at g256 so its bits equal AWQ's g128; without --group-size the pipeline
+        # picks the group size that keeps that equality on the model's widths (equal_bits_group_size).
+        "awq": {"outliers": 0.25, "outlier_select": "adaptive", "significant": 0.0, "group_size": EQUAL_BITS},
+        "gptq": {"outliers": 0.25, "outlier_select": "adaptive", "significant": 0.0, "group_size": EQUAL_BITS},
         "qtip": {
             "outliers": 0.0,
             "significant": 0.5,
@@ -48,3 +54,23 @@ def recipe_settings(recipe: str, base: str) -> dict[str, Any]:
     if base not in per_base:
         raise ConfigError(f"recipe {recipe!r} has no settings for base {base!r}; it covers {', '.join(per_base)}")
     return dict(per_base[base])
+
+
+REFERENCE_GROUP = 128  # the usual AWQ/GPTQ group size, the paper's AWQ baseline (3-bit g128 = 3.25 bits)
+
+
+def equal_bits_group_size(
+    in_widths: Iterable[int], outliers: float, *, reference: int = REFERENCE_GROUP, group_bits: int = 32
+) -> int | None:
+    """The smallest group size dividing every input width whose tables (`group_bits` per group: fp16 scale +
+    zero) plus the outliers (percent, 48 bits each) cost at most the tables at group size `reference`;
+    None (one group per row, the fewest table bits) when no divisor does.
+
+    paper.md §6.2: 3 + 32/128 = 3.25 bits for AWQ g128, 3 + 32/256 + 0.0025·48 = 3.245 with 0.25% outliers at g256.
+    """
+    budget = group_bits / reference - outliers / 100 * SPARSE_ENTRY_BITS
+    common = math.gcd(*{int(w) for w in in_widths})
+    for g in range(1, common + 1):
+        if common % g == 0 and group_bits / g <= budget + 1e-12:
+            return g
+    return None

@@ -28,7 +28,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model and write a checkpoint")
     q.add_argument("model", nargs="?", default=None, help="model dir, .gguf or cached hub id (default: SmolLM2)")
     q.add_argument("-o", "--output", required=True, help="output checkpoint directory")
-    q.add_argument("--base", default="squeezellm", help="base method: rtn, squeezellm (default: squeezellm)")
+    q.add_argument(
+        "--base",
+        default="squeezellm",
+        help="base method: rtn, squeezellm, awq, gptq, qtip (awq/gptq/qtip use the calibration inputs; "
+        "default: squeezellm)",
+    )
     q.add_argument("--bits", type=int, default=3, help="bits per dense weight: 2, 3, 4 or 8 (default: 3)")
     q.add_argument(
         "--recipe",
@@ -36,7 +41,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="preset: requant (the paper's settings per base) or dns "
         "(SqueezeLLM's IQR outliers + Fisher values); explicit flags override it",
     )
-    q.add_argument("--group-size", type=int, default=None, help="inputs per scale group (default: per row)")
+    q.add_argument(
+        "--group-size",
+        type=int,
+        default=None,
+        help="inputs per scale group (default: per row; with --recipe requant, awq and gptq get the group size "
+        "at which the outliers cost no more bits than g128)",
+    )
     q.add_argument("--sym", action="store_true", help="symmetric uniform grid (rtn)")
     g = q.add_argument_group("dense-and-sparse")
     g.add_argument("--outliers", type=percent, default=None, help="outlier percent of quantized weights (r_o)")
