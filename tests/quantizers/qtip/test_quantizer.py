@@ -91,6 +91,17 @@ def test_state_round_trip_and_determinism():
     assert torch.equal(again.codes, q.codes)
 
 
+def test_objective_is_the_layer_output_error_on_kept_entries():
+    w, inputs = _layer(seed=8)
+    quantizer = QTIPQuantizer(2, L=8)
+    recon = quantizer.fit(w, inputs=inputs).dequantize()
+    keep = torch.rand(w.shape, generator=torch.Generator().manual_seed(0)) > 0.1
+    d = ((w - recon) * keep).double()
+    expected = torch.diagonal(d @ inputs.hessian.double() @ d.T)
+    assert torch.allclose(quantizer.objective(w, recon, keep, inputs), expected, rtol=1e-5)
+    assert quantizer.objective(w, recon, keep, None) is None
+
+
 def test_v2_trellis_fits():
     w, inputs = _layer(seed=3)
     q = QTIPQuantizer(2, L=8, V=2).fit(w, inputs=inputs)

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 
 from ...errors import ConfigError
-from ..base import TENSOR_KINDS, BaseQuantizer, LayerInputs, QuantizedTensor
+from ..base import TENSOR_KINDS, BaseQuantizer, LayerInputs, QuantizedTensor, layer_hessian, output_error_rows
 from .hadamard import (
     coherent_weight,
     incoherent_hessian,
@@ -227,6 +227,16 @@ class QTIPQuantizer(BaseQuantizer):
         L, _, V, code = self.trellis.L, self.trellis.K, self.trellis.V, self.trellis.code
         return TrellisTensor(
             codes, pack_signs(s_in), pack_signs(s_out), scale, self.bits, L, V, code, self.tile
+        )
+
+    def objective(
+        self, weight: torch.Tensor, recon: torch.Tensor, keep: torch.Tensor, inputs: LayerInputs | None
+    ) -> torch.Tensor | None:
+        """Layer output error tr(ΔW H ΔWᵀ) per row, ΔW on the kept entries; without a Hessian, the default."""
+        if inputs is None or inputs.hessian is None:
+            return None
+        return output_error_rows(
+            (weight.float() - recon.float()) * keep, layer_hessian(self.name, weight, inputs)
         )
 
     def describe(self) -> dict[str, Any]:
