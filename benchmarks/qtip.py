@@ -1,12 +1,16 @@
 """QTIP base method (issue 8): trellis MSE on Gaussian data, and proxy error / time on real layers of R.
 
-Part 1 (synthetic): tail-biting TCQ of N(0, 1) sequences (T = 256) for L, K, V, code and the scale factor,
-against the Lloyd–Max scalar optimum and the distortion-rate bound 2^(−2K).
-Part 2 (real layers): layer Hessians H = Σ x xᵀ from `--nsamples` wiki:train windows (forward hooks), then the
-proxy error tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) of QTIP, RTN (per row, g64) and SqueezeLLM (per-row LUT, k-means weighted
-by diag(H), the proxy's diagonal) at 2 and 3 bits, with bits/weight and wall time; QTIP's time and error vs L.
+Part 1 (synthetic): tail-biting TCQ of N(0, 1) sequences for L, K, V, code, T and the scale factor, against
+the Lloyd–Max scalar optimum and the distortion-rate bound 2^(−2K).
+Part 2 (real layers): layer Hessians H = Σ x xᵀ from `--nsamples` wiki:train windows (requant.calibration),
+then the proxy error tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) of QTIP, RTN (per row, g64) and SqueezeLLM (per-row LUT,
+k-means weighted by diag(H), the proxy's diagonal) at 2 and 3 bits, with bits/weight and wall time, and QTIP
+variants (L, V, tile, no Hessian).
 
-Usage: python benchmarks/qtip.py [--nsamples 4] [--layers NAME ...] [--skip-synthetic] [--skip-layers]
+Part 3 (scaling): one layer's 2-bit fit time vs L = 8, 10, 12 (interleaved repeats, medians).
+
+Usage: python benchmarks/qtip.py [--nsamples 4] [--layers NAME ...]
+                                 [--skip-synthetic] [--skip-layers] [--skip-scaling] [--scaling-layer NAME]
 (a part that is skipped keeps its previous results in benchmarks/results/<tag>.json)
 """
 
@@ -21,6 +25,7 @@ from typing import Any
 
 import torch
 
+from requant.calibration import layer_inputs
 from requant.data import text_windows
 from requant.io import write_json_atomic
 from requant.model import load_model
@@ -66,29 +71,12 @@ def synthetic(seqs: int = 64, seed: int = 0) -> list[dict[str, Any]]:
 
 
 def layer_hessians(names: list[str], nsamples: int) -> tuple[dict[str, torch.Tensor], dict[str, LayerInputs]]:
-    """Weights and Σ x xᵀ (fp32, from fp64 sums) of the named layers over `nsamples` calibration windows."""
+    """Weights and input statistics (Σ x xᵀ) of the named layers over `nsamples` calibration windows."""
     with quiet_transformers():
         model, tok = load_model()
     windows = text_windows(tok, "wiki:train", 512, nsamples=nsamples, seed=0)
-    sums = {n: torch.zeros(0) for n in names}
-    tokens = dict.fromkeys(names, 0)
-
-    def hook(name: str):
-        def fn(_mod: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            x = args[0].reshape(-1, args[0].shape[-1]).double()
-            sums[name] = x.T @ x if sums[name].numel() == 0 else sums[name] + x.T @ x
-            tokens[name] += x.shape[0]
-
-        return fn
-
-    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
-    with torch.no_grad():
-        for w in windows:
-            model(w[None])
-    for h in handles:
-        h.remove()
-    weights = {n: model.get_submodule(n).weight.detach().clone() for n in names}
-    return weights, {n: LayerInputs(hessian=sums[n].float(), tokens=tokens[n]) for n in names}
+    inputs = layer_inputs(model, names, windows)
+    return {n: model.get_submodule(n).weight.detach().clone() for n in names}, inputs
 
 
 def proxy_error(w: torch.Tensor, q: QuantizedTensor, h: torch.Tensor) -> float:
@@ -143,6 +131,28 @@ def real_layers(names: list[str], nsamples: int, l_sweep: list[int]) -> list[dic
     return rows
 
 
+def l_scaling(name: str, nsamples: int, repeats: int = 3) -> list[dict[str, Any]]:
+    """Wall time of one 2-bit QTIP fit vs L (interleaved repeats, medians) and the per-step Viterbi cost."""
+    weights, inputs = layer_hessians([name], nsamples)
+    w, inp = weights[name], inputs[name]
+    times: dict[int, list[float]] = {L: [] for L in (8, 10, 12)}
+    errs: dict[int, float] = {}
+    for _ in range(repeats):
+        for L in times:
+            q, dt = fit_timed(QTIPQuantizer(2, L=L), w, inp)
+            times[L].append(dt)
+            errs[L] = proxy_error(w, q, inp.hessian)
+    rows = []
+    for L, ts in times.items():
+        med = statistics.median(ts)
+        row = {"layer": name, "shape": list(w.shape), "L": L, "median_s": med, "all_s": ts}
+        row |= {"us_per_weight": med / w.numel() * 1e6, "ns_per_weight_state": med / w.numel() / 2**L * 1e9}
+        row["proxy_error"] = errs[L]
+        rows.append(row)
+        print("scaling", row, flush=True)
+    return rows
+
+
 def markdown(result: dict[str, Any]) -> str:
     out = ["# QTIP base method (issue 8)", ""]
     syn = result.get("synthetic")
@@ -155,8 +165,9 @@ def markdown(result: dict[str, Any]) -> str:
         ]
         for r in syn:
             out.append(
-                f"| {r['L']} | {r['K']} | {r['V']} | {r['code']} | {r['T']} | {r['scale_factor']} | {r['mse']:.4f} | "
-                f"{r['lloyd_max']:.4f} | {r['shannon_bound']:.4f} | {r['us_per_weight']:.1f} |"
+                f"| {r['L']} | {r['K']} | {r['V']} | {r['code']} | {r['T']} | {r['scale_factor']} | "
+                f"{r['mse']:.4f} | {r['lloyd_max']:.4f} | {r['shannon_bound']:.4f} | "
+                f"{r['us_per_weight']:.1f} |"
             )
         out.append("")
     rows = result.get("layers")
@@ -164,6 +175,7 @@ def markdown(result: dict[str, Any]) -> str:
         layers = list(dict.fromkeys(r["layer"] for r in rows))
         methods = list(dict.fromkeys(r["method"] for r in rows))
         short = [n.removeprefix("model.layers.") for n in layers]
+        shapes = {r["layer"]: tuple(r["shape"]) for r in rows}
         out += [
             f"## Proxy error tr(ΔW H ΔWᵀ)/tr(W H Wᵀ) on layers of R (H from {result['nsamples']} × 512 "
             "wiki:train tokens)",
@@ -183,19 +195,28 @@ def markdown(result: dict[str, Any]) -> str:
             out.append(f"| {m} | {bpw:.3f} | {errs} | {secs:.2f} | {usw:.2f} | {deq:.1f} |")
         out += [
             "",
-            "Shapes: "
-            + ", ".join(
-                f"{s} {tuple(r['shape'])}"
-                for s, r in zip(
-                    short, [next(x for x in rows if x["layer"] == n) for n in layers], strict=True
-                )
-            ),
+            "Shapes: " + ", ".join(f"{n.removeprefix('model.layers.')} {shapes[n]}" for n in layers),
             "",
-            "QTIP (default: L = 10, V = 1, 1MAD code, 16 × 4 tiles): RHT on both sides, BlockLDLQ (damp 0.01) "
-            "over column blocks of the tile's width, each tile one tail-biting stream, one fp16 scale per matrix, "
-            "no fine-tuning; noH = fitted with H = I. SqueezeLLM: k-means weighted by diag(H). Wall times on the "
-            "shared 2-core CPU (noisy; compare within one run).",
+            "QTIP (default: L = 10, V = 1, 1MAD code, 16 × 4 tiles): RHT on both sides, BlockLDLQ "
+            "(damp 0.01) over column blocks of the tile's width, each tile one tail-biting stream, one fp16 "
+            "scale per matrix, no fine-tuning; noH = fitted with H = I. SqueezeLLM: k-means weighted by "
+            "diag(H). Wall times on the shared 2-core CPU (noisy; compare within one run).",
         ]
+    sc = result.get("scaling")
+    if sc:
+        out += [
+            "",
+            f"## QTIP 2-bit fit time vs L on {sc[0]['layer']} {tuple(sc[0]['shape'])}, median of "
+            f"{len(sc[0]['all_s'])} interleaved runs",
+            "",
+            "| L | states 2^L | median s | µs/weight | ns per weight·state | proxy error |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in sc:
+            out.append(
+                f"| {r['L']} | {2 ** r['L']} | {r['median_s']:.2f} | {r['us_per_weight']:.1f} | "
+                f"{r['ns_per_weight_state']:.2f} | {r['proxy_error']:.5f} |"
+            )
     return "\n".join(out) + "\n"
 
 
@@ -206,6 +227,8 @@ def main() -> None:
     p.add_argument("--l-sweep", type=int, nargs="*", default=[8, 10, 12], help="state bits L for QTIP 2-bit")
     p.add_argument("--skip-synthetic", action="store_true")
     p.add_argument("--skip-layers", action="store_true")
+    p.add_argument("--skip-scaling", action="store_true")
+    p.add_argument("--scaling-layer", default="model.layers.0.self_attn.q_proj")
     p.add_argument("--tag", default="qtip")
     args = p.parse_args()
     path = RESULTS / f"{args.tag}.json"
@@ -216,6 +239,9 @@ def main() -> None:
         write_json_atomic(path, result)
     if not args.skip_layers:
         result["layers"] = real_layers(args.layers, args.nsamples, args.l_sweep)
+        write_json_atomic(path, result)
+    if not args.skip_scaling:
+        result["scaling"] = l_scaling(args.scaling_layer, args.nsamples)
         write_json_atomic(path, result)
     md = markdown(result)
     (RESULTS / f"{args.tag}.md").write_text(md)
