@@ -39,7 +39,7 @@ from .trellis import CODES, Trellis, decode, quantize_sequences, single_thread_i
 
 QTIP_BITS = (2, 3, 4)
 # Scale of W̃ relative to its RMS, per bits: the least MSE of 1MAD TCQ (L = 10, T = 256) on Gaussian data over
-# factors 0.8..1.2 (benchmarks/qtip.py): the code's bounded tails want a wider scale at higher rates.
+# factors 0.9..1.2 (benchmarks/qtip.py): the code's bounded tails want a wider scale at higher rates.
 DEFAULT_SCALE_FACTOR = {2: 1.05, 3: 1.1, 4: 1.15}
 _SMALL_LAYER = 1 << 22  # weights up to which a layer is fitted single-threaded (see single_thread_if_small)
 
