@@ -1,7 +1,9 @@
 """`make demo`: quantize the embedded SmolLM2 with each recipe and print perplexity, bits and time.
 
-Sized to finish in a few minutes on 2 CPU cores: Fisher from 16 calibration windows of wiki:train,
-perplexity on the first 40 windows × 512 tokens of wiki:test. `requant eval` gives full-text figures.
+fp32, then 3-bit RTN, SqueezeLLM dense-only, SqueezeLLM's Dense-and-Sparse and ReQuant at the same sparse
+budget, side by side. Sized to finish in about ten minutes on 2 CPU cores: Fisher from 16 calibration windows
+of wiki:train, PQI on 8 of them, perplexity on the first 40 windows × 512 tokens of wiki:test.
+`requant eval` gives full-text figures.
 """
 
 from __future__ import annotations
@@ -18,13 +20,18 @@ from .eval import evaluate
 from .model import load_model, quantizable_layers
 from .pipeline import compute_fisher, quantize
 from .progress import quiet_transformers
+from .recipes import recipe_settings
 
 RECIPES: list[tuple[str, QuantConfig]] = [
     ("RTN 3-bit g64", QuantConfig(base="rtn", bits=3, group_size=64)),
     ("SqueezeLLM 3-bit dense", QuantConfig(base="squeezellm", bits=3)),
     (
         "SqueezeLLM 3-bit D&S (0.45% IQR + 0.05% Fisher)",
-        QuantConfig(base="squeezellm", bits=3, outliers=0.45, significant=0.05),
+        QuantConfig(base="squeezellm", bits=3, **recipe_settings("dns", "squeezellm")),
+    ),
+    (
+        "ReQuant SqueezeLLM 3-bit (0.45% Alg. 1 + 0.05% PQI)",
+        QuantConfig(base="squeezellm", bits=3, pqi_nsamples=8, **recipe_settings("requant", "squeezellm")),
     ),
 ]
 
