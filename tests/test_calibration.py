@@ -206,6 +206,29 @@ def test_algorithm1_scores_candidates_by_output_error(monkeypatch, model, tokeni
     assert r.report["algorithm1"]["objective"] < j0
 
 
+def test_sequential_propagates_the_final_weights_outliers_included(monkeypatch, model, tokenizer, text_file):
+    import requant.pipeline as pipeline
+
+    propagated = {}
+    real = pipeline.sequential_fit
+
+    def recording(model, names, windows, fit, **kw):
+        def fit_and_record(name, inputs):
+            propagated[name] = fit(name, inputs)
+            return propagated[name]
+
+        return real(model, names, windows, fit_and_record, **kw)
+
+    monkeypatch.setattr(pipeline, "sequential_fit", recording)
+    cfg = QuantConfig(
+        base="gptq", bits=3, outliers=1.0, outlier_select="iqr", calib=str(text_file), nsamples=4, seqlen=32
+    )
+    r = quantize(model, tokenizer, cfg)
+    assert r.report["sparse"]["outlier_entries"] > 0
+    for n, q in r.layers.items():
+        assert torch.equal(propagated[n], q.weight())
+
+
 def test_too_few_tokens_warns(model, tokenizer, text_file):
     cfg = QuantConfig(base="gptq", bits=3, calib=str(text_file), nsamples=1, seqlen=16)
     with pytest.warns(UserWarning, match="16 calibration tokens cannot give a full-rank Hessian for (64|96) inputs"):
