@@ -81,9 +81,12 @@ def weights_on_path(
             for n, p in params.items():
                 work = torch.promote_types(p.dtype, torch.float32)  # fp32, or fp64 for a fp64 model
                 w = original[n].to(p.device, work)
-                if n in moving and t != 0.0:
-                    w = torch.lerp(w, quantized[n].to(p.device, work), float(t))
-                p.copy_(w)
+                if n not in moving or t == 0.0:
+                    p.copy_(w)
+                elif p.dtype == work:
+                    torch.lerp(w, quantized[n].to(p.device, work), float(t), out=p)  # no temporary
+                else:
+                    p.copy_(torch.lerp(w, quantized[n].to(p.device, work), float(t)))
 
     try:
         yield set_point
