@@ -31,18 +31,22 @@ VARIANTS: dict[str, list[str] | None] = {
 }
 HEADLINE = "squeezellm-3bit-D&S"
 
+# Peak RSS from VmHWM: getrusage's ru_maxrss survives exec on Linux and would report the parent's peak.
 MEMORY_SCRIPT = """
-import json, resource, sys, torch
+import json, sys, torch
 import requant
 from requant.format.speed import random_prompt, time_generation
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
 spec = sys.argv[1]
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = hwm()
 model, tok = requant.load(spec)
-loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+loaded = hwm()
 prompt = random_prompt(model.get_input_embeddings().num_embeddings, int(sys.argv[2]))
 time_generation(model, prompt, int(sys.argv[3]))
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"import_mib": before / 1024, "loaded_mib": loaded / 1024, "peak_mib": peak / 1024}))
+print(json.dumps({"import_mib": before, "loaded_mib": loaded, "peak_mib": hwm()}))
 """
 
 
@@ -81,9 +85,13 @@ def main() -> None:
     p.add_argument("--only", nargs="*", default=None, help="variants to include (fp32 always is)")
     p.add_argument("--workdir", type=Path, default=None, help="checkpoint cache (default: <requant cache>/speed)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    # Before torch loads libgomp: on a shared, oversubscribed machine OpenMP's default spin-waiting makes a
+    # 2-thread fp32 forward up to 16× slower (measured: 128-token prefill 12.1 s active vs 0.85 s passive).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
     import torch
 
@@ -94,6 +102,8 @@ def main() -> None:
     from requant.format.speed import measure, random_prompt
     from requant.model import resolve_model_path
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     names = [n for n in VARIANTS if n == "fp32" or args.only is None or n in args.only]
     workdir = args.workdir or cache_dir() / "speed"
     ckpts = make_checkpoints(workdir, args.nsamples, names)
@@ -144,6 +154,8 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "kernels": kernels.status(),
         "helper_share": kernels.pool_share(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "load_average_1min": os.getloadavg()[0],
         "calibration_windows": args.nsamples,
         "machine": "shared 2-core CPU; other jobs ran at the same time, so only side-by-side ratios are meaningful",
     }
@@ -153,7 +165,9 @@ def main() -> None:
         "# Inference speed of packed Dense-and-Sparse checkpoints (Table 9 analog, R)",
         "",
         f"Batch 1, {args.prompt_tokens}-token prompt, {args.new_tokens} greedy tokens, {setting['threads']} threads,"
-        f" median of {args.repeats} side-by-side repeats; kernels: {setting['kernels']}. Checkpoints from"
+        f" median of {args.repeats} side-by-side repeats; kernels: {setting['kernels']};"
+        f" OMP_WAIT_POLICY={setting['omp_wait_policy']}; load average {setting['load_average_1min']:.1f}"
+        " (shared machine: compare ratios only). Checkpoints from"
         f" `requant quantize` with {args.nsamples} calibration windows (speed does not depend on them).",
         "Prefill/decode columns are ms for the whole prompt / all new tokens, as in the paper's Table 9.",
         "",

@@ -63,19 +63,28 @@ def test_fast_path_matches_reference(bits, kind, make_layer):
 
 
 @needs_kernels
-def test_fast_path_is_deterministic_across_thread_counts(make_layer):
-    ql = QuantLinear.from_layer(make_layer(300, 576, 3, nnz=500))
-    x = torch.randn(4, 576)
+def test_thread_pool_splits_big_layers_and_stays_deterministic(make_layer):
+    """A layer big enough for the pool (≥ 4M weights): same bits with 1 and 2 threads, equal to the reference."""
+    q = make_layer(2048, 2056, 3, nnz=5000)
+    ql = QuantLinear.from_layer(q)
+    lib = kernels.library()
+    x = torch.randn(4, 2056)
     threads = torch.get_num_threads()
+    chunks_before = lib.rq_pool_chunks(0) + lib.rq_pool_chunks(1)
+    runs = []
     try:
-        with torch.no_grad():
-            torch.set_num_threads(1)
-            one = ql(x), ql(x[:1])
-            torch.set_num_threads(2)
-            two = ql(x), ql(x[:1])
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            with torch.no_grad():
+                runs.append((ql(x), ql(x[:1]), kernels.dequantize(lib, ql._prepare()[1])))
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+    assert lib.rq_pool_chunks(0) + lib.rq_pool_chunks(1) > chunks_before  # the 2-thread runs went parallel
+    w = q.weight()
+    for a, b in zip(runs[0], runs[1], strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(runs[0][2], w)
+    assert_within_tolerance(runs[0][0], F.linear(x, w), w, x)
 
 
 def test_without_kernels_falls_back_to_the_reference(make_layer, monkeypatch):
@@ -168,5 +177,7 @@ def test_every_isa_variant_matches_the_reference(flags, make_layer, tmp_path):
                 assert torch.equal(kernels.dequantize(lib, desc), w)
                 x = torch.randn(3, inp)
                 assert_within_tolerance(kernels.gemm(lib, desc, x), F.linear(x, w), w, x)
+                assert_within_tolerance(kernels.gemm(lib, desc, x[:1]), F.linear(x[:1], w), w, x[:1])
+                desc.row = None  # the per-row sparse loop the kernels use without expanded row indices
                 assert_within_tolerance(kernels.gemm(lib, desc, x[:1]), F.linear(x[:1], w), w, x[:1])
     shutil.rmtree(tmp_path, ignore_errors=True)

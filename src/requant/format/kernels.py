@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "qgemm.c"
-ABI_VERSION = 2
+ABI_VERSION = 3
 GEMM_MAX_M = 64  # RQ_MAX_M in qgemm.c: more input rows than this go through dequantize + BLAS
 ENV_SWITCH = "REQUANT_KERNELS"  # "0" / "off" disables the C kernels
 
@@ -55,6 +55,7 @@ class LayerDesc(ctypes.Structure):
         ("rowptr", ctypes.c_void_p),
         ("col", ctypes.c_void_p),
         ("val", ctypes.c_void_p),
+        ("row", ctypes.c_void_p),
         ("bias", ctypes.c_void_p),
     ]
 
@@ -199,6 +200,11 @@ def describe(
         d.zero_const = float(2 ** (bits - 1))
         d.group, d.ngroups = group_size, in_features // group_size
     d.rowptr, d.col, d.val, d.bias = _ptr(rowptr), _ptr(col), _ptr(value), _ptr(bias)
+    if rowptr is not None and col is not None:
+        # row index of every entry, for the kernels' branch-free single-row SpMV; owned by the descriptor
+        counts = rowptr[1:].long() - rowptr[:-1].long()
+        d.keep = torch.repeat_interleave(torch.arange(out, dtype=torch.int32), counts)
+        d.row = d.keep.data_ptr()
     return d
 
 

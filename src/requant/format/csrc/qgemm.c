@@ -48,10 +48,11 @@ typedef struct {
     int64_t group, ngroups;
     const int32_t *rowptr, *col; /* CSR, rowptr NULL when there are no sparse entries */
     const float *val;
+    const int32_t *row; /* row of each sparse entry (expanded from rowptr; branch-free single-row SpMV) */
     const float *bias; /* (out) or NULL */
 } rq_layer;
 
-int rq_abi_version(void) { return 2; }
+int rq_abi_version(void) { return 3; }
 
 const char *rq_isa(void) {
 #if defined(RQ_AVX512)
@@ -216,39 +217,24 @@ static inline uint32_t load_chunk(const uint8_t *p, int bits) {
 }
 
 #ifdef RQ_AVX512
-/* 64 codes starting at p (avail bytes readable): byte k of the result holds code k in its low `bits` bits
- * (higher bits are garbage). Only for bits 2..4, where 64 codes take 8*bits <= 32 bytes. */
-static inline __m512i codes64(const uint8_t *p, int bits, int64_t avail) {
-    static const int8_t perm[3][64] __attribute__((aligned(64))) = {
-#define L2(j) 2 * j, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1
-#define L3(j) 3 * j, 3 * j + 1, 3 * j + 2, 3 * j + 2, 3 * j + 2, 3 * j + 2, 3 * j + 2, 3 * j + 2
-#define L4(j) 4 * j, 4 * j + 1, 4 * j + 2, 4 * j + 3, 4 * j + 3, 4 * j + 3, 4 * j + 3, 4 * j + 3
-        {L2(0), L2(1), L2(2), L2(3), L2(4), L2(5), L2(6), L2(7)},
-        {L3(0), L3(1), L3(2), L3(3), L3(4), L3(5), L3(6), L3(7)},
-        {L4(0), L4(1), L4(2), L4(3), L4(4), L4(5), L4(6), L4(7)},
-#undef L2
-#undef L3
-#undef L4
-    };
-    static const int8_t ctrl[3][8] = {{0, 2, 4, 6, 8, 10, 12, 14}, {0, 3, 6, 9, 12, 15, 18, 21},
-                                      {0, 4, 8, 12, 16, 20, 24, 28}};
-    const int64_t need = 8 * bits;
-    const int64_t n = avail < need ? avail : need;
-    const __mmask32 lm = n >= 32 ? 0xffffffffu : ((1u << n) - 1u);
-    const __m512i src = _mm512_zextsi256_si512(_mm256_maskz_loadu_epi8(lm, p));
-    const __m512i arranged = _mm512_permutexvar_epi8(_mm512_load_si512(perm[bits - 2]), src);
-    int64_t c;
-    memcpy(&c, ctrl[bits - 2], 8);
-    return _mm512_multishift_epi64_epi8(_mm512_set1_epi64(c), arranged);
-}
-
-static inline __m512i quarter(__m512i v, int t) {
-    switch (t) {
-    case 0: return _mm512_cvtepu8_epi32(_mm512_castsi512_si128(v));
-    case 1: return _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(v, 1));
-    case 2: return _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(v, 2));
-    default: return _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(v, 3));
+/* 16 codes starting at p, one per dword lane (low `bits` bits; higher bits are garbage), for bits 2..4
+ * (16 codes = 2*bits <= 8 bytes). The 8 bytes at p are broadcast to every qword lane and one multishift
+ * picks each lane's two codes: 2 shuffles per 16 weights with the LUT permute. `avail` = bytes readable. */
+static inline __m512i codes16(const uint8_t *p, int bits, int64_t avail) {
+#define Q(j, b) 2 * b * j, 2 * b * j, 2 * b * j, 2 * b * j, 2 * b * j + b, 2 * b * j + b, 2 * b * j + b, 2 * b * j + b
+#define ROW(b) Q(0, b), Q(1, b), Q(2, b), Q(3, b), Q(4, b), Q(5, b), Q(6, b), Q(7, b)
+    static const int8_t ctrl[3][64] __attribute__((aligned(64))) = {{ROW(2)}, {ROW(3)}, {ROW(4)}};
+#undef ROW
+#undef Q
+    __m512i v;
+    if (__builtin_expect(avail >= 8, 1)) {
+        v = _mm512_broadcastq_epi64(_mm_loadl_epi64((const __m128i *)p)); /* one load+broadcast */
+    } else {
+        uint64_t u = 0;
+        memcpy(&u, p, (size_t)avail);
+        v = _mm512_set1_epi64((long long)u);
     }
+    return _mm512_multishift_epi64_epi8(_mm512_load_si512(ctrl[bits - 2]), v);
 }
 
 /* The row's LUT in a register, replicated to 16 entries (vpermps reads the low 4 bits of an index). */
@@ -295,11 +281,10 @@ static void decode_block(const rq_layer *d, int64_t r, int64_t c0, int64_t n, fl
 #ifdef RQ_AVX512
     if (fast512(d)) {
         const __m512 L = d->mode == 0 ? lut16(d->lut + (r << bits), bits) : _mm512_setzero_ps();
-        for (int64_t j = 0; j < n; j += 64) {
+        const int64_t avail = (d->out - r) * d->row_bytes;
+        for (int64_t j = 0; j < n; j += 16) {
             const int64_t off = (c0 + j) / 8 * bits;
-            const __m512i codes = codes64(row + off, bits, d->row_bytes - off);
-            for (int t = 0; t < 4; t++)
-                _mm512_storeu_ps(buf + j + 16 * t, values16(d, r, c0 + j + 16 * t, quarter(codes, t), L));
+            _mm512_storeu_ps(buf + j, values16(d, r, c0 + j, codes16(row + off, bits, avail - off), L));
         }
         return;
     }
@@ -420,31 +405,47 @@ static inline float dot(const float *a, const float *b, int64_t n) {
 }
 
 #ifdef RQ_AVX512
-/* Dense part of row r dotted with one input row, decoding in registers (no buffer). */
-static float row_dot1(const rq_layer *d, int64_t r, const float *x) {
+/* bits and mode are compile-time constants at every call site below (specialised copies). */
+static inline __attribute__((always_inline)) float row_dot1_impl(const rq_layer *d, int64_t r, const float *x,
+                                                                 const int bits, const int mode) {
     const uint8_t *row = d->q + r * d->row_bytes;
-    const int bits = d->bits;
     const int64_t in = d->in;
-    const __m512 L = d->mode == 0 ? lut16(d->lut + (r << bits), bits) : _mm512_setzero_ps();
+    const int64_t avail = (d->out - r) * d->row_bytes; /* readable bytes from the row start */
+    const __m512 L = mode == 0 ? lut16(d->lut + (r << bits), bits) : _mm512_setzero_ps();
     __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
     int64_t c = 0;
     for (; c + 64 <= in; c += 64) {
-        const __m512i codes = codes64(row + c / 8 * bits, bits, 32);
-        for (int t = 0; t < 4; t++)
-            acc[t] = _mm512_fmadd_ps(values16(d, r, c + 16 * t, quarter(codes, t), L), _mm512_loadu_ps(x + c + 16 * t),
-                                     acc[t]);
-    }
-    if (c < in) {
-        const int64_t off = c / 8 * bits;
-        const __m512i codes = codes64(row + off, bits, d->row_bytes - off);
-        for (int t = 0; t < 4 && c + 16 * t < in; t++) {
-            const int64_t left = in - c - 16 * t;
-            const __mmask16 m = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1u);
-            const __m512 w = _mm512_maskz_mov_ps(m, values16(d, r, c + 16 * t, quarter(codes, t), L));
-            acc[t] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m, x + c + 16 * t), acc[t]);
+        for (int t = 0; t < 4; t++) {
+            const int64_t off = (c + 16 * t) / 8 * bits;
+            const __m512i idx = codes16(row + off, bits, avail - off);
+            const __m512 w = mode == 0 ? _mm512_permutexvar_ps(idx, L) : values16(d, r, c + 16 * t, idx, L);
+            acc[t] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + c + 16 * t), acc[t]);
         }
     }
+    for (int t = 0; c < in; c += 16, t++) {
+        const int64_t off = c / 8 * bits;
+        const int64_t left = in - c;
+        const __mmask16 m = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1u);
+        const __m512 w = _mm512_maskz_mov_ps(m, values16(d, r, c, codes16(row + off, bits, avail - off), L));
+        acc[t] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m, x + c), acc[t]);
+    }
     return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+}
+
+/* Dense part of row r dotted with one input row, decoding in registers (no buffer). */
+static float row_dot1(const rq_layer *d, int64_t r, const float *x) {
+    if (d->mode == 0) {
+        switch (d->bits) {
+        case 2: return row_dot1_impl(d, r, x, 2, 0);
+        case 3: return row_dot1_impl(d, r, x, 3, 0);
+        default: return row_dot1_impl(d, r, x, 4, 0);
+        }
+    }
+    switch (d->bits) {
+    case 2: return row_dot1_impl(d, r, x, 2, 1);
+    case 3: return row_dot1_impl(d, r, x, 3, 1);
+    default: return row_dot1_impl(d, r, x, 4, 1);
+    }
 }
 #endif
 
@@ -466,6 +467,19 @@ static inline void prefetch_row(const rq_layer *d, int64_t r) {
     }
 }
 
+/* Dense part of row r dotted with one input row through the decode buffer (non-AVX-512 paths). */
+static float dot_row(const rq_layer *d, int64_t r, const float *x, float *buf) {
+    const int64_t in = d->in, padded = (in + 7) / 8 * 8;
+    float s = 0.0f;
+    for (int64_t c0 = 0; c0 < padded; c0 += RQ_BLOCK) {
+        const int64_t n = padded - c0 < RQ_BLOCK ? padded - c0 : RQ_BLOCK;
+        const int64_t valid = in - c0 < n ? in - c0 : n;
+        decode_block(d, r, c0, (n + 63) / 64 * 64, buf);
+        s += dot(buf, x + c0, valid);
+    }
+    return s;
+}
+
 typedef struct {
     const rq_layer *d;
     const float *x;
@@ -483,11 +497,19 @@ static void gemm_task(const void *arg, int64_t chunk) {
     float acc[RQ_MAX_M];
     for (int64_t r = r0; r < r1; r++) {
         prefetch_row(d, r + RQ_PREFETCH_ROWS);
+        if (m == 1) {
+            float v;
 #ifdef RQ_AVX512
-        if (m == 1 && fast512(d)) {
-            acc[0] = row_dot1(d, r, g->x);
-        } else
+            if (fast512(d))
+                v = row_dot1(d, r, g->x);
+            else
 #endif
+                v = dot_row(d, r, g->x, buf);
+            if (d->rowptr && !d->row)
+                for (int32_t k = d->rowptr[r]; k < d->rowptr[r + 1]; k++) v += d->val[k] * g->x[d->col[k]];
+            g->y[r] = v + (d->bias ? d->bias[r] : 0.0f); /* with d->row, the sparse part follows below */
+            continue;
+        }
         {
             for (int64_t t = 0; t < m; t++) acc[t] = 0.0f;
             for (int64_t c0 = 0; c0 < padded; c0 += RQ_BLOCK) {
@@ -507,12 +529,27 @@ static void gemm_task(const void *arg, int64_t chunk) {
         const float b = d->bias ? d->bias[r] : 0.0f;
         for (int64_t t = 0; t < m; t++) g->y[t * d->out + r] = acc[t] + b;
     }
+    if (m == 1 && d->row && d->rowptr) {
+        /* Sparse residual of rows r0..r1 as one flat loop over their entries: a per-row loop of a few
+         * entries each costs a branch misprediction per row. */
+        const float *x = g->x;
+        float *y = g->y;
+        const int32_t k1 = d->rowptr[r1];
+        for (int32_t k = d->rowptr[r0]; k < k1; k++) y[d->row[k]] += d->val[k] * x[d->col[k]];
+    }
 }
 
+/* Calls with less work than this run on the calling thread alone. A decode call on a small model takes
+ * 10-100 us; there the helper's wake-up and, on a busy machine, a helper preempted in the middle of its
+ * chunk cost more than they save (measured on R, 2 cores shared with other jobs: 47 ms/token serial,
+ * 59 ms/token with the pool). From about 1 ms of work up, splitting pays. */
+#define RQ_PARALLEL_MIN_WORK (1 << 22)
+
 static int64_t rows_per_chunk(const rq_layer *d, int64_t m) {
+    const int64_t work = d->in * (m < 4 ? m : 4);
+    if (work * d->out < RQ_PARALLEL_MIN_WORK) return d->out; /* one chunk: serial */
     /* about 64K multiply-adds per chunk: small enough to balance, large enough to amortise a claim */
-    int64_t work = d->in * (m < 4 ? m : 4);
-    int64_t rows = (65536 + work - 1) / work;
+    const int64_t rows = (65536 + work - 1) / work;
     return rows < 1 ? 1 : rows;
 }
 
