@@ -99,6 +99,15 @@ def test_without_kernels_falls_back_to_the_reference(make_layer, monkeypatch):
         ql(x)
 
 
+def test_kernels_can_be_switched_off(make_layer, monkeypatch):
+    monkeypatch.setenv("REQUANT_KERNELS", "0")
+    assert kernels.library() is None and "disabled" in kernels.status()
+    q = make_layer(4, 8, 2)
+    x = torch.randn(1, 8)
+    with torch.no_grad():
+        assert torch.equal(QuantLinear.from_layer(q)(x), F.linear(x, q.weight()))
+
+
 def test_gradients_flow_through_the_reference_path(make_layer):
     q = make_layer(6, 10, 4, nnz=3)
     ql = QuantLinear.from_layer(q, torch.zeros(6))

@@ -106,7 +106,6 @@ def library() -> ctypes.CDLL | None:
     """The loaded kernel library, building it on first use; None when disabled or unavailable."""
     global _lib, _tried, _reason
     if not _enabled():
-        _reason = f"disabled by {ENV_SWITCH}"
         return None
     if _tried:
         return _lib
@@ -159,6 +158,8 @@ def _sync_threads(lib: ctypes.CDLL) -> None:
 
 def status() -> str:
     """Why the kernels are (not) in use, for reports and `requant bench`."""
+    if not _enabled():
+        return f"disabled by {ENV_SWITCH}=0"
     library()
     return _reason
 
