@@ -118,6 +118,13 @@ def test_v0_checkpoints_still_load(quantized, tmp_path):
     assert all(isinstance(loaded.get_submodule(n), QuantLinear) for n in result.layers)
 
 
+def test_a_checkpoint_without_tokenizer_loads(quantized, tmp_path):
+    model, _, result = quantized
+    out = save_checkpoint(tmp_path / "notok", model, None, result)
+    loaded, tok = load_quantized(out)
+    assert tok is None and isinstance(loaded.get_submodule(next(iter(result.layers))), QuantLinear)
+
+
 def test_refuses_different_checkpoint_unless_force(quantized, ckpt):
     model, tok, result = quantized
     save_checkpoint(ckpt, model, tok, result)  # same config: allowed
@@ -216,6 +223,18 @@ Q = "model.layers.0.self_attn.q_proj"
             r"config\.json.*format_version 0 differs",
         ),
         (lambda d: (d / "requant.json").write_text("{not json"), r"requant\.json.*unreadable"),
+        (
+            lambda d: _rewrite(d / "model.safetensors", lambda t: t.update({"model.norm.weight": torch.ones(3)})),
+            r"model\.safetensors.*tensor model\.norm\.weight has shape \(3,\), the model expects \(64,\)",
+        ),
+        (
+            lambda d: _rewrite(d / "model.safetensors", lambda t: t.update({"model.extra": torch.ones(3)})),
+            r"model\.safetensors.*tensor model\.extra is not in the model",
+        ),
+        (
+            lambda d: _rewrite(d / "model.safetensors", lambda t: t.pop("model.norm.weight")),
+            r"model\.safetensors.*tensor model\.norm\.weight is missing",
+        ),
     ],
 )
 def test_corrupt_checkpoints_are_refused_naming_file_and_tensor(ckpt, corrupt, pattern):

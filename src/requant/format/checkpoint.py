@@ -419,10 +419,12 @@ def load_quantized(path: str | os.PathLike, *, device: str = "cpu") -> tuple[nn.
             del config.quantization_config
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"tokenizer files in {str(path)!r} are unreadable: {e}") from None
+        tokenizer = None
+        if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            except (OSError, ValueError) as e:
+                raise CheckpointError(f"tokenizer files in {str(path)!r} are unreadable: {e}") from None
         if (path / "generation_config.json").is_file():
             model.generation_config = GenerationConfig.from_pretrained(path)
     for name, (layout, tensors) in stored.items():
@@ -450,10 +452,15 @@ def load_quantized(path: str | os.PathLike, *, device: str = "cpu") -> tuple[nn.
         raise CheckpointError(f"{str(dense_file)!r}: tensor {unexpected[0]} is not in the model of {CONFIG_FILE}")
     own = dict(model.state_dict(keep_vars=True))
     for k, t in state.items():
-        if tuple(t.shape) != tuple(own[k].shape):
+        want = own[k]
+        if tuple(t.shape) != tuple(want.shape):
             raise CheckpointError(
-                f"{str(dense_file)!r}: tensor {k} has shape {tuple(t.shape)}, the model expects {tuple(own[k].shape)}"
+                f"{str(dense_file)!r}: tensor {k} has shape {tuple(t.shape)}, the model expects {tuple(want.shape)}"
             )
+        if t.dtype != want.dtype:
+            if not (t.is_floating_point() and want.is_floating_point()):
+                raise CheckpointError(f"{str(dense_file)!r}: tensor {k} is {t.dtype}, the model expects {want.dtype}")
+            state[k] = t.to(want.dtype)  # e.g. 16-bit embeddings into the fp32 model
     model.load_state_dict(state, strict=False, assign=True)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
