@@ -1,27 +1,38 @@
-"""Vectorised weighted 1-D k-means per row, exact sums (no binning): the core of SqueezeLLM's quantizer.
+"""Weighted 1-D k-means per row, exact sums (no binning): the core of SqueezeLLM's quantizer.
 
 Each row is sorted once and reduced to float64 prefix sums of w and w·x. In 1-D the nearest-centroid clusters
-of sorted centroids are contiguous runs of the sorted row, so a clustering is k-1 boundary positions: a Lloyd
-iteration is one batched `searchsorted` of the centroid midpoints plus prefix-sum differences, O(k log n) per
-row, for all rows and all starts at once. Lloyd's fixed points are then polished by moves Lloyd cannot make,
-each an exact SSE decrease: merge the cheapest adjacent pair of clusters while splitting the cluster that
-gains most (moves a centroid across the row, e.g. into a heavy tail), and move each boundary to its best
-position within a few points with its neighbours fixed. Lloyd re-settles the rows that moved.
+of sorted centroids are contiguous runs of the sorted row, so a Lloyd iteration is a binary search of the
+k-1 centroid midpoints plus prefix-sum differences, O(k log n) per row. Lloyd's fixed points are then
+polished by moves Lloyd cannot make, each an exact SSE decrease: merge the cheapest adjacent pair of
+clusters while splitting the cluster that gains most (moves a centroid across the row, e.g. into a heavy
+tail), and move each boundary to its best position within a few points with its neighbours fixed. Lloyd
+re-settles the rows that moved.
+
+Two implementations of the same algorithm: a C kernel (csrc/kmeans1d.c, one row per thread, built on first
+use by requant.native) and the pure-PyTorch reference below, vectorised over rows and starts, used when no
+C compiler is available or REQUANT_KERNELS=0. `backend()` says which one runs.
 
 Zero-weight entries are sorted to the end of their row and take part only in the final nearest-centroid
-coding, so the fit is exactly the fit of the row without them.
+coding, so the fit is exactly the fit of the row without them. Rows are independent: the k-means++ draws
+come from a counter-based generator keyed by the seed and a hash of the row's weighted entries, so a row's
+result does not depend on the other rows or its position, and refitting a subset of rows (Algorithm 1 does)
+gives those rows' results again.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["KMeansResult", "weighted_kmeans_1d"]
+from ..native import NativeLibrary
+
+__all__ = ["EXACT_BUDGET", "KMeansResult", "backend", "weighted_kmeans_1d"]
 
 _BAND = 2  # a boundary move tries ±_BAND positions
 _PP_RUNS = 4  # k-means++ runs on a coreset of _PP_RUNS·k equal-weight runs per row
@@ -30,8 +41,35 @@ _POLISH_ROUNDS = 30  # at most this many move-then-Lloyd rounds (they stop earli
 # n·1e-16 of it, so smaller "gains" are noise and could make the descent cycle.
 _REL_GAIN = 1e-11
 _TINY = 1e-300  # keeps (Σw·x)²/Σw = 0/0 at 0 for empty runs (their Σw·x is exactly 0 too)
+# The constants above are repeated in csrc/kmeans1d.c (RQ_BAND, ...); test_kmeans checks both paths agree.
 
 _pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64, i32, f64, u64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double, ctypes.c_uint64
+    lib.rq_kmeans1d.argtypes = [p, i32, p, i32, i64, i64, i64, i64, i32, u64, f64, i32, i64, p, p, p, i32]
+    lib.rq_kmeans1d.restype = ctypes.c_int
+    lib.rq_round.argtypes = [p, p, i64, i32]
+    lib.rq_round.restype = None
+    lib.rq_row_key.argtypes = [p, p, i64, u64]
+    lib.rq_row_key.restype = u64
+    lib.rq_uniform.argtypes = [u64, u64]
+    lib.rq_uniform.restype = f64
+
+
+_NATIVE = NativeLibrary(Path(__file__).parent / "csrc" / "kmeans1d.c", 1, _declare)
+# Centroid roundings the kernel does itself (its round mode): as `c.clamp(finfo).to(dtype)` below.
+_ROUNDING = {None: 0, torch.float64: 0, torch.float16: 1, torch.bfloat16: 2, torch.float32: 3}
+# Rows whose exact DP costs at most this many candidate evaluations (k·m·log2 m) are solved exactly by
+# default: about 1–4 ms per row on one core at the limit (e.g. k = 16 with 16k distinct values).
+EXACT_BUDGET = 1 << 22
+_ERRORS = {1: "x contains NaN or infinite values", 2: "weight must be finite and non-negative"}
+
+
+def backend() -> str:
+    """Which implementation weighted_kmeans_1d uses: 'c (loaded (<isa>))' or 'torch (<why not C>)'."""
+    return f"c ({_NATIVE.reason})" if _NATIVE.get() is not None else f"torch ({_NATIVE.reason})"
 
 
 @dataclass(frozen=True)
@@ -58,16 +96,23 @@ def weighted_kmeans_1d(
     seed: int = 0,
     tol: float = 0.0,
     round_centroids_to: torch.dtype | None = None,
+    exact: bool | None = None,
 ) -> KMeansResult:
     """Cluster each row of x (rows, n) into k weighted 1-D clusters; objective is Σ w·(x − c)² (weight × x²).
 
     `weight` (rows, n) must be non-negative (None = uniform); zero-weight entries do not move centroids but
-    still get the nearest code, and an all-zero row falls back to uniform weights. `n_init` starts are run
-    and the best per row kept: density^(1/3) quantiles, then weighted quantiles, then weighted k-means++
-    draws from `seed`. Lloyd stops after `max_iter` iterations or at a fixed point (`tol` > 0 also stops a
-    row once no centroid moved more than tol × the row's value range). With `round_centroids_to` (e.g.
-    torch.float16) centroids are rounded to that dtype before the final assignment, so codes and objective
-    are exact for the stored centroids.
+    still get the nearest code, and an all-zero row falls back to uniform weights. With `round_centroids_to`
+    (e.g. torch.float16) centroids are rounded to that dtype before the final assignment, so codes and
+    objective are exact for the stored centroids. A row's result never depends on the other rows.
+
+    `exact`: True solves every row exactly (the global minimum, by dynamic programming in the C kernel;
+    RuntimeError without it). None (default) does so for each row whose DP cost k·m·log2(m) (m: its distinct
+    weighted values) is at most EXACT_BUDGET, when the C kernel is available, and runs the heuristic
+    otherwise. False always runs the heuristic: `n_init` starts, the best per row kept (density^(1/3)
+    quantiles, weighted quantiles, then weighted k-means++ draws keyed by `seed` and the row's own entries),
+    each by Lloyd until a fixed point or `max_iter` iterations (`tol` > 0 also stops a start once no centroid
+    moved more than tol × the row's value range), then polish moves. The heuristic is the same in C and in
+    PyTorch (the reference); its objective is typically a few percent above the exact one.
     """
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D (rows, n), got shape {tuple(x.shape)}")
@@ -75,6 +120,8 @@ def weighted_kmeans_1d(
         raise ValueError(f"k must be in [1, 32768], got {k}")
     if n_init < 1 or max_iter < 0 or tol < 0:
         raise ValueError("need n_init >= 1, max_iter >= 0 and tol >= 0")
+    if weight is not None and weight.shape != x.shape:
+        raise ValueError(f"weight shape {tuple(weight.shape)} does not match x shape {tuple(x.shape)}")
     rows, n = x.shape
     code_dtype = torch.uint8 if k <= 256 else torch.int16
     if rows == 0 or n == 0:
@@ -86,8 +133,61 @@ def weighted_kmeans_1d(
     x = x.detach().cpu().contiguous()
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()  # exact for fp16/bf16
+    lib = _NATIVE.get() if round_centroids_to in _ROUNDING else None
+    if lib is not None:
+        budget = 0 if exact is False else (2**63 - 1 if exact else EXACT_BUDGET)
+        return _fit_native(lib, x, weight, k, max_iter, n_init, seed, tol, round_centroids_to, budget)
+    if exact:
+        why = _NATIVE.reason if round_centroids_to in _ROUNDING else f"rounding to {round_centroids_to}"
+        raise RuntimeError(f"exact k-means needs the C kernel, which is unavailable: {why}")
+    return _fit_torch(x, weight, k, max_iter, n_init, seed, tol, round_centroids_to)
+
+
+def _fit_native(lib, x, weight, k, max_iter, n_init, seed, tol, round_to, budget: int) -> KMeansResult:
+    """weighted_kmeans_1d through csrc/kmeans1d.c (validated there: it reports non-finite x, bad weights)."""
+    rows, n = x.shape
+    w_kind, w = 0, None
+    if weight is not None:
+        w = weight.detach().cpu()
+        if w.dtype not in (torch.float32, torch.float64):
+            w = w.double()
+        w = w.contiguous()
+        w_kind = 1 if w.dtype == torch.float32 else 2
+    centroids = torch.empty(rows, k, dtype=torch.float32)
+    codes = torch.empty(rows, n, dtype=torch.uint8 if k <= 256 else torch.int16)
+    objective = torch.empty(rows, dtype=torch.float64)
+    err = lib.rq_kmeans1d(
+        x.data_ptr(),
+        int(x.dtype == torch.float64),
+        None if w is None else w.data_ptr(),
+        w_kind,
+        rows,
+        n,
+        k,
+        max_iter,
+        n_init,
+        seed % 2**64,
+        tol,
+        _ROUNDING[round_to],
+        budget,
+        centroids.data_ptr(),
+        codes.data_ptr(),
+        objective.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if err & 4:
+        raise MemoryError(f"weighted_kmeans_1d: out of memory for rows of {n} entries and k = {k}")
+    if err:
+        raise ValueError(_ERRORS[1 if err & 1 else 2])
+    return KMeansResult(centroids, codes, objective)
+
+
+def _fit_torch(x, weight, k, max_iter, n_init, seed, tol, round_centroids_to) -> KMeansResult:
+    """weighted_kmeans_1d in PyTorch, vectorised over rows and starts: the reference for the C kernel."""
+    rows, n = x.shape
+    code_dtype = torch.uint8 if k <= 256 else torch.int16
     if not torch.isfinite(x).all():
-        raise ValueError("x contains NaN or infinite values")
+        raise ValueError(_ERRORS[1])
     w, masked = _effective_weights(weight, x.shape)
 
     with torch.no_grad():
@@ -117,7 +217,8 @@ def weighted_kmeans_1d(
         if k == 1 or n == 1:
             g = torch.cat([base[:, None], (base + ends)[:, None].expand(rows, k)], dim=1)
         else:
-            g = _fit(xs, xp, pz, base, ends, thresh, k, max_iter, n_init, seed, tol)
+            keys = _row_keys(x, w, seed) if n_init > 2 else None
+            g = _fit(xs, xp, pz, base, ends, thresh, k, max_iter, n_init, keys, tol)
 
         c = _centroids(pz.view(-1), g) + shift
         if round_centroids_to is not None:
@@ -182,6 +283,46 @@ def _argsort_rows(a: np.ndarray) -> np.ndarray:
     return out
 
 
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def _i64(c: int) -> int:
+    """An unsigned 64-bit constant as the int64 with the same bits."""
+    return c - 2**64 if c >= 2**63 else c
+
+
+def _shr(z: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns (torch's >> is arithmetic)."""
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def _mix64(z: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's finaliser on int64 bit patterns (multiplication wraps mod 2^64), as mix64 in kmeans1d.c."""
+    z = (z ^ _shr(z, 30)) * _i64(0xBF58476D1CE4E5B9)
+    z = (z ^ _shr(z, 27)) * _i64(0x94D049BB133111EB)
+    return z ^ _shr(z, 31)
+
+
+def _row_keys(x: torch.Tensor, w: torch.Tensor | None, seed: int) -> torch.Tensor:
+    """Per-row random key (rows,) int64: the seed mixed with an order-free hash of the weighted entries.
+
+    Entries of weight 0 are left out, so masking entries of a row changes its key only through what is left.
+    """
+    xb = x.double().view(torch.int64)
+    wb = torch.ones_like(x, dtype=torch.float64) if w is None else w
+    term = _mix64(xb ^ (wb.view(torch.int64) * _i64(_GOLDEN)))
+    if w is not None:
+        term = torch.where(w != 0, term, 0)
+    h = term.sum(1)  # wraps mod 2^64, so the order of summation does not matter
+    return _mix64(h ^ _mix64(torch.tensor(_i64((seed + _GOLDEN) % 2**64))))
+
+
+def _row_uniforms(keys: torch.Tensor, count: int) -> torch.Tensor:
+    """(rows, count) float64 uniforms in [0, 1): 53 bits of mix64(key + (j+1)·golden) for j < count."""
+    j = torch.arange(1, count + 1, dtype=torch.int64) * _i64(_GOLDEN)
+    return _shr(_mix64(keys[:, None] + j), 11).double() * 2.0**-53
+
+
 def _centroids(pzf: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Cluster means (A, k) for global boundaries g (A, k+1); an empty cluster copies a neighbour."""
     d = pzf.take(g).diff(dim=1)
@@ -227,17 +368,18 @@ def _quantile_start(xpf: torch.Tensor, cw: torch.Tensor, base, ends, k: int) -> 
     return xpf.take(torch.maximum(e[:, 1:-1:2] - 1, base[:, None]))  # the point where the weight crosses
 
 
-def _kmeanspp_start(pzf: torch.Tensor, cw, base, ends, k: int, draws: int, gen) -> torch.Tensor:
+def _kmeanspp_start(pzf: torch.Tensor, cw, base, ends, k: int, draws: int, keys: torch.Tensor) -> torch.Tensor:
     """Weighted k-means++ centroids (rows, draws, k) on a coreset of _PP_RUNS·k equal-weight runs per row.
 
     A run is represented by its mean and total weight: the k sequential D²-weighted picks then cost O(k²)
-    per row instead of O(k·n), while the weighted distribution is preserved.
+    per row instead of O(k·n), while the weighted distribution is preserved. Row r's draws use the uniforms
+    of its key (see _row_uniforms).
     """
     rows = base.shape[0]
     d = pzf.take(_quantile_edges(cw, base, ends, _PP_RUNS * k)).diff(dim=1)
     pw = d.real.repeat_interleave(draws, 0)
     pts = (d.imag / (d.real + _TINY)).repeat_interleave(draws, 0)
-    u = torch.rand(rows * draws, k, generator=gen, dtype=torch.float64)
+    u = _row_uniforms(keys, draws * k).view(rows * draws, k)
     d2 = torch.ones_like(pw)
     picks = []
     for j in range(k):
@@ -249,7 +391,7 @@ def _kmeanspp_start(pzf: torch.Tensor, cw, base, ends, k: int, draws: int, gen) 
     return torch.cat(picks, dim=1).sort(dim=1).values.view(rows, draws, k)
 
 
-def _fit(xs, xp, pz, base, ends, thresh, k, max_iter, n_init, seed, tol) -> torch.Tensor:
+def _fit(xs, xp, pz, base, ends, thresh, k, max_iter, n_init, keys, tol) -> torch.Tensor:
     """Best-of-n_init Lloyd, then polish; returns global boundaries (rows, k+1) into the flat prefix sums."""
     rows = xs.shape[0]
     pzf, xpf = pz.view(-1), xp.view(-1)
@@ -258,8 +400,7 @@ def _fit(xs, xp, pz, base, ends, thresh, k, max_iter, n_init, seed, tol) -> torc
     if n_init > 1:
         starts.append(_quantile_start(xpf, cw, base, ends, k)[:, None])
     if n_init > 2:
-        gen = torch.Generator().manual_seed(seed)
-        starts.append(_kmeanspp_start(pzf, cw, base, ends, k, n_init - 2, gen))
+        starts.append(_kmeanspp_start(pzf, cw, base, ends, k, n_init - 2, keys))
     c0 = torch.cat(starts, dim=1)  # (rows, S, k)
     s = c0.shape[1]
     xs2 = 2 * xs  # Lloyd searches c_j + c_{j+1} in 2x: no halving of the midpoints per iteration
