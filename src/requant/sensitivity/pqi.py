@@ -181,4 +181,5 @@ def post_quantization_integral(
     with contextlib.closing(nodes_iter):
         for node in nodes_iter:
             integral.add(node)
+            del node  # let this node's gradients go before the next node's backward
     return integral.result(original, quantized, len(windows))

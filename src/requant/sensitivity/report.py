@@ -337,6 +337,7 @@ def nodes_report(
             derivs[node.t], losses[node.t] = node.derivative, node.loss
             if integral is not None:
                 integral.add(node)
+            del node  # let this node's gradients go before the next node's backward
     grad_s = time.perf_counter() - t0
     actual = actual_delta_f(*problem.args(), batch_size=problem.batch_size)
     rows = rule_predictions(derivs, rules, nodes)
