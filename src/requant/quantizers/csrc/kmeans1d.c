@@ -1031,8 +1031,8 @@ static void *alloc_scratch(const params_t *pr, scratch_t *S) {
     int64_t pk = 1;
     while (pk < k) pk <<= 1;
     /* the DP runs only when k·m·lg(m) <= exact_budget, so its table needs at most budget + k + n + 1 cells */
-    int64_t cells = (k + 1) * (n + 1), cap = pr->exact_budget + k + n + 1;
-    cells = cells < cap ? cells : cap;
+    int64_t cells = (k + 1) * (n + 1);
+    if (pr->exact_budget < cells) cells = pr->exact_budget + k + n + 1;
     char *base = NULL;
     for (int pass = 0; pass < 2; pass++) { /* pass 0 sizes the block, pass 1 carves it */
         size_t off = 0;
