@@ -47,7 +47,7 @@
 #define RQ_WMIN 1e-12
 #define RQ_MAX_THREADS 64
 #ifndef RQ_BLOCK
-#define RQ_BLOCK 64 /* parts of the DP with at most this many (i, a) pairs are searched exhaustively */
+#define RQ_BLOCK 128 /* parts of the DP with at most this many (i, a) pairs are searched exhaustively */
 #endif
 #ifndef RQ_LAYER_BOUND
 #define RQ_LAYER_BOUND 1
@@ -199,6 +199,7 @@ typedef struct { /* per-thread scratch, sized for one row */
     double *starts; /* n_starts x k */
     double *W, *Sv, *f0, *f1; /* exact DP: prefix sums and two layers of f, m + 1 each */
     int32_t *opt;             /* exact DP: (k+1) x (m+1) argmins */
+    int32_t *pos;             /* exact DP: sorted position after each distinct value, m + 1 */
     dp_span_t *stack;         /* divide-and-conquer queue */
 } scratch_t;
 
@@ -608,11 +609,17 @@ typedef int64_t vlng __attribute__((vector_size(RQ_VW * 8)));
 #define RQ_SELECT(mask, a, b) (((a) & (mask)) | ((b) & ~(mask)))
 #define RQ_SELECTD(mask, a, b) ((vdbl)RQ_SELECT(mask, (vlng)(a), (vlng)(b)))
 
+#if defined(__clang__)
+#define RQ_SHUFFLE(v, ...) __builtin_shufflevector(v, v, __VA_ARGS__)
+#else
+#define RQ_SHUFFLE(v, ...) __builtin_shuffle(v, (vlng){__VA_ARGS__})
+#endif
+
 /* Lane-wise: keep (v, i) of the other half where it is smaller, or equal with a smaller index. */
 #define RQ_FOLD(...)                                                             \
     do {                                                                         \
-        const vdbl ov = __builtin_shufflevector(vbest, vbest, __VA_ARGS__);      \
-        const vlng oi = __builtin_shufflevector(vba, vba, __VA_ARGS__);          \
+        const vdbl ov = RQ_SHUFFLE(vbest, __VA_ARGS__);                          \
+        const vlng oi = RQ_SHUFFLE(vba, __VA_ARGS__);                            \
         const vlng take = (ov < vbest) | ((ov == vbest) & (oi < vba));           \
         vbest = RQ_SELECTD(take, ov, vbest);                                     \
         vba = RQ_SELECT(take, oi, vba);                                          \
@@ -624,18 +631,9 @@ typedef int64_t vlng __attribute__((vector_size(RQ_VW * 8)));
  * branch depends on the data, so scans of one level overlap in the CPU. */
 static inline double dp_scan(const double *W, const double *Sv, const double *f, int64_t a0, int64_t a1, double Wi,
                              double Si, double wmin, int64_t *arg) {
-    vdbl vWi, vSi, inf, vmin, zero;
-    vlng vidx, step, last;
-    for (int l = 0; l < RQ_VW; l++) {
-        inf[l] = INFINITY;
-        vWi[l] = Wi;
-        vSi[l] = Si;
-        vmin[l] = wmin;
-        zero[l] = 0;
-        vidx[l] = a0 + l;
-        step[l] = RQ_VW;
-        last[l] = a1;
-    }
+    const vdbl zero = {0}, inf = zero + INFINITY;
+    vlng vidx;
+    for (int l = 0; l < RQ_VW; l++) vidx[l] = a0 + l;
     /* two independent accumulators, 2·RQ_VW candidates per iteration: most scans take one */
     vdbl vbest = inf, vbest2 = inf;
     vlng vba = vidx, vba2 = vidx;
@@ -647,18 +645,18 @@ static inline double dp_scan(const double *W, const double *Sv, const double *f,
         memcpy(&w2, W + a + RQ_VW, sizeof w);
         memcpy(&sv2, Sv + a + RQ_VW, sizeof sv);
         memcpy(&fv2, f + a + RQ_VW, sizeof fv);
-        const vlng idx2 = vidx + step;
-        const vdbl ds = vSi - sv, dw = vWi - w, ds2 = vSi - sv2, dw2 = vWi - w2;
-        const vdbl q = RQ_SELECTD(dw > vmin, ds * ds / dw, zero);
-        const vdbl q2 = RQ_SELECTD(dw2 > vmin, ds2 * ds2 / dw2, zero);
-        const vdbl v = RQ_SELECTD(vidx <= last, fv - q, inf);
-        const vdbl v2 = RQ_SELECTD(idx2 <= last, fv2 - q2, inf);
+        const vlng idx2 = vidx + RQ_VW;
+        const vdbl ds = Si - sv, dw = Wi - w, ds2 = Si - sv2, dw2 = Wi - w2;
+        const vdbl q = RQ_SELECTD(dw > wmin, ds * ds / dw, zero);
+        const vdbl q2 = RQ_SELECTD(dw2 > wmin, ds2 * ds2 / dw2, zero);
+        const vdbl v = RQ_SELECTD(vidx <= a1, fv - q, inf);
+        const vdbl v2 = RQ_SELECTD(idx2 <= a1, fv2 - q2, inf);
         const vlng lt = v < vbest, lt2 = v2 < vbest2;
         vbest = RQ_SELECTD(lt, v, vbest);
         vba = RQ_SELECT(lt, vidx, vba);
         vbest2 = RQ_SELECTD(lt2, v2, vbest2);
         vba2 = RQ_SELECT(lt2, idx2, vba2);
-        vidx = idx2 + step;
+        vidx = idx2 + RQ_VW;
     }
     { /* merge the accumulators: lane-wise, smaller value, or equal value with smaller index */
         const vlng take = (vbest2 < vbest) | ((vbest2 == vbest) & (vba2 < vba));
@@ -684,14 +682,9 @@ static inline double dp_scan(const double *W, const double *Sv, const double *f,
  * further: the scans of a divide and conquer are short and wait on each other's latency. */
 static void dp_block(const double *W, const double *Sv, const double *fprev, double *fcur, int32_t *opt, int64_t lo,
                      int64_t hi, int64_t alo, int64_t ahi, double wmin) {
-    vdbl inf, vmin, zero;
+    const vdbl zero = {0}, inf = zero + INFINITY;
     vlng iota;
-    for (int l = 0; l < RQ_VW; l++) {
-        inf[l] = INFINITY;
-        vmin[l] = wmin;
-        zero[l] = 0;
-        iota[l] = l;
-    }
+    for (int l = 0; l < RQ_VW; l++) iota[l] = l;
     for (int64_t i0 = lo; i0 <= hi; i0 += RQ_VW) {
         vdbl wi, si;
         memcpy(&wi, W + i0, sizeof wi);
@@ -700,21 +693,13 @@ static void dp_block(const double *W, const double *Sv, const double *fprev, dou
         vdbl best = inf;
         vlng arg = vi - 1;
         const int64_t top = ahi < i0 + RQ_VW - 2 ? ahi : i0 + RQ_VW - 2; /* the largest a any lane may use */
-        for (int64_t a = alo; a <= top; a++) {
-            vdbl wa, sa, fa;
-            vlng va;
-            for (int l = 0; l < RQ_VW; l++) {
-                wa[l] = W[a];
-                sa[l] = Sv[a];
-                fa[l] = fprev[a];
-                va[l] = a;
-            }
-            const vdbl ds = si - sa, dw = wi - wa;
-            const vdbl q = RQ_SELECTD(dw > vmin, ds * ds / dw, zero);
-            const vdbl v = RQ_SELECTD(va < vi, fa - q, inf);
+        for (int64_t a = alo; a <= top; a++) { /* scalars broadcast across the lanes */
+            const vdbl ds = si - Sv[a], dw = wi - W[a];
+            const vdbl q = RQ_SELECTD(dw > wmin, ds * ds / dw, zero);
+            const vdbl v = RQ_SELECTD(vi > a, fprev[a] - q, inf);
             const vlng lt = v < best;
             best = RQ_SELECTD(lt, v, best);
-            arg = RQ_SELECT(lt, va, arg);
+            arg = RQ_SELECT(lt, (vlng){0} + a, arg);
         }
         for (int l = 0; l < RQ_VW && i0 + l <= hi; l++) {
             fcur[i0 + l] = best[l];
@@ -894,52 +879,44 @@ static int fit_row(const params_t *pr, scratch_t *S, const void *xrow, const voi
 #define ORDER(i) (order32 ? (int64_t)(uint32_t)order32[i] : (int64_t)order64[i].idx)
     /* values shifted by the middle one, so prefix sums of w·x stay near the row's own spread */
     const double shift = XV(ORDER(m / 2));
-    int64_t distinct = m > 0;
-    for (int64_t i = 0; i < m; i++) {
-        const int64_t j = ORDER(i);
-        S->xs[i] = XV(j) - shift;
-        S->ws[i] = WEFF(j);
-        distinct += i > 0 && S->xs[i] != S->xs[i - 1];
-    }
-    const int exact = k > 1 && n > 1 && exact_cost(distinct, k) <= pr->exact_budget;
-    if (exact) { /* equal values always share a cluster in some optimum: merge them */
-        int64_t d = 0;
-        for (int64_t i = 0; i < m; i++) {
-            if (d > 0 && S->xs[i] == S->xs[d - 1]) {
-                S->ws[d - 1] += S->ws[i];
-            } else {
-                S->xs[d] = S->xs[i];
-                S->ws[d] = S->ws[i];
-                d++;
-            }
-        }
-        m = d;
-    }
-    S->xs[m] = S->xs[m - 1];
     S->P[0].w = S->P[0].s = 0;
     for (int64_t i = 0; i < m; i++) {
-        S->P[i + 1].w = S->P[i].w + S->ws[i];
-        S->P[i + 1].s = S->P[i].s + S->ws[i] * S->xs[i];
+        const int64_t j = ORDER(i);
+        const double x = XV(j) - shift, w = WEFF(j);
+        S->xs[i] = x;
+        S->ws[i] = w;
+        S->P[i + 1].w = S->P[i].w + w;
+        S->P[i + 1].s = S->P[i].s + w * x;
     }
+    S->xs[m] = S->xs[m - 1];
+    /* Equal values always share a cluster in some optimum, so the DP runs over the distinct values: their
+     * prefix sums are those at the end of each run of equal values (pos maps back to sorted positions). */
+    int64_t d = 0;
+    S->W[0] = S->Sv[0] = 0;
+    S->pos[0] = 0;
+    for (int64_t i = 0; i < m; i++) { /* branch-free: written every time, kept at a run's end */
+        S->W[d + 1] = S->P[i + 1].w;
+        S->Sv[d + 1] = S->P[i + 1].s;
+        S->pos[d + 1] = (int32_t)(i + 1);
+        d += S->xs[i] != S->xs[i + 1] || i == m - 1;
+    }
+    const int exact = k > 1 && n > 1 && exact_cost(d, k) <= pr->exact_budget;
 
     int64_t *g = S->gbest;
-    if (k == 1 || n == 1 || (exact && m <= k)) {
-        /* one cluster (k = 1), or each distinct value its own cluster and the rest empty */
+    if (k == 1 || n == 1) {
         g[0] = 0;
-        for (int64_t j = 1; j <= k; j++) g[j] = j < m ? j : m;
-        if (k == 1 || n == 1) g[1] = m;
+        for (int64_t j = 1; j <= k; j++) g[j] = m;
+    } else if (exact && d <= k) { /* each distinct value its own cluster, the rest empty */
+        for (int64_t j = 0; j <= k; j++) g[j] = S->pos[j < d ? j : d];
     } else if (exact) {
-        for (int64_t i = 0; i <= m; i++) {
-            S->W[i] = S->P[i].w;
-            S->Sv[i] = S->P[i].s;
+        for (int64_t i = d + 1; i <= d + 2 * RQ_VW; i++) { /* padding read by masked vector lanes */
+            S->W[i] = S->W[d];
+            S->Sv[i] = S->Sv[d];
         }
-        for (int64_t i = m + 1; i <= m + 2 * RQ_VW; i++) { /* padding read by masked vector lanes */
-            S->W[i] = S->W[m];
-            S->Sv[i] = S->Sv[m];
-        }
-        memset(S->f0, 0, (size_t)(m + 1 + 2 * RQ_VW) * sizeof(double));
-        memset(S->f1, 0, (size_t)(m + 1 + 2 * RQ_VW) * sizeof(double));
-        exact_boundaries(S, m, k, g);
+        memset(S->f0, 0, (size_t)(d + 1 + 2 * RQ_VW) * sizeof(double));
+        memset(S->f1, 0, (size_t)(d + 1 + 2 * RQ_VW) * sizeof(double));
+        exact_boundaries(S, d, k, g);
+        for (int64_t j = 0; j <= k; j++) g[j] = S->pos[g[j]];
     } else {
         uint64_t h = 0; /* order-free hash of the weighted entries: the key of the k-means++ draws */
         if (pr->n_starts > 2)
@@ -1067,6 +1044,7 @@ static void *alloc_scratch(const params_t *pr, scratch_t *S) {
         TAKE(f0, double, n + 1 + 2 * RQ_VW);
         TAKE(f1, double, n + 1 + 2 * RQ_VW);
         TAKE(stack, dp_span_t, n + 1); /* breadth-first queue: one part per point */
+        TAKE(pos, int32_t, n + 2);
         TAKE(opt, int32_t, cells);
 #undef TAKE
         if (pass == 0 && !(base = malloc(off))) return NULL;
