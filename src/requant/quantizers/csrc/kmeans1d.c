@@ -877,29 +877,30 @@ static int fit_row(const params_t *pr, scratch_t *S, const void *xrow, const voi
     const uint64_t *order32 = pr->x_f64 ? NULL : radix_sort32(wa, wb, m);
     const item_t *order64 = pr->x_f64 ? radix_sort(S->items, S->tmp, m) : NULL;
 #define ORDER(i) (order32 ? (int64_t)(uint32_t)order32[i] : (int64_t)order64[i].idx)
-    /* values shifted by the middle one, so prefix sums of w·x stay near the row's own spread */
+    /* Values shifted by the middle one, so prefix sums of w·x stay near the row's own spread. Equal values
+     * always share a cluster in some optimum, so the DP runs over the distinct values: W, Sv hold the prefix
+     * sums at the end of each run of equal values, pos the sorted position there (branch-free: the entry of
+     * the current run is rewritten until the run ends). */
     const double shift = XV(ORDER(m / 2));
+    double pw = 0, ps = 0, prev = 0;
+    int64_t d = 0;
     S->P[0].w = S->P[0].s = 0;
+    S->W[0] = S->Sv[0] = 0;
+    S->pos[0] = 0;
     for (int64_t i = 0; i < m; i++) {
         const int64_t j = ORDER(i);
         const double x = XV(j) - shift, w = WEFF(j);
+        d += i == 0 || x != prev;
+        prev = x;
+        pw += w;
+        ps += w * x;
         S->xs[i] = x;
         S->ws[i] = w;
-        S->P[i + 1].w = S->P[i].w + w;
-        S->P[i + 1].s = S->P[i].s + w * x;
+        S->P[i + 1].w = S->W[d] = pw;
+        S->P[i + 1].s = S->Sv[d] = ps;
+        S->pos[d] = (int32_t)(i + 1);
     }
     S->xs[m] = S->xs[m - 1];
-    /* Equal values always share a cluster in some optimum, so the DP runs over the distinct values: their
-     * prefix sums are those at the end of each run of equal values (pos maps back to sorted positions). */
-    int64_t d = 0;
-    S->W[0] = S->Sv[0] = 0;
-    S->pos[0] = 0;
-    for (int64_t i = 0; i < m; i++) { /* branch-free: written every time, kept at a run's end */
-        S->W[d + 1] = S->P[i + 1].w;
-        S->Sv[d + 1] = S->P[i + 1].s;
-        S->pos[d + 1] = (int32_t)(i + 1);
-        d += S->xs[i] != S->xs[i + 1] || i == m - 1;
-    }
     const int exact = k > 1 && n > 1 && exact_cost(d, k) <= pr->exact_budget;
 
     int64_t *g = S->gbest;
@@ -957,19 +958,27 @@ static int fit_row(const params_t *pr, scratch_t *S, const void *xrow, const voi
     for (int64_t j = k - 1; j < pk; j++) mids[j] = INFINITY;
     uint8_t *c8 = (uint8_t *)codes;
     int16_t *c16 = (int16_t *)codes;
-    double obj[4] = {0, 0, 0, 0}; /* partial sums: no chain of dependent additions */
+    double obj0 = 0, obj1 = 0; /* two partial sums: fewer dependent additions in a row */
     int64_t code = 0;
-    for (int64_t i = 0; i < kept; i++) {
-        const int64_t j = ORDER(i);
-        const double x = XV(j);
-        while (mids[code] <= x) code++;
-        if (k <= 256)
-            c8[j] = (uint8_t)code;
-        else
-            c16[j] = (int16_t)code;
-        const double err = x - c[code];
-        obj[i & 3] += uniform_w ? err * err : WV(j) * err * err;
+#define CODE_AND_ERR(i, acc)                                                  \
+    do {                                                                      \
+        const int64_t j = ORDER(i);                                           \
+        const double x = XV(j);                                               \
+        while (mids[code] <= x) code++;                                       \
+        if (k <= 256)                                                         \
+            c8[j] = (uint8_t)code;                                            \
+        else                                                                  \
+            c16[j] = (int16_t)code;                                           \
+        const double err = x - c[code];                                       \
+        acc += uniform_w ? err * err : WV(j) * err * err;                     \
+    } while (0)
+    int64_t i = 0;
+    for (; i + 1 < kept; i += 2) {
+        CODE_AND_ERR(i, obj0);
+        CODE_AND_ERR(i + 1, obj1);
     }
+    if (i < kept) CODE_AND_ERR(i, obj0);
+#undef CODE_AND_ERR
 #undef ORDER
     if (masked)
         for (int64_t i = 0; i < n; i++) {
@@ -983,7 +992,7 @@ static int fit_row(const params_t *pr, scratch_t *S, const void *xrow, const voi
             else
                 c16[i] = (int16_t)pos;
         }
-    *objective = (obj[0] + obj[1]) + (obj[2] + obj[3]);
+    *objective = obj0 + obj1;
     return 0;
 #undef XV
 #undef WV
