@@ -40,17 +40,22 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SOLVERS = ("exact", "c-heur", "torch")
 
 
+TORCH_THREADS = 1  # set by --torch-threads
+
+
 @contextlib.contextmanager
 def solver_env(solver: str) -> Iterator[None]:
     """Run weighted_kmeans_1d's default path as `solver` (for callers that do not pass `exact`)."""
-    old_env, old_budget = os.environ.get("REQUANT_KERNELS"), kmeans.EXACT_BUDGET
+    old_env, old_budget, old_threads = os.environ.get("REQUANT_KERNELS"), kmeans.EXACT_BUDGET, torch.get_num_threads()
     if solver == "torch":
         os.environ["REQUANT_KERNELS"] = "0"
+        torch.set_num_threads(TORCH_THREADS)
     elif solver == "c-heur":
         kmeans.EXACT_BUDGET = 0
     try:
         yield
     finally:
+        torch.set_num_threads(old_threads)
         kmeans.EXACT_BUDGET = old_budget
         if old_env is None:
             os.environ.pop("REQUANT_KERNELS", None)
@@ -75,24 +80,26 @@ def fisher_like(shape: torch.Size, seed: int, dtype: torch.dtype = torch.float64
     return (torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) ** 2).to(dtype)
 
 
-def timed(fn: Callable[[], object]) -> tuple[float, object]:
-    t = time.perf_counter()
+def timed(fn: Callable[[], object]) -> tuple[float, object, float]:
+    """Wall seconds, the result, and CPU seconds of the whole process (all threads)."""
+    t, c = time.perf_counter(), time.process_time()
     out = fn()
-    return time.perf_counter() - t, out
+    return time.perf_counter() - t, out, time.process_time() - c
 
 
-def sklearn_rows(x: np.ndarray, w: np.ndarray, k: int, rows: range) -> tuple[float, float]:
-    """Seconds and total weighted SSE of per-row sklearn fits over `rows`."""
+def sklearn_rows(x: np.ndarray, w: np.ndarray, k: int, rows: range) -> tuple[float, float, float]:
+    """Wall seconds, total weighted SSE and CPU seconds of per-row sklearn fits over `rows`."""
     from sklearn.cluster import KMeans
 
-    total, seconds = 0.0, 0.0
+    total, seconds, cpu = 0.0, 0.0, 0.0
     for i in rows:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         km = KMeans(n_clusters=k, n_init="auto", max_iter=50, random_state=0)
         centers = km.fit(x[i, :, None], sample_weight=w[i]).cluster_centers_[:, 0]
         seconds += time.perf_counter() - t
+        cpu += time.process_time() - c
         total += float((w[i] * ((x[i, :, None] - centers[None, :]) ** 2).min(1)).sum())
-    return seconds, total
+    return seconds, total, cpu
 
 
 def layer_table(args, weights: dict[str, torch.Tensor]) -> list[dict]:
@@ -114,6 +121,7 @@ def layer_table(args, weights: dict[str, torch.Tensor]) -> list[dict]:
                 }
                 timed_rows = rows if args.sklearn_rows <= 0 else min(rows, args.sklearn_rows)
                 times: dict[str, list[float]] = {s: [] for s in (*SOLVERS, "sklearn")}
+                cpu: dict[str, list[float]] = {s: [] for s in (*SOLVERS, "sklearn")}
                 objective: dict[str, float] = {}
                 for s in SOLVERS:  # warm-up (kernel build and load, allocator)
                     with solver_env(s):
@@ -121,16 +129,20 @@ def layer_table(args, weights: dict[str, torch.Tensor]) -> list[dict]:
                 for r in range(args.repeats):  # interleaved rounds: load changes hit every solver alike
                     for s in SOLVERS:
                         with solver_env(s):
-                            times[s].append(timed(fits[s])[0])
+                            sec, _, c = timed(fits[s])
+                        times[s].append(sec)
+                        cpu[s].append(c)
                     if r < args.sklearn_repeats:
                         with threadpool_limits(args.sklearn_threads):
-                            sec, sk_timed = sklearn_rows(xn, wn, k, range(timed_rows))
+                            sec, sk_timed, c = sklearn_rows(xn, wn, k, range(timed_rows))
                         times["sklearn"].append(sec * rows / timed_rows)
+                        cpu["sklearn"].append(c * rows / timed_rows)
                 with threadpool_limits(args.sklearn_threads):  # the objective covers all rows
-                    _, sk_rest = sklearn_rows(xn, wn, k, range(timed_rows, rows))
+                    _, sk_rest, _ = sklearn_rows(xn, wn, k, range(timed_rows, rows))
                 objective["sklearn"] = sk_timed + sk_rest
                 med = {s: statistics.median(v) for s, v in times.items()}
                 best = {s: min(v) for s, v in times.items()}
+                cpu_med = {s: statistics.median(v) for s, v in cpu.items()}
                 rec = {
                     "layer": name,
                     "shape": [rows, n],
@@ -142,6 +154,8 @@ def layer_table(args, weights: dict[str, torch.Tensor]) -> list[dict]:
                     "seconds_min": best,
                     "speedup_vs_sklearn": {s: med["sklearn"] / med[s] for s in SOLVERS},
                     "speedup_vs_sklearn_min": {s: best["sklearn"] / best[s] for s in SOLVERS},
+                    "cpu_seconds": cpu_med,
+                    "cpu_speedup_vs_sklearn": {s: cpu_med["sklearn"] / cpu_med[s] for s in SOLVERS},
                     "objective": objective,
                     "rel_diff_vs_sklearn": {s: objective[s] / objective["sklearn"] - 1 for s in SOLVERS},
                     "load_after": os.getloadavg()[0],
@@ -176,7 +190,7 @@ def full_model(args) -> dict:
             for i, info in enumerate(layers):
                 w = modules[info.name].weight.detach()
                 imp = fisher_like(w.shape, 1000 + i, torch.float32)  # like Fisher: float32, per layer
-                sec, q = timed(partial(quantizer.fit, w, importance=imp))
+                sec, q, _ = timed(partial(quantizer.fit, w, importance=imp))
                 seconds += sec
                 err += float((imp.double() * (w.double() - q.dequantize().double()) ** 2).sum())
         out[solver] = {"seconds": seconds, "weighted_sse": err}
@@ -188,6 +202,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2, help="torch threads (the C kernel uses as many)")
     p.add_argument("--sklearn-threads", type=int, default=1, help="thread-pool limit for sklearn")
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="torch threads for the PyTorch reference (its many small parallel ops stall on a busy machine)",
+    )
     p.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds (medians reported)")
     p.add_argument("--sklearn-repeats", type=int, default=3, help="rounds that also time sklearn")
     p.add_argument("--sklearn-rows", type=int, default=0, help="rows timed for sklearn (0 = all)")
@@ -203,6 +223,8 @@ def main() -> None:
         p.error("--sklearn-repeats must be between 1 and --repeats")
     import sklearn
 
+    global TORCH_THREADS
+    TORCH_THREADS = args.torch_threads
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
     records = []
@@ -215,6 +237,7 @@ def main() -> None:
     meta = {
         "threads": args.threads,
         "sklearn_threads": args.sklearn_threads,
+        "torch_reference_threads": args.torch_threads,
         "repeats": args.repeats,
         "sklearn_repeats": args.sklearn_repeats,
         "cpu_count": os.cpu_count(),
@@ -242,7 +265,8 @@ def markdown(meta: dict, records: list[dict], full: dict | None, args) -> str:
     lines = [
         "# Weighted 1-D k-means: requant vs per-row scikit-learn KMeans",
         "",
-        f"torch {meta['torch']}, {args.threads} threads, kernel {meta['kernel']}; sklearn {meta['sklearn']}"
+        f"torch {meta['torch']}; C kernel ({meta['kernel']}) on {args.threads} threads, PyTorch reference on"
+        f" {args.torch_threads}; sklearn {meta['sklearn']}"
         f" KMeans(n_init='auto', max_iter=50) per row, {args.sklearn_threads} thread(s); {meta['cpus_usable']}"
         f" of {meta['cpu_count']} CPUs usable; 1-min load average {lo:.1f} before / {hi:.1f} after. Times are"
         f" medians of {args.repeats} interleaved rounds ({args.sklearn_repeats} for sklearn), measured side by"
@@ -267,7 +291,7 @@ def markdown(meta: dict, records: list[dict], full: dict | None, args) -> str:
             lines.append(
                 f"| {r['layer'].removeprefix('model.layers.')} | {r['shape'][0]}×{r['shape'][1]} | {r['k']}"
                 f" | {r['weights']} | {sk}"
-                + "".join(f" | {s[v] * 1e3:.1f} | {sp[v]:.0f}×" for v in SOLVERS)
+                + "".join(f" | {s[v] * 1e3:.1f} | {sp[v]:.3g}×" for v in SOLVERS)
                 + f" | {r['objective']['sklearn']:.5g}"
                 + "".join(f" | {rel[v]:+.2%}" for v in SOLVERS)
                 + " |"
@@ -275,16 +299,20 @@ def markdown(meta: dict, records: list[dict], full: dict | None, args) -> str:
     if records:
         lines += [
             "",
-            "Fastest round instead of the median (other processes on the machine only ever add time):",
+            "The same speedups from the fastest round instead of the median (other processes only ever add"
+            " time), and per CPU second (median process CPU time, all threads: the work each solver does,"
+            " whatever the machine's load):",
             "",
-            "| layer | k | weights | exact | c-heur | torch |",
-            "|---|---|---|---|---|---|",
+            "| layer | k | weights | exact fastest | c-heur fastest | torch fastest | exact CPU | c-heur CPU"
+            " | torch CPU |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in records:
-            sp = r["speedup_vs_sklearn_min"]
+            sp, cs = r["speedup_vs_sklearn_min"], r["cpu_speedup_vs_sklearn"]
             lines.append(
                 f"| {r['layer'].removeprefix('model.layers.')} | {r['k']} | {r['weights']}"
-                + "".join(f" | {sp[v]:.0f}×" for v in SOLVERS)
+                + "".join(f" | {sp[v]:.3g}×" for v in SOLVERS)
+                + "".join(f" | {cs[v]:.3g}×" for v in SOLVERS)
                 + " |"
             )
     if full:
