@@ -173,6 +173,22 @@ def test_exact_is_never_worse_than_the_reference(k, data, monkeypatch):
 
 
 @needs_c
+def test_exact_objective_never_grows_when_entries_are_left_out():
+    """Optimal SSE is monotone in the kept set, so Algorithm 1's J(r) cannot rise with the outlier ratio r
+    (the heuristic's can, when a refit lands in a worse local optimum)."""
+    x, w = _heavy_rows(64, 400, seed=17)
+    order = torch.rand(x.shape, generator=_gen(18)).argsort(1)
+    prev = None
+    for frac in (0.0, 0.01, 0.05, 0.2):
+        wk = w.clone()
+        wk.scatter_(1, order[:, : int(frac * 400)], 0.0)
+        obj = weighted_kmeans_1d(x, wk, 8, exact=True).objective
+        if prev is not None:
+            assert (obj <= prev * (1 + 1e-9)).all()
+        prev = obj
+
+
+@needs_c
 @pytest.mark.parametrize(("k", "n_init"), [(4, 1), (8, 3), (16, 3), (16, 5)])
 def test_c_heuristic_is_the_reference_heuristic(k, n_init, monkeypatch):
     """Same starts (the k-means++ draws too), same moves: the same clustering in (nearly) every row."""
