@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from requant import native
 from requant.format import kernels
 from requant.format.qlinear import (
     DECODE_MAX_ROWS,
@@ -149,7 +150,7 @@ def test_replace_with_quant_linear_keeps_the_model_output(model, tokenizer):
     assert isinstance(model.model.layers[0].mlp.up_proj, QuantLinear)
 
 
-@pytest.mark.skipif(kernels._compiler() is None, reason="no C compiler")
+@pytest.mark.skipif(native.compiler() is None, reason="no C compiler")
 @pytest.mark.parametrize(
     "flags",
     [["-O2", "-mavx2", "-mfma", "-ffp-contract=off", "-pthread"], ["-O2", "-ffp-contract=off", "-pthread"]],
@@ -158,7 +159,7 @@ def test_replace_with_quant_linear_keeps_the_model_output(model, tokenizer):
 def test_every_isa_variant_matches_the_reference(flags, make_layer, tmp_path):
     """The AVX2 and portable C paths (not the ones this machine picks) against the reference."""
     try:
-        lib = kernels.load(kernels.build(kernels._compiler(), (flags,), tmp_path))
+        lib = kernels.build_variant(flags, tmp_path)
     except RuntimeError as e:
         pytest.skip(f"cannot build with {flags}: {e}")
     for bits in (2, 3, 4, 8):

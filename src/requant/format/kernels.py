@@ -1,39 +1,23 @@
-"""Optional C kernels for packed layers: built on first use with the system C compiler, loaded by ctypes.
+"""Optional C kernels for packed layers (csrc/qgemm.c), built and loaded through requant.native.
 
 Nothing here is needed to import requant: without a compiler (or with REQUANT_KERNELS=0) `library()`
-returns None and QuantLinear runs its pure-PyTorch reference path. The shared library is cached under
-<requant cache>/kernels, keyed by a hash of the source, the compiler, the flags and the CPU, so a build
-happens once per machine. The kernels run on their own small thread pool sized to
+returns None and QuantLinear runs its pure-PyTorch reference path. requant.native compiles the source once
+per machine into the requant cache. The kernels run on their own small thread pool sized to
 torch.get_num_threads() (see qgemm.c for why not OpenMP).
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
+from .. import native
+
 SOURCE = Path(__file__).parent / "csrc" / "qgemm.c"
 ABI_VERSION = 3
 GEMM_MAX_M = 64  # RQ_MAX_M in qgemm.c: more input rows than this go through dequantize + BLAS
-ENV_SWITCH = "REQUANT_KERNELS"  # "0" / "off" disables the C kernels
-
-# -ffp-contract=off: no fused multiply-add where the reference rounds twice (dequantize stays bit-exact).
-_FLAG_SETS = (
-    ["-O3", "-march=native", "-ffp-contract=off", "-pthread"],
-    ["-O3", "-ffp-contract=off", "-pthread"],
-)
-
-_lib: ctypes.CDLL | None = None
-_tried = False
-_reason = "not built yet"
 
 
 class LayerDesc(ctypes.Structure):
@@ -60,75 +44,7 @@ class LayerDesc(ctypes.Structure):
     ]
 
 
-def _enabled() -> bool:
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "off", "false", "no")
-
-
-def _cpu_key() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        flags = ""
-    return f"{platform.machine()}:{flags}"
-
-
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-
-
-def build(cc: str, flag_sets: tuple[list[str], ...] = _FLAG_SETS, out_dir: Path | None = None) -> Path:
-    """Compile qgemm.c with the first flag set that works (cached); the path of the shared library."""
-    from ..assets import cache_dir
-
-    source = SOURCE.read_bytes()
-    out_dir = out_dir or cache_dir() / "kernels"
-    errors = []
-    for flags in flag_sets:
-        key = hashlib.sha256(source + f"{cc}|{flags}|{_cpu_key()}".encode()).hexdigest()[:16]
-        target = out_dir / f"qgemm-{key}.so"
-        if target.is_file():
-            return target
-        out_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".qgemm-", suffix=".so", dir=out_dir)
-        os.close(fd)
-        cmd = [cc, *flags, "-std=gnu11", "-shared", "-fPIC", "-o", tmp, str(SOURCE)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode == 0:
-            os.replace(tmp, target)  # atomic: concurrent builders never load a half-written file
-            return target
-        os.unlink(tmp)
-        errors.append(f"{' '.join(flags)}: {proc.stderr.strip().splitlines()[-1:] or proc.returncode}")
-    raise RuntimeError("; ".join(errors))
-
-
-def library() -> ctypes.CDLL | None:
-    """The loaded kernel library, building it on first use; None when disabled or unavailable."""
-    global _lib, _tried, _reason
-    if not _enabled():
-        return None
-    if _tried:
-        return _lib
-    _tried = True
-    cc = _compiler()
-    if cc is None:
-        _reason = "no C compiler found (set CC)"
-        return None
-    try:
-        lib = load(build(cc))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        _reason = f"build or load failed: {e}"
-        return None
-    _lib, _reason = lib, f"loaded ({lib.rq_isa().decode()})"
-    return lib
-
-
-def load(path: Path) -> ctypes.CDLL:
-    """Load a built kernel library and declare its functions."""
-    lib = ctypes.CDLL(str(path))
-    if lib.rq_abi_version() != ABI_VERSION:
-        raise RuntimeError(f"{path}: ABI version {lib.rq_abi_version()} != {ABI_VERSION}")
-    lib.rq_isa.restype = ctypes.c_char_p
+def _declare(lib: ctypes.CDLL) -> None:
     lib.rq_set_threads.argtypes = [ctypes.c_int]
     lib.rq_set_threads.restype = ctypes.c_int
     lib.rq_gemm.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
@@ -137,6 +53,30 @@ def load(path: Path) -> ctypes.CDLL:
     lib.rq_dequantize.restype = None
     lib.rq_pool_chunks.argtypes = [ctypes.c_int]
     lib.rq_pool_chunks.restype = ctypes.c_int64
+
+
+_NATIVE = native.NativeLibrary(SOURCE, ABI_VERSION, _declare)
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, building it on first use; None when disabled or unavailable."""
+    return _NATIVE.get()
+
+
+def status() -> str:
+    """Why the kernels are (not) in use, for reports and `requant bench`."""
+    return _NATIVE.reason
+
+
+def build_variant(flags: list[str], out_dir: Path) -> ctypes.CDLL:
+    """qgemm.c built with specific compiler flags into `out_dir` and loaded (tests of every ISA path)."""
+    cc = native.compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found")
+    lib = native.load(
+        native.build(SOURCE, cc, abi_version=ABI_VERSION, flag_sets=(flags,), out_dir=out_dir), ABI_VERSION
+    )
+    _declare(lib)
     return lib
 
 
@@ -154,14 +94,6 @@ def _sync_threads(lib: ctypes.CDLL) -> None:
     if n != lib.__dict__.get("_rq_threads"):
         lib.rq_set_threads(n)
         lib.__dict__["_rq_threads"] = n
-
-
-def status() -> str:
-    """Why the kernels are (not) in use, for reports and `requant bench`."""
-    if not _enabled():
-        return f"disabled by {ENV_SWITCH}=0"
-    library()
-    return _reason
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
