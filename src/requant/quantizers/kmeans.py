@@ -137,12 +137,13 @@ def weighted_kmeans_1d(
     x = x.detach().cpu().contiguous()
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()  # exact for fp16/bf16
-    lib = _NATIVE.get() if round_centroids_to in _ROUNDING else None
+    # The kernel rounds to these dtypes itself and indexes a row with 32-bit integers.
+    lib = _NATIVE.get() if round_centroids_to in _ROUNDING and n < 2**31 else None
     if lib is not None:
         budget = 0 if exact is False else (2**63 - 1 if exact else EXACT_BUDGET)
         return _fit_native(lib, x, weight, k, max_iter, n_init, seed, tol, round_centroids_to, budget)
     if exact:
-        why = _NATIVE.reason if round_centroids_to in _ROUNDING else f"rounding to {round_centroids_to}"
+        why = _NATIVE.reason if round_centroids_to in _ROUNDING else f"it does not round to {round_centroids_to}"
         raise RuntimeError(f"exact k-means needs the C kernel, which is unavailable: {why}")
     return _fit_torch(x, weight, k, max_iter, n_init, seed, tol, round_centroids_to)
 
