@@ -754,7 +754,7 @@ static void exact_boundaries(scratch_t *S, int64_t m, int64_t k, int64_t *g) {
     const double wmin = RQ_WMIN * W[m];
     /* j = 1: one cluster [0, i) */
     for (int64_t i = 1; i <= m - k + 1; i++) {
-        fprev[i] = -Sv[i] * Sv[i] / W[i];
+        fprev[i] = W[i] > wmin ? -Sv[i] * Sv[i] / W[i] : 0.0;
         opt[stride + i] = 0;
     }
     for (int64_t j = 2; j < k; j++) {
