@@ -360,9 +360,8 @@ static void quantile_edges(const pw_t *P, int64_t m, int64_t parts, int64_t *e) 
 }
 
 /* Centroids at the quantiles of density^(1/3) (see kmeans.py, _companding_start). */
-static void companding_start(scratch_t *S, int64_t m, int64_t k, double *out) {
+static void companding_start(scratch_t *S, int64_t k, double *out) {
     const int64_t parts = 4 * k;
-    quantile_edges(S->P, m, parts, S->edges);
     for (int64_t t = 0; t <= parts; t++) S->v[t] = S->xs[S->edges[t]];
     double acc = 0;
     for (int64_t t = 0; t < parts; t++) {
@@ -385,10 +384,9 @@ static void companding_start(scratch_t *S, int64_t m, int64_t k, double *out) {
 }
 
 /* Centroids at the weighted (j + ½)/k quantiles. */
-static void quantile_start(scratch_t *S, int64_t m, int64_t k, double *out) {
-    quantile_edges(S->P, m, 2 * k, S->edges);
-    for (int64_t j = 0; j < k; j++) {
-        int64_t pos = S->edges[2 * j + 1] - 1;
+static void quantile_start(scratch_t *S, int64_t k, double *out) {
+    for (int64_t j = 0; j < k; j++) { /* edge 2j+1 of 2k parts is edge 4j+2 of 4k parts */
+        int64_t pos = S->edges[4 * j + 2] - 1;
         out[j] = S->xs[pos > 0 ? pos : 0];
     }
 }
@@ -415,10 +413,9 @@ static void sort_small(double *a, int64_t k) {
 }
 
 /* Weighted k-means++ on a coreset of RQ_PP_RUNS·k equal-weight runs (see kmeans.py, _kmeanspp_start). */
-static void kmeanspp_start(scratch_t *S, int64_t m, int64_t k, uint64_t key, int64_t draw, double *out) {
+static void kmeanspp_start(scratch_t *S, int64_t k, uint64_t key, int64_t draw, double *out) {
     const int64_t R = RQ_PP_RUNS * k;
     if (draw == 0) { /* the coreset is the same for every draw */
-        quantile_edges(S->P, m, R, S->edges);
         for (int64_t t = 0; t < R; t++) {
             const pw_t a = S->P[S->edges[t]], b = S->P[S->edges[t + 1]];
             S->run_w[t] = b.w - a.w;
@@ -578,7 +575,7 @@ static int band_sweep(const pw_t *P, int64_t k, int64_t *g, int parity, double t
 /* Boundaries from starting centroids c0 (k, ascending). */
 static void boundaries_from(const double *xs, int64_t m, int64_t k, const double *c0, int64_t *g) {
     g[0] = 0;
-    for (int64_t j = 1; j < k; j++) g[j] = search2(xs, m, c0[j - 1] + c0[j]);
+    for (int64_t j = 1; j < k; j++) g[j] = search2_near(xs, m, c0[j - 1] + c0[j], g[j - 1]); /* sums increase */
     g[k] = m;
 }
 
@@ -788,11 +785,15 @@ static void heuristic_boundaries(const params_t *pr, scratch_t *S, int64_t m, in
     const double span = (S->xs[m - 1] - S->xs[0]) * pr->tol;
     const int64_t ns = pr->n_starts;
     double *c0 = S->starts;
-    companding_start(S, m, k, c0);
-    if (ns > 1) quantile_start(S, m, k, c0 + k);
+    /* All three starts cut the row into equal-weight runs: 4k of them (t/(2k) and 2t/(4k) of the total weight
+     * are the same doubles, so the 2k-run edges are every other one of these). */
+    _Static_assert(RQ_PP_RUNS == 4, "the k-means++ coreset uses the 4k-run edges");
+    quantile_edges(S->P, m, 4 * k, S->edges);
+    companding_start(S, k, c0);
+    if (ns > 1) quantile_start(S, k, c0 + k);
     if (ns > 2) {
         const uint64_t key = mix64(h ^ mix64(pr->seed + RQ_GOLDEN));
-        for (int64_t d = 0; d < ns - 2; d++) kmeanspp_start(S, m, k, key, d, c0 + (2 + d) * k);
+        for (int64_t d = 0; d < ns - 2; d++) kmeanspp_start(S, k, key, d, c0 + (2 + d) * k);
     }
     double best = -INFINITY;
     for (int64_t s = 0; s < ns; s++) {
