@@ -10,9 +10,7 @@ from torch import nn
 from .gradients import window_gradients
 
 
-def fisher_information(
-    model: nn.Module, names: Sequence[str], windows: torch.Tensor
-) -> dict[str, torch.Tensor]:
+def fisher_information(model: nn.Module, names: Sequence[str], windows: torch.Tensor) -> dict[str, torch.Tensor]:
     """Σ_s g_s² (fp32) for each named layer's weight, g_s the gradient of window s's mean token NLL.
 
     Batch size 1 per sample, as in SqueezeLLM: the square must be taken per sample. A sum, not a mean;
