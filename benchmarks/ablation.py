@@ -20,15 +20,16 @@ def variants(bits: int, nodes: int, rule: str) -> dict[str, QuantConfig | None]:
         bits=bits,
         **{**recipe_settings("requant", "squeezellm"), "pqi_nodes": nodes, "pqi_rule": rule},
     )
+    # Most telling rows first (P1 needs fp32, full and D&S), so a cut-short run still answers the headline.
     return {
         "fp32": None,
         "full ReQuant (β=0.025)": full,
+        "SqueezeLLM D&S (IQR + Fisher)": replace(full, outlier_select="iqr", significant_select="fisher", step=None),
+        "dense-only": replace(full, outliers=0.0, significant=0.0, step=None),
         "Algorithm 1 only": replace(full, significant=0.0, step=None),
         "SqueezeLLM IQR outliers": replace(full, outlier_select="iqr", significant=0.0, step=None),
-        "Algorithm 2 only": replace(full, outliers=0.0),
-        "dense-only": replace(full, outliers=0.0, significant=0.0, step=None),
         "random (same budget)": replace(full, outlier_select="random", significant_select="random", step=None),
-        "SqueezeLLM D&S (IQR + Fisher)": replace(full, outlier_select="iqr", significant_select="fisher", step=None),
+        "Algorithm 2 only": replace(full, outliers=0.0),
         "β = 0.05 (1 step)": replace(full, step=0.05),
         "β = 0.0125 (4 steps)": replace(full, step=0.0125),
     }
