@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed
+from .errors import ConfigError
 from .model import find_blocks, get_linear
 from .progress import bar
 from .quantizers import LayerInputs
@@ -53,6 +55,14 @@ class _Accumulator:
         self.abs_sum += x.abs().sum(0, dtype=torch.float64)
         self.tokens += x.shape[0]
 
+    def all_reduce(self) -> None:
+        """Sum this accumulator over the torch.distributed ranks (a no-op in one process)."""
+        assert self.hessian is not None and self.abs_sum is not None
+        parts = {"hessian": self.hessian, "abs_sum": self.abs_sum}
+        distributed.all_reduce_(parts)
+        (tokens,) = distributed.all_reduce_scalars(self.tokens)
+        self.tokens = int(tokens)
+
     def result(self) -> LayerInputs:
         assert self.hessian is not None and self.abs_sum is not None
         # Σxxᵀ is symmetric in exact arithmetic; addmm's blocking can leave last-bit asymmetry.
@@ -71,6 +81,7 @@ class InputStatistics:
         self.acc: dict[str, _Accumulator] = {}
         self.owner: dict[str, str] = {}  # layer → the layer whose accumulator holds its input
         self._last: tuple[torch.Tensor, str] | None = None
+        self._reduced = False
         self._handles = [
             get_linear(model, n).register_forward_pre_hook(self._hook(n), with_kwargs=True) for n in self.names
         ]
@@ -92,13 +103,23 @@ class InputStatistics:
         return hook
 
     def new_pass(self) -> None:
+        if self._reduced:
+            raise RuntimeError("InputStatistics: no passes after result() (the sums are already reduced)")
         self._last = None
 
     def result(self) -> dict[str, LayerInputs]:
-        """LayerInputs per named layer; layers that read one tensor share one object."""
+        """LayerInputs per named layer; layers that read one tensor share one object.
+
+        Under torchrun each rank has seen its share of the windows: the sums are all-reduced here, once,
+        in sorted order (every rank found the same owners, the model being the same).
+        """
         missing = [n for n in self.names if n not in self.owner]
         if missing:
             raise RuntimeError(f"layer {missing[0]} was not called during the calibration passes")
+        if not self._reduced:
+            for owner in sorted(self.acc):
+                self.acc[owner].all_reduce()
+            self._reduced = True
         shared = {o: a.result() for o, a in self.acc.items()}
         return {n: shared[self.owner[n]] for n in self.names}
 
@@ -149,6 +170,17 @@ def _run(model: nn.Module, window: torch.Tensor) -> None:
         model(input_ids=window[None].to(_device(model)), use_cache=False)
 
 
+def _my_windows(windows: torch.Tensor) -> torch.Tensor:
+    """This rank's share of the windows; every rank needs at least one to find the layers' shared inputs."""
+    k = distributed.world_size()
+    if len(windows) < k:
+        raise ConfigError(
+            f"{len(windows)} calibration window(s) cannot be split across {k} processes; "
+            f"use --nsamples {k} or more, or fewer processes"
+        )
+    return windows[list(distributed.shard(len(windows)))]
+
+
 @torch.no_grad()
 def layer_inputs(
     model: nn.Module, names: Sequence[str], windows: torch.Tensor, *, desc: str = "calibration inputs"
@@ -160,8 +192,9 @@ def layer_inputs(
     prefix, blocks = find_blocks(model)
     idx = [_block_of(n, prefix) for n in names]
     last = None if any(i is None for i in idx) else blocks[max(idx)]  # type: ignore[type-var]
+    mine = _my_windows(windows)
     with InputStatistics(model, names) as stats, _stop_after(last):
-        for w in bar(windows, desc=desc, unit="window"):
+        for w in bar(mine, desc=desc, unit="window"):
             stats.new_pass()
             _run(model, w)
         return stats.result()
@@ -238,7 +271,9 @@ def sequential_fit(
     done: dict[str, torch.Tensor] = {}
     if by_block:
         first = min(by_block)
-        hidden, args, kwargs = _block_inputs(model, blocks[first], windows)
+        # Each rank propagates only its windows (its share of the activation memory); the statistics are
+        # all-reduced in InputStatistics.result(), so every rank fits the same layers identically.
+        hidden, args, kwargs = _block_inputs(model, blocks[first], _my_windows(windows))
         for b in bar(range(first, max(by_block) + 1), desc=desc, unit="block"):
             block = blocks[b]
             layer_names = by_block.get(b, [])

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import accounting
+from . import accounting, distributed
 from .calibration import layer_inputs, sequential_fit
 from .config import EQUAL_BITS, QuantConfig
 from .data import text_windows
@@ -383,6 +383,10 @@ def quantize(
         sp = SparseResidual.restore(weights[n], d.dequantize(), m) if m.any() else SparseResidual.empty(shapes[n])
         result_layers[n] = QuantizedLayer(infos[n], d, sp)
     apply_to_model(model, result_layers)
+    # Ranks decide independently from identical all-reduced sums; a cheap cross-check of the outcome.
+    distributed.check_same(
+        sum(float(get_linear(model, n).weight.detach().double().sum()) for n in names), "the quantized weights"
+    )
     result = QuantizationResult(replace(config, group_size=group_size), result_layers)
     bits = result.bit_count()
     timings["total_s"] = time.perf_counter() - t0
@@ -402,8 +406,12 @@ def quantize(
                 ("sequential" if quantizer.sequential else "one pass") if quantizer.uses_inputs else None
             ),
             "resumed_stages": work.resumed,
+            "world_size": distributed.world_size(),
         }
     )
+    if work.world_size_change is not None:
+        # Stored stages are all-reduced totals: valid for any number of processes, equal within fp32 rounding.
+        report["resumed_from_world_size"] = work.world_size_change[0]
     result.report = report
     return result
 

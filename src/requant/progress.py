@@ -8,6 +8,8 @@ from typing import TypeVar
 
 from tqdm.auto import tqdm
 
+from .distributed import is_main
+
 T = TypeVar("T")
 _QUIET = False
 
@@ -30,14 +32,15 @@ def bar(
     unit: str = "it",
     leave: bool = False,
 ) -> tqdm:
-    """A tqdm bar that hides itself when quiet or when stderr is not a terminal."""
+    """A tqdm bar that hides itself when quiet, when stderr is not a terminal, or on ranks other than 0
+    (under torchrun the ranks advance together, so rank 0's bar and ETA stand for the run)."""
     return tqdm(
         iterable,
         desc=desc,
         total=total,
         unit=unit,
         leave=leave,
-        disable=True if _QUIET else None,
+        disable=True if _QUIET or not is_main() else None,
         dynamic_ncols=True,
     )
 

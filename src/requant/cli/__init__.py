@@ -19,9 +19,7 @@ COMMAND_MODULES = ("quantize", "eval", "sensitivity", "inspect", "generate", "be
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="requant", description="Post-training quantization with PQI and ReQuant."
-    )
+    parser = argparse.ArgumentParser(prog="requant", description="Post-training quantization with PQI and ReQuant.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
         mod = importlib.import_module(f".{name}", __name__)
@@ -37,7 +35,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         with quiet_transformers():
             return args.handler(args)
     except RequantError as e:
-        print(f"requant: error: {e}", file=sys.stderr)
+        # Under torchrun every rank reports; say which one (the process group is gone by now, hence the env).
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        where = f" (rank {os.environ.get('RANK', '?')} of {world})" if world > 1 else ""
+        print(f"requant: error{where}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("requant: interrupted", file=sys.stderr)

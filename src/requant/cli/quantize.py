@@ -75,6 +75,17 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     q.add_argument("--keep-work", action="store_true", help="keep OUTPUT.work (stage results) after success")
     q.add_argument("--force", action="store_true", help="replace an existing different checkpoint")
     q.add_argument("--json", action="store_true", help="print one JSON object, no progress bars")
+    q.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the estimated cost (passes, FLOPs, peak memory) and exit without quantizing",
+    )
+    q.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="processes to estimate for with --dry-run (default: $WORLD_SIZE under torchrun, else 1)",
+    )
     add_calib(q)
     return q
 
@@ -117,25 +128,71 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .. import distributed
+
+    config = config_from_args(args)
+    if args.dry_run:
+        return dry_run(args, config)
+    # Under torchrun (WORLD_SIZE > 1) every rank runs this command; the windows are split between them.
+    distributed.init_from_env(args.device)
+    try:
+        return _quantize(args, config)
+    finally:
+        distributed.destroy()
+
+
+def dry_run(args: argparse.Namespace, config: Any) -> int:
+    """Print the estimated cost from the model's config alone (weights on the meta device, nothing loaded)."""
+    import json
+    import os
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..cost import estimate_cost, format_cost, model_info
+    from ..errors import ConfigError, InputError
+    from ..model import resolve_model_path
+
+    nproc = args.nproc if args.nproc is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    if nproc < 1:
+        raise ConfigError(f"--nproc {nproc} must be at least 1")
+    path = resolve_model_path(args.model)
+    try:
+        hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read the config of model {args.model!r}: {str(e).splitlines()[0]}") from None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    cost = estimate_cost(config, model_info(model, config), world_size=nproc)
+    if int(os.environ.get("RANK", "0")) == 0:  # launched under torchrun by mistake: print once
+        print(json.dumps(cost, indent=2) if args.json else format_cost(cost))
+    return 0
+
+
+def _quantize(args: argparse.Namespace, config: Any) -> int:
+    from .. import distributed
     from ..format import save_checkpoint
     from ..format.checkpoint import _check_replace
     from ..model import load_model, resolve_model_path
     from ..pipeline import quantize
 
-    config = config_from_args(args)
     out = Path(args.output)
     if out.exists():
         _check_replace(out, config, args.force)  # refuse before hours of work, not after
     work = out.with_name(out.name + ".work")
     t0 = time.perf_counter()
-    model, tok = load_model(args.model, device=args.device)
+    model, tok = load_model(args.model, device=distributed.local_device(args.device))
     result = quantize(model, tok, config, workdir=work, resume=args.resume)
     meta = {"model": resolve_model_path(args.model), "argv": sys.argv[1:], "wall_s": time.perf_counter() - t0}
-    save_checkpoint(out, model, tok, result, metadata=meta, force=args.force)
-    if not args.keep_work:
-        import shutil
+    if distributed.is_main():  # every rank holds the same result; one writes it
+        save_checkpoint(out, model, tok, result, metadata=meta, force=args.force)
+        if not args.keep_work:
+            import shutil
 
-        shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(work, ignore_errors=True)
+    distributed.barrier()  # the others end only once the checkpoint is complete
+    if not distributed.is_main():
+        return 0
     bits = result.bit_count()
     obj = {
         "output": str(out),

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import distributed
 from ..errors import NumericalError
 from ..loss import token_nll
 from ..progress import bar
@@ -49,8 +50,10 @@ def evaluate(
     """Perplexity of `model` over `windows` (k, L); with `reference`, also the mean per-token KL to it."""
     nll_total, count, kl_total = 0.0, 0, 0.0
     k, seqlen = windows.shape
-    pbar = bar(total=k, desc=f"eval {data}", unit="win")
-    for start in range(0, k, batch_size):
+    # Under torchrun each rank takes a share of the batches; the sums are all-reduced below.
+    starts = [range(0, k, batch_size)[i] for i in distributed.shard(len(range(0, k, batch_size)))]
+    pbar = bar(total=sum(len(windows[s : s + batch_size]) for s in starts), desc=f"eval {data}", unit="win")
+    for start in starts:
         batch = windows[start : start + batch_size]
         if reference is None:
             nll, n = token_nll(model, batch)
@@ -60,9 +63,7 @@ def evaluate(
             ref_dev = next(reference.parameters()).device
             ref = reference(input_ids=batch.to(ref_dev), use_cache=False).logits[:, :-1].to(dev)
             targets = batch[:, 1:].to(dev)
-            nll = F.cross_entropy(
-                logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
-            )
+            nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
             n = targets.numel()
             kl_total += float(kl_sum(ref, logits))
         if not math.isfinite(float(nll)):
@@ -71,6 +72,8 @@ def evaluate(
         count += n
         pbar.update(len(batch))
     pbar.close()
+    nll_total, count, kl_total = distributed.all_reduce_scalars(nll_total, count, kl_total)
+    count = int(count)
     mean = nll_total / count
     return EvalResult(
         data=data,

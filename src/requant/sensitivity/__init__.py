@@ -2,17 +2,18 @@
 
 from .actual import actual_delta_f, loss, path_losses
 from .fisher import fisher_information
-from .gradients import grads_only_for, mean_loss_gradient, window_gradients
+from .gradients import GradientSums, gradient_sums, grads_only_for, mean_loss_gradient, window_gradients
 from .path import weight_delta, weights_on_path
 from .pqi import PathNode, PQIResult, path_gradients, post_quantization_integral
 from .quadrature import RULES, exact_degree, quadrature
 from .report import REPORTS, Problem, Report, check_report, prepare_problem, run_report
 from .taylor import first_order, fisher_second_order, second_order_hvp
 
-__all__ = ["fisher_information", "grads_only_for", "mean_loss_gradient", "window_gradients"]
+__all__ = ["fisher_information", "gradient_sums", "grads_only_for", "mean_loss_gradient", "window_gradients"]
 __all__ += [
     "REPORTS",
     "RULES",
+    "GradientSums",
     "PQIResult",
     "PathNode",
     "Problem",

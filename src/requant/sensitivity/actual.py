@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from .. import distributed
 from ..errors import ConfigError, NumericalError
 from ..loss import token_nll
 from ..progress import bar
@@ -20,14 +21,17 @@ def loss(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 1, loss_f
     if batch_size < 1:
         raise ConfigError(f"batch size {batch_size} must be at least 1")
     total, count = 0.0, 0
+    starts = range(0, len(windows), batch_size)
     with torch.no_grad():
-        for start in bar(range(0, len(windows), batch_size), desc="loss", unit="batch"):
+        # This rank's batches; the sums are all-reduced below.
+        for start in bar([starts[i] for i in distributed.shard(len(starts))], desc="loss", unit="batch"):
             nll, n = loss_fn(model, windows[start : start + batch_size])
             value = nll.item()
             if not math.isfinite(value):
                 raise NumericalError(f"loss is not finite on calibration window {start}")
             total += value
             count += n
+    total, count = distributed.all_reduce_scalars(total, count)
     return total / count
 
 

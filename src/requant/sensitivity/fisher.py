@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .gradients import window_gradients
+from .gradients import gradient_sums
 
 
 def fisher_information(model: nn.Module, names: Sequence[str], windows: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -16,12 +16,7 @@ def fisher_information(model: nn.Module, names: Sequence[str], windows: torch.Te
     Batch size 1 per sample, as in SqueezeLLM: the square must be taken per sample. A sum, not a mean;
     its scale does not matter to the weighted k-means that consumes it.
     """
-    acc: dict[str, torch.Tensor] = {}
-    for _, _, count, grads in window_gradients(model, names, windows, batch_size=1, desc="fisher"):
-        for n, g in grads.items():
-            sq = (g / count).square_()
-            if n in acc:
-                acc[n] += sq
-            else:
-                acc[n] = sq
-    return acc
+    sums = gradient_sums(
+        model, names, windows, batch_size=1, desc="fisher", per_batch=lambda g, count: (g / count).square_()
+    )
+    return sums.grads

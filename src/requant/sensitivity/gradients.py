@@ -2,6 +2,8 @@
 
 Every sensitivity measure (Fisher, Taylor terms, PQI) is built from `window_gradients`, so the rules live
 in one place: only the listed weights require grad, accumulators are fp32, non-finite values are named.
+Sums over windows go through `gradient_sums`, the one place that splits the batches across torch.distributed
+ranks and all-reduces the fp32 totals (requant.distributed); with one process it is a plain sum.
 """
 
 from __future__ import annotations
@@ -9,10 +11,12 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .. import distributed
 from ..errors import NumericalError
 from ..loss import token_nll
 from ..progress import bar
@@ -47,14 +51,19 @@ def window_gradients(
     batch_size: int = 1,
     desc: str = "gradients",
     loss_fn: LossFn = token_nll,
+    sharded: bool = False,
 ) -> Iterator[tuple[int, float, int, dict[str, torch.Tensor]]]:
     """For each batch of windows yield (first window index, summed NLL, token count, fp32 grads of the sum).
 
-    The caller scales: the gradient of the mean loss over all windows is Σ grads / Σ tokens.
+    The caller scales: the gradient of the mean loss over all windows is Σ grads / Σ tokens. With `sharded`,
+    only this rank's batches (requant.distributed.shard over batch indices); the caller must all-reduce.
     """
+    starts = list(range(0, len(windows), batch_size))
+    if sharded:
+        starts = [starts[i] for i in distributed.shard(len(starts))]
     with grads_only_for(model, names) as weights:
-        pbar = bar(total=len(windows), desc=desc, unit="win")
-        for start in range(0, len(windows), batch_size):
+        pbar = bar(total=sum(len(windows[s : s + batch_size]) for s in starts), desc=desc, unit="win")
+        for start in starts:
             batch = windows[start : start + batch_size]
             for w in weights.values():
                 w.grad = None
@@ -73,6 +82,50 @@ def window_gradients(
         pbar.close()
 
 
+@dataclass
+class GradientSums:
+    """Totals over all windows (all ranks): summed token NLL, token count, Σ over batches of f(grad, count)."""
+
+    nll: float
+    tokens: int
+    grads: dict[str, torch.Tensor]  # fp32, on the model's device
+
+
+def gradient_sums(
+    model: nn.Module,
+    names: Sequence[str],
+    windows: torch.Tensor,
+    *,
+    batch_size: int = 1,
+    desc: str = "gradients",
+    loss_fn: LossFn = token_nll,
+    per_batch: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+) -> GradientSums:
+    """Σ over batches of `per_batch(grad of the batch's summed NLL, its token count)` (default: the grad itself),
+    with the NLL and token totals; batches are split across ranks and the fp32 sums all-reduced, so every
+    rank returns the same totals (equal to one process's up to fp32 summation order)."""
+    acc: dict[str, torch.Tensor] = {}
+    nll_total, tokens = 0.0, 0
+    for _, nll, count, grads in window_gradients(
+        model, names, windows, batch_size=batch_size, desc=desc, loss_fn=loss_fn, sharded=True
+    ):
+        nll_total += nll
+        tokens += count
+        for n, g in grads.items():
+            term = g if per_batch is None else per_batch(g, count)
+            # window_gradients hands out a fresh tensor per batch, so the first term can be kept.
+            if n in acc:
+                acc[n] += term
+            else:
+                acc[n] = term
+    for n in names:  # a rank with no batches (fewer batches than ranks) still joins the reduction
+        if n not in acc:
+            acc[n] = torch.zeros_like(model.get_submodule(n).weight, dtype=torch.float32)
+    distributed.all_reduce_(acc)
+    nll_total, total_tokens = distributed.all_reduce_scalars(nll_total, tokens)
+    return GradientSums(nll_total, int(total_tokens), {n: acc[n] for n in names})
+
+
 def mean_loss_gradient(
     model: nn.Module,
     names: Sequence[str],
@@ -83,16 +136,5 @@ def mean_loss_gradient(
     loss_fn: LossFn = token_nll,
 ) -> tuple[float, dict[str, torch.Tensor]]:
     """Mean token NLL F over the windows and its fp32 gradient for the named layers' weights."""
-    acc: dict[str, torch.Tensor] = {}
-    nll_total, tokens = 0.0, 0
-    for _, nll, count, grads in window_gradients(
-        model, names, windows, batch_size=batch_size, desc=desc, loss_fn=loss_fn
-    ):
-        nll_total += nll
-        tokens += count
-        for n, g in grads.items():
-            if n in acc:
-                acc[n] += g
-            else:
-                acc[n] = g.clone()
-    return nll_total / tokens, {n: g / tokens for n, g in acc.items()}
+    sums = gradient_sums(model, names, windows, batch_size=batch_size, desc=desc, loss_fn=loss_fn)
+    return sums.nll / sums.tokens, {n: g / sums.tokens for n, g in sums.grads.items()}

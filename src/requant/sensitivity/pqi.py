@@ -16,7 +16,7 @@ from torch import nn
 from ..errors import ConfigError, NumericalError
 from ..loss import token_nll
 from ..progress import bar
-from .gradients import LossFn, window_gradients
+from .gradients import LossFn, gradient_sums
 from .path import check_path, weights_on_path
 from .quadrature import quadrature
 
@@ -81,22 +81,14 @@ def path_gradients(
     with weights_on_path(model, names, original, quantized) as set_point:
         for i, t in enumerate(bar(ts, desc=f"{desc} nodes", unit="node")):
             set_point(float(t), subset)
-            acc: dict[str, torch.Tensor] = {}
-            nll_total, tokens = 0.0, 0
             try:
-                for _, nll, count, grads in window_gradients(
+                # Split across ranks and all-reduced: every rank gets the node's full gradient.
+                sums = gradient_sums(
                     model, moving, windows, batch_size=batch_size, desc=f"{desc} t={t:.4f}", loss_fn=loss_fn
-                ):
-                    nll_total += nll
-                    tokens += count
-                    for n, g in grads.items():
-                        # window_gradients hands out a fresh .grad per batch, so the first can be kept.
-                        if n in acc:
-                            acc[n] += g
-                        else:
-                            acc[n] = g
+                )
             except NumericalError as e:
                 raise NumericalError(f"at path node {i} (t={t:.4g}): {e}") from None
+            acc, nll_total, tokens = sums.grads, sums.nll, sums.tokens
             # fp32 BLAS dots per layer (blocked accumulation: ~1e-9 of Σ|terms| here), summed in fp64.
             deriv = sum(torch.dot(acc[n].reshape(-1), delta[n].reshape(-1)).item() for n in moving) / tokens
             yield PathNode(float(t), nll_total / tokens, acc, tokens, deriv)

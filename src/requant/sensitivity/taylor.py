@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .. import distributed
 from ..errors import ConfigError, NumericalError
 from ..loss import token_nll
 from ..progress import bar
@@ -68,7 +69,9 @@ def second_order_hvp(
     ):
         set_point(0.0)
         params = [weights[n] for n in moving]
-        for start in bar(range(0, len(windows), batch_size), desc="hessian-vector", unit="batch"):
+        starts = range(0, len(windows), batch_size)
+        # This rank's batches; the totals are all-reduced below.
+        for start in bar([starts[i] for i in distributed.shard(len(starts))], desc="hessian-vector", unit="batch"):
             nll, count = loss_fn(model, windows[start : start + batch_size])
             if not math.isfinite(nll.item()):
                 raise NumericalError(f"loss is not finite on calibration window {start}")
@@ -83,6 +86,7 @@ def second_order_hvp(
                 raise NumericalError(f"Hessian-vector product is not finite on calibration window {start}")
             total += quad
             tokens += count
+    total, tokens = distributed.all_reduce_scalars(total, tokens)
     return 0.5 * total / tokens
 
 

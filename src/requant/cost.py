@@ -1,0 +1,172 @@
+"""What a quantization run will cost, before it starts (`requant quantize --dry-run`): an estimate.
+
+Counts are exact for the pipeline as written (windows per stage, PQI nodes, detach steps); FLOPs and memory
+are first-order models:
+  * forward ≈ 2·P_lin FLOPs per token plus causal attention 2·blocks·L·hidden (P_lin: parameters of all
+    nn.Linear layers, lm_head included);
+  * forward+backward ≈ forward + activation gradients (≈ forward ×2 on attention) + weight gradients of the
+    quantized layers only (2·P_q): 4·P_lin + 2·P_q + 3·attention per token, ≈ 6·params when all are quantized;
+  * memory per rank = weights + the pipeline's fp32 copies of the quantized weights and gradient sums
+    + one window's activations (+ input statistics for AWQ/GPTQ/QTIP); every rank holds the whole model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from torch import nn
+
+from .config import QuantConfig
+from .model import find_blocks, quantizable_layers
+from .quantizers import QUANTIZERS
+from .sparse.detach import step_counts
+from .sparse.outliers import budget
+
+
+def model_info(model: nn.Module, config: QuantConfig, *, dtype_bytes: int = 4) -> dict[str, Any]:
+    """Sizes the estimate needs, from a model whose weights may be on the meta device (nothing loaded)."""
+    layers = quantizable_layers(model, config.include, config.exclude)
+    _, blocks = find_blocks(model)
+    seen: set[int] = set()
+    params = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            params += p.numel()
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    widths = [w for i in layers for w in (i.in_features, i.out_features)]
+    per_block: dict[int | None, int] = {}
+    for i in layers:
+        per_block[i.block] = per_block.get(i.block, 0) + i.in_features**2
+    return {
+        "params": params,
+        "linear_params": linear,
+        "quantized_params": sum(i.numel for i in layers),
+        "layers": len(layers),
+        "blocks": len(blocks),
+        "hidden": emb.embedding_dim if emb is not None else min(widths),
+        "intermediate": max(widths),
+        "vocab": emb.num_embeddings if emb is not None else 0,
+        # Σ in² over the layers: an upper bound on the Σxxᵀ floats (layers reading one tensor share one).
+        "input_stat_floats": sum(per_block.values()),
+        "input_stat_floats_block": max(per_block.values()),
+        "dtype_bytes": dtype_bytes,
+    }
+
+
+def _pqi_passes(config: QuantConfig, quantized: int) -> int:
+    passes = 1 if config.needs_pqi_pre else 0
+    if config.significant > 0 and config.significant_select == "pqi":
+        count = budget(config.significant, quantized)
+        step = max(budget(config.step, quantized) if config.step is not None else count, 1)
+        passes += len(step_counts(count, step))
+    return passes
+
+
+def estimate_cost(config: QuantConfig, info: dict[str, Any], *, world_size: int = 1) -> dict[str, Any]:
+    """Passes, FLOPs and peak memory of `quantize(config)` on a model described by `model_info`, in total and
+    per rank when the windows are split over `world_size` processes. An estimate: see the module docstring."""
+    k = max(int(world_size), 1)
+    quant = QUANTIZERS[config.base]
+    seqlen, n = config.seqlen, config.nsamples
+    m = config.pqi_nsamples or n
+    fisher_windows = n if config.needs_fisher else 0
+    pqi_passes = _pqi_passes(config, info["quantized_params"])
+    pqi_evals = pqi_passes * config.pqi_nodes * m
+    calib_fwd = 0
+    if quant.uses_inputs:
+        calib_fwd = n  # one pass of the fp model, or the block-by-block sequential pass (≈ one forward)
+        if quant.sequential and config.outliers > 0 and config.outlier_select == "adaptive":
+            calib_fwd += n  # Algorithm 1 also reads the fp model's statistics
+    fwd_bwd = fisher_windows + pqi_evals
+    # Each sum is split separately, so a rank's share is rounded up per sum (per PQI node).
+    fwd_bwd_rank = math.ceil(fisher_windows / k) + pqi_passes * config.pqi_nodes * math.ceil(m / k)
+    fwd_rank = math.ceil(calib_fwd / k) if calib_fwd else 0
+
+    attn = 2 * info["blocks"] * seqlen * info["hidden"]
+    fwd_token = 2 * info["linear_params"] + attn
+    fwd_bwd_token = 4 * info["linear_params"] + 2 * info["quantized_params"] + 3 * attn
+    tokens = seqlen  # per window
+    flops_total = (fwd_bwd * fwd_bwd_token + calib_fwd * fwd_token) * tokens
+    flops_rank = (fwd_bwd_rank * fwd_bwd_token + fwd_rank * fwd_token) * tokens
+
+    b = info["dtype_bytes"]
+    weights = info["params"] * b
+    q = info["quantized_params"]
+    # fp32 copies held by the pipeline: the original weights always; during PQI also w̃, Δw, ḡ, the node's
+    # gradient sum and the layers' .grad — six; during Fisher the copy, .grad, the sum and the square — four.
+    grad_work = 4 * q * (6 if pqi_passes else 4 if fisher_windows else 1)
+    act_floats = seqlen * (info["blocks"] * (10 * info["hidden"] + 4 * info["intermediate"]) + 3 * info["vocab"])
+    activations = 4 * act_floats if fwd_bwd else 4 * seqlen * (2 * info["hidden"] + 3 * info["vocab"])
+    stats = 0
+    if quant.uses_inputs:
+        if quant.sequential:
+            hidden_states = 2 * math.ceil(n / k) * seqlen * info["hidden"] * 4
+            stats = 4 * info["input_stat_floats_block"] + hidden_states
+            if config.outliers > 0 and config.outlier_select == "adaptive":
+                stats = max(stats, 4 * info["input_stat_floats"])
+        else:
+            stats = 4 * info["input_stat_floats"]
+    peak = weights + 4 * q + max(grad_work - 4 * q + activations, stats)
+    return {
+        "estimate": True,
+        "world_size": k,
+        "tokens_per_window": seqlen,
+        "windows": {"fisher": fisher_windows, "pqi": m if pqi_passes else 0, "calibration": n if calib_fwd else 0},
+        "pqi_passes": pqi_passes,
+        "pqi_nodes": config.pqi_nodes,
+        "passes": {
+            "fisher_fwd_bwd": fisher_windows,
+            "pqi_fwd_bwd": pqi_evals,
+            "calibration_fwd": calib_fwd,
+            "fwd_bwd": fwd_bwd,
+            "fwd": calib_fwd,
+        },
+        "per_rank_passes": {"fwd_bwd": fwd_bwd_rank, "fwd": fwd_rank},
+        "flops": {"total": flops_total, "per_rank": flops_rank, "fwd_bwd_per_token": fwd_bwd_token},
+        "memory_bytes_per_rank": {
+            "weights": weights,
+            "gradient_work": grad_work,
+            "activations": activations,
+            "input_statistics": stats,
+            "peak": peak,
+        },
+        "model": dict(info),
+    }
+
+
+def format_cost(cost: dict[str, Any]) -> str:
+    """The human-readable table `--dry-run` prints."""
+
+    def gb(x: float) -> str:
+        return f"{x / 1e9:.2f} GB"
+
+    info, p, mem = cost["model"], cost["passes"], cost["memory_bytes_per_rank"]
+    k = cost["world_size"]
+    lines = [
+        "requant quantize --dry-run: ESTIMATED cost (first-order model, not a measurement)",
+        f"  model          {info['params'] / 1e6:.1f} M parameters; {info['layers']} layers to quantize "
+        f"({info['quantized_params'] / 1e6:.1f} M weights) in {info['blocks']} blocks",
+        f"  processes      {k} (windows split across them; each holds the whole model)",
+        f"  window         {cost['tokens_per_window']} tokens",
+        f"  Fisher         {p['fisher_fwd_bwd']} forward+backward passes",
+        f"  PQI            {cost['pqi_passes']} integral(s) x {cost['pqi_nodes']} nodes x {cost['windows']['pqi']} "
+        f"windows = {p['pqi_fwd_bwd']} forward+backward passes",
+        f"  calibration    {p['calibration_fwd']} forward passes (AWQ/GPTQ/QTIP input statistics)",
+        f"  total          {p['fwd_bwd']} forward+backward + {p['fwd']} forward passes; "
+        f"{cost['flops']['total'] / 1e12:.2f} TFLOP",
+    ]
+    if k > 1:
+        r = cost["per_rank_passes"]
+        lines.append(
+            f"  per rank       {r['fwd_bwd']} forward+backward + {r['fwd']} forward passes; "
+            f"{cost['flops']['per_rank'] / 1e12:.2f} TFLOP"
+        )
+    lines.append(
+        f"  peak memory    ~{gb(mem['peak'])} per process (weights {gb(mem['weights'])}, gradient work "
+        f"{gb(mem['gradient_work'])}, activations {gb(mem['activations'])}, input statistics "
+        f"{gb(mem['input_statistics'])})"
+    )
+    return "\n".join(lines)

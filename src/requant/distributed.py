@@ -1,0 +1,201 @@
+"""Data parallelism over calibration windows with torch.distributed (launched by `torchrun`).
+
+Every rank holds the whole model and a share of the windows; sums over windows are computed per rank and
+all-reduced (fp32 tensors, fp64 scalars), so every rank ends with the same totals and makes the same
+deterministic decisions. Only rank 0 writes. Without an initialized process group every helper is the
+single-process identity, so library code calls them unconditionally.
+
+The totals equal the single-process ones up to fp32 summation order (per-rank partial sums, then the
+reduction), i.e. within a few ulps of the largest partial sum, not bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import math
+import os
+from collections.abc import Iterator, MutableMapping
+
+import torch
+import torch.distributed as dist
+
+from .errors import ConfigError, NumericalError, RequantError
+
+# How long a collective waits for the other ranks before failing; a rank that died leaves the others waiting
+# at most this long (torchrun usually stops them sooner, when it sees the failed worker exit).
+TIMEOUT_ENV = "REQUANT_DIST_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 1800.0
+
+__all__ = [
+    "RankFailure",
+    "all_reduce_",
+    "all_reduce_scalars",
+    "barrier",
+    "broadcast_flag",
+    "check_same",
+    "destroy",
+    "init_from_env",
+    "is_initialized",
+    "is_main",
+    "local_device",
+    "rank",
+    "shard",
+    "world_size",
+]
+
+
+class RankFailure(RequantError):
+    """A collective failed: another rank stopped (its own error is printed by that rank) or timed out."""
+
+
+@contextlib.contextmanager
+def _collective(what: str) -> Iterator[None]:
+    # gloo/NCCL report a vanished peer or a timeout as a RuntimeError (DistBackendError) with a long C++
+    # message; turn it into one line that says what happened and where to look.
+    try:
+        yield
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RankFailure(
+            f"rank {rank()} of {world_size()} stopped during {what}: another process failed or did not answer "
+            f"within {timeout().total_seconds():.0f} s ({first[:200]}); see the other ranks' errors"
+        ) from None
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def timeout() -> datetime.timedelta:
+    raw = os.environ.get(TIMEOUT_ENV, "")
+    try:
+        seconds = float(raw) if raw else DEFAULT_TIMEOUT_S
+    except ValueError:
+        raise ConfigError(f"{TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
+    if not seconds > 0:
+        raise ConfigError(f"{TIMEOUT_ENV}={raw!r} must be positive")
+    return datetime.timedelta(seconds=seconds)
+
+
+def local_device(device: str) -> str:
+    """The device of this rank: a bare "cuda" becomes cuda:LOCAL_RANK so each process gets its own GPU."""
+    if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return device
+
+
+def init_from_env(device: str = "cpu") -> bool:
+    """Join the process group described by torchrun's environment (WORLD_SIZE > 1); False when single-process.
+
+    gloo on CPU, NCCL when the device is CUDA. The group's timeout is REQUANT_DIST_TIMEOUT_S (default 1800 s).
+    """
+    if is_initialized():
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if not dist.is_available():
+        raise ConfigError("this torch build has no torch.distributed; run without torchrun")
+    dev = torch.device(local_device(device))
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+    dist.init_process_group(backend, timeout=timeout(), **kwargs)
+    return True
+
+
+def destroy() -> None:
+    if is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_initialized():
+        with _collective("a barrier"):
+            dist.barrier()
+
+
+def shard(n: int, *, rank_: int | None = None, world: int | None = None) -> range:
+    """Indices 0..n-1 owned by this rank: strided (r, r+K, r+2K, ...), so every index has exactly one owner
+    and ranks differ by at most one item. May be empty when n < K."""
+    r = rank() if rank_ is None else rank_
+    k = world_size() if world is None else world
+    if not 0 <= r < k:
+        raise ConfigError(f"rank {r} is outside a world of {k} processes")
+    return range(r, n, k)
+
+
+def _reduce_device(t: torch.Tensor) -> torch.device:
+    # NCCL reduces CUDA tensors only; gloo takes CPU (and CUDA) tensors.
+    if is_initialized() and dist.get_backend() == "nccl" and t.device.type != "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return t.device
+
+
+def all_reduce_(tensors: MutableMapping[str, torch.Tensor]) -> MutableMapping[str, torch.Tensor]:
+    """Sum each tensor over all ranks, in place, in sorted key order (every rank must pass the same keys
+    and shapes). A no-op without a process group."""
+    if not is_initialized() or world_size() == 1:
+        return tensors
+    with _collective("an all-reduce of accumulated sums"):
+        for key in sorted(tensors):
+            t = tensors[key]
+            dev = _reduce_device(t)
+            if dev == t.device and t.is_contiguous():
+                dist.all_reduce(t)
+            else:
+                buf = t.to(dev).contiguous()
+                dist.all_reduce(buf)
+                t.copy_(buf)
+    return tensors
+
+
+def all_reduce_scalars(*values: float) -> list[float]:
+    """Sum Python numbers over all ranks in fp64 (token counts stay exact below 2**53)."""
+    if not is_initialized() or world_size() == 1:
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64)
+    t = t.to(_reduce_device(t))
+    with _collective("an all-reduce of loss sums"):
+        dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def check_same(value: float, what: str) -> None:
+    """Raise on every rank if `value` (e.g. a checksum of a decision) differs between ranks.
+
+    Ranks decide independently from identical reduced totals; this guards the assumption cheaply.
+    """
+    if not is_initialized() or world_size() == 1:
+        return
+    t = torch.tensor([value, -value], dtype=torch.float64)
+    t = t.to(_reduce_device(t))
+    with _collective(f"a consistency check of {what}"):
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    hi, neg_lo = t.cpu().tolist()
+    if not (hi == -neg_lo or (math.isnan(hi) and math.isnan(neg_lo))):
+        raise NumericalError(f"ranks disagree on {what} ({-neg_lo!r} vs {hi!r}); results would be inconsistent")
+
+
+def broadcast_flag(value: bool) -> bool:
+    """Rank 0's value of a yes/no question, on every rank (e.g. whether a stored stage exists)."""
+    if not is_initialized() or world_size() == 1:
+        return value
+    t = torch.tensor([1.0 if value else 0.0], dtype=torch.float64)
+    t = t.to(_reduce_device(t))
+    with _collective("a broadcast from rank 0"):
+        dist.broadcast(t, src=0)
+    return bool(t.item())

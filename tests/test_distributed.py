@@ -1,0 +1,250 @@
+"""torch.distributed data parallelism: real 2-process gloo runs on this CPU against the 1-process results.
+
+Tolerance: the ranks sum their windows separately and the partial sums are then added, so totals differ from
+one process's in the fp32 summation order only: per layer, max |a - b| <= 1e-6 · max |a| (fp32 eps is 1.2e-7).
+Decisions taken from those totals (codes, LUT entries, chosen sparse entries) must be identical.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+import dist_workers
+from requant import distributed
+from requant.config import QuantConfig
+from requant.cost import estimate_cost, model_info
+from requant.format.checkpoint import QUANT_FILE
+
+REL = 1e-6
+
+
+def _spawn(target, *args, world: int = 2, timeout: float = 240) -> None:
+    """Start `world` spawned processes and wait for all (mp.spawn would kill the others on the first failure)."""
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=target, args=(r, world, *args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    scale = a.abs().max().item()
+    return (a - b).abs().max().item() <= REL * scale
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pure helpers
+
+
+@pytest.mark.parametrize(("n", "world"), [(0, 2), (1, 2), (5, 2), (7, 3), (8, 4), (3, 1)])
+def test_shard_covers_every_index_once(n, world):
+    parts = [list(distributed.shard(n, rank_=r, world=world)) for r in range(world)]
+    flat = sorted(i for p in parts for i in p)
+    assert flat == list(range(n))
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    assert parts == [list(distributed.shard(n, rank_=r, world=world)) for r in range(world)]  # deterministic
+
+
+def test_shard_rejects_bad_rank_and_helpers_are_identity_without_group():
+    from requant.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        distributed.shard(4, rank_=2, world=2)
+    assert not distributed.is_initialized() and distributed.world_size() == 1 and distributed.is_main()
+    assert list(distributed.shard(3)) == [0, 1, 2]
+    t = {"a": torch.ones(2)}
+    assert distributed.all_reduce_(t)["a"].tolist() == [1.0, 1.0]
+    assert distributed.all_reduce_scalars(1.5, 2) == [1.5, 2.0]
+    distributed.check_same(1.0, "x")
+    distributed.barrier()
+
+
+def test_init_from_env_single_process_and_local_device(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert distributed.init_from_env("cpu") is False and not distributed.is_initialized()
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert distributed.local_device("cuda") == "cuda:3" and distributed.local_device("cpu") == "cpu"
+    monkeypatch.setenv("REQUANT_DIST_TIMEOUT_S", "abc")
+    from requant.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="REQUANT_DIST_TIMEOUT_S"):
+        distributed.timeout()
+
+
+def _info(**over):
+    info = {
+        "params": 1000,
+        "linear_params": 900,
+        "quantized_params": 800,
+        "layers": 7,
+        "blocks": 2,
+        "hidden": 16,
+        "intermediate": 32,
+        "vocab": 50,
+        "input_stat_floats": 2000,
+        "input_stat_floats_block": 1000,
+        "dtype_bytes": 4,
+    }
+    info.update(over)
+    return info
+
+
+def test_estimate_cost_counts_passes_flops_and_memory():
+    # ReQuant on SqueezeLLM: Fisher (32 windows) + PQI before each of 2 detach steps (8 nodes × 10 windows).
+    config = QuantConfig(significant=0.5, significant_select="pqi", step=0.25, pqi_nodes=8, pqi_nsamples=10)
+    one = estimate_cost(config, _info(), world_size=1)
+    assert one["estimate"] is True and one["pqi_passes"] == 2
+    assert one["passes"] == {
+        "fisher_fwd_bwd": 32,
+        "pqi_fwd_bwd": 160,
+        "calibration_fwd": 0,
+        "fwd_bwd": 192,
+        "fwd": 0,
+    }
+    attn = 2 * 2 * 512 * 16
+    per_token = 4 * 900 + 2 * 800 + 3 * attn
+    assert one["flops"]["fwd_bwd_per_token"] == per_token
+    assert one["flops"]["total"] == 192 * per_token * 512
+    two = estimate_cost(config, _info(), world_size=3)
+    # Each sum is split on its own: ceil(32/3) + 2 · 8 · ceil(10/3).
+    assert two["per_rank_passes"] == {"fwd_bwd": 11 + 2 * 8 * 4, "fwd": 0}
+    assert two["flops"]["total"] == one["flops"]["total"] and two["flops"]["per_rank"] < one["flops"]["total"] / 2
+    mem = one["memory_bytes_per_rank"]
+    assert mem["weights"] == 4000 and mem["gradient_work"] == 4 * 800 * 6 and mem["input_statistics"] == 0
+    assert mem["peak"] == mem["weights"] + mem["gradient_work"] + mem["activations"]
+
+
+def test_estimate_cost_calibration_passes_for_input_methods():
+    gptq = estimate_cost(QuantConfig(base="gptq", nsamples=16), _info(), world_size=2)
+    assert gptq["passes"]["fisher_fwd_bwd"] == 0 and gptq["passes"]["calibration_fwd"] == 16
+    assert gptq["per_rank_passes"] == {"fwd_bwd": 0, "fwd": 8}
+    awq = estimate_cost(QuantConfig(base="awq", nsamples=16), _info(), world_size=1)
+    assert awq["memory_bytes_per_rank"]["input_statistics"] == 4 * 2000
+    rtn = estimate_cost(QuantConfig(base="rtn"), _info())
+    assert rtn["passes"]["fwd_bwd"] == 0 and rtn["passes"]["fwd"] == 0 and rtn["flops"]["total"] == 0
+
+
+def test_model_info_from_meta_model(model):
+    info = model_info(model, QuantConfig())
+    assert info["layers"] == 14 and info["blocks"] == 2 and info["hidden"] == 64 and info["vocab"] == 257
+    assert info["quantized_params"] == sum(
+        p.numel() for n, p in model.named_parameters() if "layers." in n and p.dim() == 2
+    )
+
+
+def test_dry_run_prints_estimate_and_writes_nothing(capsys, model_dir, tmp_path):
+    from requant.cli import main
+
+    out = tmp_path / "q"
+    assert main(["quantize", str(model_dir), "-o", str(out), "--dry-run", "--nproc", "2", "--nsamples", "4"]) == 0
+    text = capsys.readouterr().out
+    assert "ESTIMATED" in text and "4 forward+backward passes" in text and "per rank" in text
+    assert not out.exists() and not out.with_name("q.work").exists()
+    assert main(["quantize", str(model_dir), "-o", str(out), "--dry-run", "--json"]) == 0
+    cost = json.loads(capsys.readouterr().out)
+    assert cost["passes"]["fisher_fwd_bwd"] == 32 and cost["world_size"] == 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Two real processes
+
+
+def test_two_processes_match_one(tmp_path, text_file):
+    ref = dist_workers.compute(str(text_file), str(tmp_path / "work1"))
+    _spawn(dist_workers.numbers_worker, str(tmp_path / "init"), str(text_file), str(tmp_path / "work2"), str(tmp_path))
+    r0, r1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
+    # Every rank holds bit-identical totals (the reduction hands the same sum to all).
+    for k in r0:
+        if k != "writes":
+            assert torch.equal(r0[k], r1[k]), k
+    assert r1["writes"].item() == 0 and r0["writes"].item() > 0  # only rank 0 writes the work directory
+    assert set(r0) - {"writes"} == set(ref)
+    for k, v in ref.items():
+        if k == "scalars":
+            continue
+        assert _close(v, r0[k]), (k, (v - r0[k]).abs().max().item(), v.abs().max().item())
+    s1, s2 = ref["scalars"].tolist(), r0["scalars"].tolist()
+    assert s1[3] == s2[3] == 5 * 23  # eval tokens: every window counted once
+    for a, b in zip(s1, s2, strict=True):
+        assert math.isclose(a, b, rel_tol=REL, abs_tol=1e-9), (s1, s2)
+    # The quantize runs decide identically: codes, tables and sparse entries.
+    for k in ref:
+        if k.startswith(("squeeze.", "gptq.")):
+            assert torch.equal(ref[k], r0[k]), k
+    assert {p.name for p in (tmp_path / "work2" / "squeeze").iterdir()} >= {"config.json", "fisher.json"}
+
+
+def test_a_failing_rank_stops_the_other_with_a_clear_error(tmp_path):
+    _spawn(dist_workers.failing_worker, str(tmp_path / "init"), str(tmp_path), timeout=120)
+    r1 = (tmp_path / "rank1.txt").read_text()
+    r0 = (tmp_path / "rank0.txt").read_text()
+    assert r1.startswith("NumericalError: loss is not finite")
+    assert r0.startswith("RankFailure: rank 0 of 2 stopped during an all-reduce") and "other ranks" in r0
+
+
+def _torchrun(*argv: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "REQUANT_DIST_TIMEOUT_S": "120"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+    return subprocess.run(
+        [*cmd, "-m", "requant", *argv], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+def test_torchrun_cli_resumes_with_another_world_size(tmp_path, model_dir, text_file, capsys):
+    """1 process writes all stages; 2 processes resume from them (re-sharded, recorded) to the same checkpoint;
+    2 processes from scratch give the same codes as 1."""
+    from requant.cli import main
+
+    args = ["--base", "squeezellm", "--bits", "3", "--outliers", "0.5", "--significant", "0.2"]
+    args += ["--significant-select", "pqi", "--pqi-nodes", "2", "--calib", str(text_file)]
+    args += ["--nsamples", "3", "--seqlen", "32", "--json"]
+    one = tmp_path / "one"
+    assert main(["quantize", str(model_dir), "-o", str(one), "--keep-work", *args]) == 0
+    capsys.readouterr()
+    ref = load_file(str(one / QUANT_FILE))
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(one.with_name("one.work"), resumed.with_name("resumed.work"))
+    proc = _torchrun("quantize", str(model_dir), "-o", str(resumed), "--resume", *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rep = json.loads(proc.stdout)["report"]  # printed once, by rank 0
+    assert rep["world_size"] == 2 and rep["resumed_from_world_size"] == 1
+    assert set(rep["resumed_stages"]) >= {"fisher", "dense", "detach"}
+    got = load_file(str(resumed / QUANT_FILE))
+    assert got.keys() == ref.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+
+    fresh = tmp_path / "fresh"
+    proc = _torchrun("quantize", str(model_dir), "-o", str(fresh), *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["report"]["resumed_stages"] == []
+    got = load_file(str(fresh / QUANT_FILE))
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    assert not fresh.with_name("fresh.work").exists()
+
+
+def test_torchrun_cli_too_few_windows_fails_on_every_rank(tmp_path, model_dir, text_file):
+    proc = _torchrun(
+        "quantize", str(model_dir), "-o", str(tmp_path / "q"), "--base", "awq", "--bits", "4",
+        "--calib", str(text_file), "--nsamples", "1", "--seqlen", "32",
+    )  # fmt: skip
+    assert proc.returncode != 0
+    for rank in (0, 1):
+        assert f"requant: error (rank {rank} of 2): 1 calibration window(s) cannot be split across 2" in proc.stderr
