@@ -7,11 +7,21 @@ this module; none of them spells a shape on its own.
 Per quantized layer `<name>` (in quantized.safetensors):
   <name>.qweight        uint8 (out, ceil(in/8)·bits)   packed codes (format.pack)
   <name>.lut            fp16  (out, 2^bits)            kind "lut": per-row look-up table
-  <name>.scale          fp16  (out, in/group)          kind "uniform": per-group scale
-  <name>.zero           fp16  (out, in/group)          kind "uniform", asymmetric only: zero point
+  <name>.scale          fp16  (out, in/group)          kinds "uniform", "awq": per-group scale
+  <name>.zero           fp16  (out, in/group)          kinds "uniform", "awq", asymmetric only: zero point
+  <name>.in_scale       fp16  (in,)                    kind "awq": per-input-channel scale s, ŵ = uniform / s
+  <name>.sign_in        uint8 (ceil(in/8),)            kind "trellis": bit-packed RHT signs of the inputs
+  <name>.sign_out       uint8 (ceil(out/8),)           kind "trellis": bit-packed RHT signs of the outputs
+  <name>.scale          fp16  (1,)                     kind "trellis": the matrix's one scale
   <name>.sparse_rowptr  int32 (out+1,)                 only when nnz > 0: CSR row pointers
   <name>.sparse_col     int32 (nnz,)                   column indices
   <name>.sparse_value   fp16  (nnz,)                   residual values, ŵ = dense + sparse
+
+Kind "trellis" (QTIP) stores its K-bit stream pieces as `qweight` codes like any other kind (K = bits), and
+its trellis (L, V, code) and tile in requant.json; its tensors are TrellisTensor's, decoded by it.
+Tables of every kind are exactly the QuantizedTensor's TABLES, so the accounting (which counts those tables
+at their stored width) and the stored bytes agree: they differ only by the CSR row pointers and the padding
+of rows to whole 8-code chunks.
 """
 
 from __future__ import annotations
@@ -24,21 +34,28 @@ import torch
 from ..accounting import BitCount, count_bits
 from ..errors import CheckpointError
 from ..model import LayerInfo
-from ..quantizers import LUTTensor, QuantizedTensor, UniformTensor
+from ..quantizers import QuantizedTensor
+from ..quantizers.qtip.trellis import Trellis
 from .pack import PACK_BITS, from_csr, pack_codes, packed_row_bytes, to_csr, unpack_codes
 
 if TYPE_CHECKING:
     from ..pipeline import QuantizedLayer
 
+# Kinds "awq" and "trellis" extend v1 without a new version: files of the kinds v1 had ("lut", "uniform") are
+# byte-for-byte what they were, every old file stays readable, and a new kind is only a new `kind` value in
+# requant.json with its own tensor names. A reader that predates a kind refuses it with "kind ... has no v1
+# layout" (LayerLayout below) instead of misreading it, which is all a version bump would have bought.
 FORMAT_VERSION = 1
 READABLE_VERSIONS = (0, 1)  # v0 (unpacked codes, flat sparse index) is converted on load
 
 QWEIGHT, LUT, SCALE, ZERO = "qweight", "lut", "scale", "zero"
+IN_SCALE, SIGN_IN, SIGN_OUT = "in_scale", "sign_in", "sign_out"
 ROWPTR, COL, VALUE = "sparse_rowptr", "sparse_col", "sparse_value"
 DENSE_TENSORS = (QWEIGHT,)
-TABLE_TENSORS = (LUT, SCALE, ZERO)
+TABLE_TENSORS = (LUT, SCALE, ZERO, IN_SCALE, SIGN_IN, SIGN_OUT)
 SPARSE_TENSORS = (ROWPTR, COL, VALUE)
-KINDS = ("lut", "uniform")
+KINDS = ("lut", "uniform", "awq", "trellis")
+UNIFORM_KINDS = ("uniform", "awq")  # group-wise (code − zero)·scale codes; "awq" divides by in_scale
 
 DTYPE_NAMES = {torch.uint8: "U8", torch.int32: "I32", torch.float16: "F16", torch.float32: "F32"}
 
@@ -70,8 +87,12 @@ class LayerLayout:
     in_features: int
     bits: int
     nnz: int = 0
-    group_size: int | None = None  # uniform only
-    sym: bool = False  # uniform only
+    group_size: int | None = None  # uniform kinds only
+    sym: bool = False  # uniform kinds only
+    L: int | None = None  # trellis only: state bits
+    V: int | None = None  # trellis only: weights per trellis step
+    code: str | None = None  # trellis only: the computed code ("1mad" | "3inst")
+    tile: tuple[int, int] | None = None  # trellis only: rows × columns of weights per trellis stream
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -82,10 +103,28 @@ class LayerLayout:
             raise CheckpointError(f"bad layer shape ({self.out_features}, {self.in_features}) or nnz {self.nnz}")
         if self.nnz > self.out_features * self.in_features:
             raise CheckpointError(f"nnz {self.nnz} exceeds the layer's {self.numel} weights")
-        if self.kind == "uniform" and (
+        if self.kind in UNIFORM_KINDS and (
             not self.group_size or self.group_size < 1 or self.in_features % self.group_size
         ):
             raise CheckpointError(f"group size {self.group_size} does not divide the input width {self.in_features}")
+        if self.kind == "trellis":
+            self._check_trellis()
+
+    def _check_trellis(self) -> None:
+        if self.L is None or self.V is None or self.code is None or self.tile is None:
+            raise CheckpointError("a trellis layer needs L, V, code and tile")
+        try:
+            Trellis(self.L, self.bits, self.V, self.code)
+        except ValueError as e:
+            raise CheckpointError(f"bad trellis (L={self.L}, K={self.bits}, V={self.V}, {self.code}): {e}") from None
+        tx, ty = self.tile
+        if tx < 1 or ty < 1 or self.out_features % tx or self.in_features % ty or (tx * ty) % self.V:
+            raise CheckpointError(
+                f"trellis tile {tx}x{ty} does not divide the shape ({self.out_features}, {self.in_features}) "
+                f"into streams of a multiple of V={self.V} weights"
+            )
+        if tx * ty * self.bits < self.L:
+            raise CheckpointError(f"trellis tile {tx}x{ty} holds fewer than L={self.L} bits at {self.bits} bits")
 
     @property
     def numel(self) -> int:
@@ -95,16 +134,31 @@ class LayerLayout:
     def groups(self) -> int:
         return self.in_features // self.group_size if self.group_size else 1
 
+    def params(self) -> dict[str, Any]:
+        """The kind's decoding settings besides kind and bits, as its QuantizedTensor.params() gives them."""
+        if self.kind in UNIFORM_KINDS:
+            return {"group_size": self.group_size, "sym": self.sym}
+        if self.kind == "trellis":
+            assert self.tile is not None
+            return {"L": self.L, "V": self.V, "code": self.code, "tile": list(self.tile), "tail_biting": True}
+        return {}
+
     def tensors(self) -> dict[str, TensorSpec]:
         """Suffix → spec of every tensor this layer stores, in storage order."""
         out, inp = self.out_features, self.in_features
         specs = {QWEIGHT: TensorSpec(torch.uint8, (out, packed_row_bytes(inp, self.bits)))}
         if self.kind == "lut":
             specs[LUT] = TensorSpec(torch.float16, (out, 2**self.bits))
-        else:
+        elif self.kind in UNIFORM_KINDS:
             specs[SCALE] = TensorSpec(torch.float16, (out, self.groups))
             if not self.sym:
                 specs[ZERO] = TensorSpec(torch.float16, (out, self.groups))
+            if self.kind == "awq":
+                specs[IN_SCALE] = TensorSpec(torch.float16, (inp,))
+        else:  # trellis: TrellisTensor.TABLES
+            specs[SIGN_IN] = TensorSpec(torch.uint8, (-(-inp // 8),))
+            specs[SIGN_OUT] = TensorSpec(torch.uint8, (-(-out // 8),))
+            specs[SCALE] = TensorSpec(torch.float16, (1,))
         if self.nnz:
             specs[ROWPTR] = TensorSpec(torch.int32, (out + 1,))
             specs[COL] = TensorSpec(torch.int32, (self.nnz,))
@@ -125,30 +179,40 @@ class LayerLayout:
         return count_bits(self.numel, self.bits, tables, self.nnz)
 
     def to_meta(self) -> dict[str, Any]:
-        meta: dict[str, Any] = {
+        return {
             "kind": self.kind,
             "bits": self.bits,
             "shape": [self.out_features, self.in_features],
             "nnz": self.nnz,
+            **self.params(),
         }
-        if self.kind == "uniform":
-            meta.update(group_size=self.group_size, sym=self.sym)
-        return meta
+
+    @staticmethod
+    def of(kind: str, out: int, inp: int, bits: int, nnz: int, params: dict[str, Any]) -> LayerLayout:
+        """The layout of a kind from its params() (a QuantizedTensor's, or a requant.json entry's)."""
+        trellis = kind == "trellis"
+        if trellis and params.get("tail_biting", True) is not True:
+            raise CheckpointError("only tail-biting trellis streams have a v1 layout")
+        return LayerLayout(
+            kind=kind,
+            out_features=out,
+            in_features=inp,
+            bits=bits,
+            nnz=nnz,
+            group_size=int(params["group_size"]) if params.get("group_size") is not None else None,
+            sym=bool(params.get("sym", False)),
+            L=int(params["L"]) if trellis else None,
+            V=int(params["V"]) if trellis else None,
+            code=str(params["code"]) if trellis else None,
+            tile=(int(params["tile"][0]), int(params["tile"][1])) if trellis else None,
+        )
 
     @staticmethod
     def from_meta(meta: dict[str, Any], where: str) -> LayerLayout:
         """Parse one layer's requant.json entry; `where` names it in errors."""
         try:
             out, inp = (int(s) for s in meta["shape"])
-            return LayerLayout(
-                kind=str(meta["kind"]),
-                out_features=out,
-                in_features=inp,
-                bits=int(meta["bits"]),
-                nnz=int(meta.get("nnz", 0)),
-                group_size=int(meta["group_size"]) if meta.get("group_size") is not None else None,
-                sym=bool(meta.get("sym", False)),
-            )
+            return LayerLayout.of(str(meta["kind"]), out, inp, int(meta["bits"]), int(meta.get("nnz", 0)), meta)
         except CheckpointError as e:
             raise CheckpointError(f"{where}: {e}") from None
         except (KeyError, TypeError, ValueError) as e:
@@ -187,6 +251,11 @@ def check_values(file: str, layer: str, layout: LayerLayout, tensors: dict[str, 
         t = tensors.get(suffix)
         if t is not None and not torch.isfinite(t).all():
             raise CheckpointError(f"{file!r}: tensor {tensor_name(layer, suffix)} holds NaN or Inf")
+    in_scale = tensors.get(IN_SCALE)
+    if in_scale is not None and bool((in_scale == 0).any()):
+        raise CheckpointError(
+            f"{file!r}: tensor {tensor_name(layer, IN_SCALE)} holds a zero (the weight divides by it)"
+        )
     if layout.nnz:
         rowptr, col = tensors[ROWPTR].long(), tensors[COL].long()
         if int(rowptr[0]) != 0 or int(rowptr[-1]) != layout.nnz or bool((rowptr[1:] < rowptr[:-1]).any()):
@@ -211,18 +280,20 @@ def layout_of(q: QuantizedLayer) -> LayerLayout:
     """The layout a quantized layer is stored in."""
     out, inp = q.dense.shape
     d = q.dense
-    if isinstance(d, LUTTensor):
-        return LayerLayout("lut", out, inp, d.bits, q.sparse.nnz)
-    if isinstance(d, UniformTensor):
-        return LayerLayout("uniform", out, inp, d.bits, q.sparse.nnz, d.group_size, d.zero is None)
-    raise CheckpointError(f"quantized tensor kind {d.kind!r} has no v1 layout; known: {KINDS}")
+    if d.kind not in KINDS:
+        raise CheckpointError(f"quantized tensor kind {d.kind!r} has no v1 layout; known: {KINDS}")
+    return LayerLayout.of(d.kind, out, inp, d.bits, q.sparse.nnz, d.params())
 
 
 def encode_layer(q: QuantizedLayer) -> tuple[LayerLayout, dict[str, torch.Tensor]]:
     """(layout, suffix → tensor) of one quantized layer, exactly as stored."""
     layout = layout_of(q)
+    specs = layout.tensors()
     tensors = {QWEIGHT: pack_codes(q.dense.codes, layout.bits)}
-    tensors.update({k: t.to(torch.float16).contiguous() for k, t in q.dense.tables().items()})
+    # tables at their stored dtype (fp16 values, uint8 packed signs); check_specs refuses a missing or extra one
+    tensors.update(
+        {k: t.to(specs[k].dtype if k in specs else t.dtype).contiguous() for k, t in q.dense.tables().items()}
+    )
     if layout.nnz:
         tensors[ROWPTR], tensors[COL], tensors[VALUE] = to_csr(q.sparse)
     found = {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}
@@ -231,14 +302,12 @@ def encode_layer(q: QuantizedLayer) -> tuple[LayerLayout, dict[str, torch.Tensor
 
 
 def decode_dense(layout: LayerLayout, tensors: dict[str, torch.Tensor]) -> QuantizedTensor:
-    """The unpacked dense part (the reference decoder's input) of a stored layer."""
+    """The unpacked dense part (the reference decoder's input) of a stored layer: the kind's own
+    QuantizedTensor, built by its `_from_state` from the unpacked codes and the stored tables."""
     codes = unpack_codes(tensors[QWEIGHT], layout.bits, layout.in_features)
-    if layout.kind == "lut":
-        return LUTTensor(codes=codes, lut=tensors[LUT], bits=layout.bits)
-    assert layout.group_size is not None
-    return UniformTensor(
-        codes=codes, scale=tensors[SCALE], zero=tensors.get(ZERO), bits=layout.bits, group_size=layout.group_size
-    )
+    tables = {k: t for k, t in tensors.items() if k in TABLE_TENSORS}
+    meta = {"kind": layout.kind, "bits": layout.bits, **layout.params()}
+    return QuantizedTensor.from_state(meta, {"codes": codes, **tables})
 
 
 def decode_layer(layout: LayerLayout, tensors: dict[str, torch.Tensor], info: LayerInfo) -> QuantizedLayer:

@@ -12,6 +12,21 @@ Two forward paths:
   More rows (prefill) decode Ŵ once per call, bit-exactly, and use BLAS, so prefill stays bit-exact.
 The fast path is used for inference on CPU when the kernels are available ("auto"); gradients, other
 devices and a missing compiler fall back to the reference path.
+
+Kind "awq" (uniform codes of W·diag(s), ŵ = uniform / s): the uniform kernel on x / s, its sparse values
+pre-multiplied by s at their columns (within the same tolerance); prefill decodes the uniform part with the
+kernel, divides by s and adds the residual, bit-exactly as the reference does.
+
+Kind "trellis" (QTIP) has no C kernel. On first use its Ŵ is decoded once, by the reference decoder
+(trellis decode, inverse RHTs, + sparse residual), and kept in fp32 beside the packed buffers (dropped, like
+the kernels' fp32 table copies, on `.to()` and state-dict loads); every call is then F.linear on it, bit-exact
+at any number of rows. Memory trade-off: the cache costs 32 bits per weight of RAM (an fp32 layer's worth) on
+top of the packed codes, so a trellis QuantLinear saves disk, not RAM, once it has run. The alternatives
+measured worse on CPU (1536×576, 2-bit, 1 thread): decoding per call costs ~70 ms of trellis decode per layer;
+caching the transformed W̃ instead (same 32 bits per weight) and applying QTIP's RHT math per call,
+U_outᵀ(W̃ (U_in x)), took 0.56 ms per token against 0.07 ms for F.linear on Ŵ, and prefill would re-form Ŵ
+(8.5 ms). The RHT form only pays with a fused decode kernel that keeps W̃ compressed. The reference path
+("reference" mode, gradients) decodes per call and keeps nothing.
 """
 
 from __future__ import annotations
@@ -25,7 +40,20 @@ from torch import nn
 
 from ..model import LayerInfo, get_linear, set_module
 from . import kernels
-from .layout import COL, LUT, QWEIGHT, ROWPTR, SCALE, VALUE, ZERO, LayerLayout, decode_layer, encode_layer
+from .layout import (
+    COL,
+    IN_SCALE,
+    LUT,
+    QWEIGHT,
+    ROWPTR,
+    SCALE,
+    UNIFORM_KINDS,
+    VALUE,
+    ZERO,
+    LayerLayout,
+    decode_layer,
+    encode_layer,
+)
 
 if TYPE_CHECKING:
     from ..pipeline import QuantizedLayer
@@ -88,18 +116,39 @@ class QuantLinear(nn.Module):
         return decode_layer(self.layout, self.stored_tensors(), info).weight()
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantize().to(x.dtype), self.bias)
+        return F.linear(x, self.dequantize().to(x.dtype).contiguous(), self.bias)
 
     # -- fast path --------------------------------------------------------------------------------------
 
+    def _sparse_f32(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(flat indices int64, fp32 values) of the sparse residual, or None without one."""
+        if not self.layout.nnz:
+            return None
+        rowptr, col = getattr(self, ROWPTR).long(), getattr(self, COL).long()
+        rows = torch.repeat_interleave(torch.arange(self.out_features), rowptr[1:] - rowptr[:-1])
+        return rows * self.in_features + col, getattr(self, VALUE).float()
+
     def _prepare(self) -> tuple | None:
-        """(lib, descriptor, tensors the descriptor points into) for the C kernels, or None if unavailable."""
+        """(lib, descriptor, tensors the descriptor points into, extra) for the C kernels, or None if
+        unavailable; extra holds what kinds "awq" and "trellis" need besides (None for the others)."""
         if self._kernel is None:
+            if self.layout.kind == "trellis":  # no kernel: Ŵ decoded once (see the module docstring)
+                if not self.qweight.is_cpu:
+                    return None
+                self._kernel = (None, None, [], {"weight": self.dequantize().contiguous()})
+                return self._kernel
             lib = kernels.library()
             if lib is None or not self.qweight.is_cpu:
                 return None
             f32 = {k: getattr(self, k).float().contiguous() for k in (LUT, SCALE, ZERO, VALUE) if hasattr(self, k)}
-            if self.layout.kind == "uniform" and self.layout.groups == 1:
+            extra = None
+            if self.layout.kind == "awq":
+                # ŵ = uniform / s: the kernel runs on x / s, so a sparse value v at column c becomes v·s_c
+                in_scale = getattr(self, IN_SCALE).float().contiguous()
+                extra = {"in_scale": in_scale, "sparse": self._sparse_f32()}
+                if VALUE in f32:
+                    f32[VALUE] = (f32[VALUE] * in_scale[getattr(self, COL).long()]).contiguous()
+            if self.layout.kind in UNIFORM_KINDS and self.layout.groups == 1:
                 # One scale per row: (code − zero)·scale over all codes is a per-row LUT with the very same
                 # fp32 values (same two roundings), and the LUT kernel is the faster one.
                 zero = f32.pop(ZERO) if ZERO in f32 else torch.full_like(f32[SCALE], 2.0 ** (self.layout.bits - 1))
@@ -120,8 +169,25 @@ class QuantLinear(nn.Module):
                 bias=bias,
             )
             keep = [self.qweight, *f32.values()] + ([bias] if bias is not None else [])
-            self._kernel = (lib, desc, keep)
+            if extra is not None:  # the uniform part alone, for prefill: decode, divide by s, add the residual
+                extra["dense_desc"] = kernels.describe(
+                    self.qweight.contiguous(),
+                    self.in_features,
+                    self.layout.bits,
+                    lut=f32.get(LUT),
+                    scale=f32.get(SCALE),
+                    zero=f32.get(ZERO),
+                    group_size=None if LUT in f32 else self.layout.group_size,
+                )
+            self._kernel = (lib, desc, keep, extra)
         return self._kernel
+
+    def _awq_weight(self, lib: object, extra: dict) -> torch.Tensor:
+        """Ŵ of an "awq" layer, bit-exactly as the reference decoder forms it."""
+        w = kernels.dequantize(lib, extra["dense_desc"]) / extra["in_scale"]  # type: ignore[arg-type]
+        if extra["sparse"] is not None:
+            w.view(-1).index_add_(0, *extra["sparse"])
+        return w
 
     def _invalidate(self) -> None:
         self._kernel = None
@@ -147,14 +213,17 @@ class QuantLinear(nn.Module):
             if self.mode == "fast":
                 raise RuntimeError(f"QuantLinear fast path requested but unavailable: {kernels.status()}")
             return self.forward_reference(x)
-        lib, desc, _ = k
+        lib, desc, _, extra = k
         x2 = x.reshape(-1, self.in_features)
         if x2.dtype != torch.float32 or not x2.is_contiguous():
             x2 = x2.float().contiguous()
-        if 0 < x2.shape[0] <= self.gemm_max_m:
-            y = kernels.gemm(lib, desc, x2)
+        if self.layout.kind == "trellis":
+            y = F.linear(x2, extra["weight"], None if self.bias is None else self.bias.float())
+        elif 0 < x2.shape[0] <= self.gemm_max_m:
+            y = kernels.gemm(lib, desc, x2 if extra is None else (x2 / extra["in_scale"]).contiguous())
         else:
-            y = F.linear(x2, kernels.dequantize(lib, desc), None if self.bias is None else self.bias.float())
+            w = kernels.dequantize(lib, desc) if extra is None else self._awq_weight(lib, extra)
+            y = F.linear(x2, w, None if self.bias is None else self.bias.float())
         y = y.view(*x.shape[:-1], self.out_features)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
