@@ -10,9 +10,7 @@ def test_wiki_split_is_by_article_in_file_order():
 
     docs = data.split_wiki_articles(text_file("wiki").read_text(encoding="utf-8"))
     assert len(docs) == 2349
-    assert not any(
-        line.startswith("<doc") or line.startswith("</doc") for d in docs for line in d.splitlines()
-    )
+    assert not any(line.startswith("<doc") or line.startswith("</doc") for d in docs for line in d.splitlines())
     train, test = data.train_test_split(docs)
     assert len(train) == 1174 and len(test) == 1175 and train + test == docs
     assert data.load_text("wiki:train") == "\n\n".join(train)

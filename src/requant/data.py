@@ -70,18 +70,14 @@ def load_text(name: str) -> str:
             return path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
             raise InputError(f"text file {name!r} is not UTF-8: {e}") from None
-    raise ConfigError(
-        f"unknown text {name!r}: use one of {', '.join(EMBEDDED + HF_TEXTS)} or a path to a UTF-8 file"
-    )
+    raise ConfigError(f"unknown text {name!r}: use one of {', '.join(EMBEDDED + HF_TEXTS)} or a path to a UTF-8 file")
 
 
 def _load_hf_text(name: str) -> str:
     try:
         import datasets
     except ImportError:
-        raise InputError(
-            f"text {name!r} needs the `datasets` package (pip install 'requant[eval]')"
-        ) from None
+        raise InputError(f"text {name!r} needs the `datasets` package (pip install 'requant[eval]')") from None
     _, corpus, split = name.split(":")
     try:
         if corpus == "wikitext2":
@@ -93,9 +89,7 @@ def _load_hf_text(name: str) -> str:
                 split="validation",
             )
     except Exception as e:  # datasets raises many types when offline and uncached
-        raise InputError(
-            f"text {name!r} is not in the local datasets cache: {str(e).splitlines()[0]}"
-        ) from None
+        raise InputError(f"text {name!r} is not in the local datasets cache: {str(e).splitlines()[0]}") from None
     return "\n\n".join(ds["text"])
 
 
@@ -124,9 +118,7 @@ def calibration_windows(
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
 
 
-def eval_windows(
-    ids: torch.Tensor, seqlen: int, limit: int | None = None, *, name: str = "text"
-) -> torch.Tensor:
+def eval_windows(ids: torch.Tensor, seqlen: int, limit: int | None = None, *, name: str = "text") -> torch.Tensor:
     """Non-overlapping windows (k, seqlen) from the stream start (GPTQ protocol); `limit` keeps k first."""
     _check_len(ids, seqlen, name)
     k = ids.numel() // seqlen

@@ -82,8 +82,10 @@ def test_magnitude_topk_mask():
 def _full_fit_objectives(quantizer, w, excludes, imp):
     from requant.sparse.adaptive import layer_objective
 
-    return [layer_objective(w, quantizer.fit(w, importance=imp, exclude=e).dequantize(), ~e, kind="base",
-                            importance=imp) for e in excludes]
+    return [
+        layer_objective(w, quantizer.fit(w, importance=imp, exclude=e).dequantize(), ~e, kind="base", importance=imp)
+        for e in excludes
+    ]
 
 
 @pytest.mark.parametrize("base", ["rtn", "squeezellm"])

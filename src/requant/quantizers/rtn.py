@@ -69,9 +69,7 @@ class RTNQuantizer(BaseQuantizer):
         exclude: torch.Tensor | None = None,
         inputs: LayerInputs | None = None,
     ) -> UniformTensor:
-        return minmax_quantize(
-            weight, self.bits, self.group_size or weight.shape[1], sym=self.sym, exclude=exclude
-        )
+        return minmax_quantize(weight, self.bits, self.group_size or weight.shape[1], sym=self.sym, exclude=exclude)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "sym": self.sym}

@@ -7,9 +7,7 @@ from requant.quantizers.qtip.ldlq import block_ldl, block_ldlq, damp_hessian
 
 def _problem(n: int = 24, m: int = 10, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(3 * n, n, dtype=torch.float64, generator=g) @ torch.randn(
-        n, n, dtype=torch.float64, generator=g
-    )
+    x = torch.randn(3 * n, n, dtype=torch.float64, generator=g) @ torch.randn(n, n, dtype=torch.float64, generator=g)
     h = x.T @ x + 0.1 * torch.eye(n, dtype=torch.float64)
     w = torch.randn(m, n, dtype=torch.float64, generator=g)
     return w, h
@@ -93,6 +91,4 @@ def test_lazy_super_block_updates_match_the_reference_on_wide_layers():
     w, h = _problem(n=144, m=6, seed=7)  # wider than one 128-column super-block
     for block in (8, 48):
         u, _ = block_ldl(h, block)
-        assert torch.allclose(
-            block_ldlq(w, u, block, lambda k, x: _round(x)), _sequential_obs(w, h, block), atol=1e-9
-        )
+        assert torch.allclose(block_ldlq(w, u, block, lambda k, x: _round(x)), _sequential_obs(w, h, block), atol=1e-9)

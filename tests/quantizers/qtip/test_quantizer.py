@@ -147,9 +147,7 @@ def test_registered_base_quantizes_a_tiny_model_end_to_end(tokenizer, text_file)
     logit_err = {}
     for base, options in (("qtip", {"L": 6, "tile": (4, 8)}), ("rtn", {})):
         m = tiny_llama()
-        cfg = QuantConfig(
-            base=base, bits=2, calib=str(text_file), nsamples=2, seqlen=32, base_options=options
-        )
+        cfg = QuantConfig(base=base, bits=2, calib=str(text_file), nsamples=2, seqlen=32, base_options=options)
         r = quantize(m, tokenizer, cfg)
         with torch.no_grad():
             logit_err[base] = float((m(held_out).logits - ref).square().mean())

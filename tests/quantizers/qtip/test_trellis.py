@@ -100,9 +100,7 @@ def test_constrained_viterbi_meets_the_overlap():
 
 def test_codes_and_paths_round_trip():
     for tr in (Trellis(10, 2, 1), Trellis(12, 3, 2), Trellis(7, 3, 1)):
-        codes = torch.randint(
-            0, 1 << tr.K, (5, 24), generator=torch.Generator().manual_seed(tr.L), dtype=torch.uint8
-        )
+        codes = torch.randint(0, 1 << tr.K, (5, 24), generator=torch.Generator().manual_seed(tr.L), dtype=torch.uint8)
         assert torch.equal(path_to_codes(codes_to_path(codes, tr), tr), codes)
 
 

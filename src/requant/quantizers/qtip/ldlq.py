@@ -48,9 +48,7 @@ def block_ldl(h: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     akk = torch.stack([a[i * block : (i + 1) * block, i * block : (i + 1) * block] for i in range(nb)])
     dk = d.view(nb, block)
     d_blocks = akk @ (dk[:, :, None] * akk.transpose(1, 2))
-    inv = torch.linalg.solve_triangular(
-        akk, torch.eye(block, dtype=torch.float64).expand(nb, -1, -1), upper=True
-    )
+    inv = torch.linalg.solve_triangular(akk, torch.eye(block, dtype=torch.float64).expand(nb, -1, -1), upper=True)
     a_b = torch.einsum("ikg,kgh->ikh", a.view(n, nb, block), inv).reshape(n, n)
     blk = torch.arange(n) // block
     return torch.where(blk[:, None] < blk[None, :], a_b, 0.0), d_blocks

@@ -154,18 +154,14 @@ class QTIPQuantizer(BaseQuantizer):
         if group_size is not None:
             raise ConfigError("qtip uses one scale per matrix; --group-size is not allowed with it")
         if bits not in QTIP_BITS:
-            raise ConfigError(
-                f"bits {bits} is not supported by qtip; use one of {', '.join(map(str, QTIP_BITS))}"
-            )
+            raise ConfigError(f"bits {bits} is not supported by qtip; use one of {', '.join(map(str, QTIP_BITS))}")
         super().__init__(bits, None)
         if code not in CODES:
             raise ConfigError(f"trellis code {code!r} is not allowed; use one of {', '.join(CODES)}")
         if V not in (1, 2):
             raise ConfigError(f"V={V} weights per trellis step is not allowed; use 1 or 2")
         if not bits * V <= L <= 16:
-            raise ConfigError(
-                f"trellis state bits L={L} must lie in {bits * V}..16 for {bits} bits and V={V}"
-            )
+            raise ConfigError(f"trellis state bits L={L} must lie in {bits * V}..16 for {bits} bits and V={V}")
         tile = (int(tile[0]), int(tile[1]))
         if min(tile) < 1 or (tile[0] * tile[1]) % V or tile[0] * tile[1] * bits < L:
             raise ConfigError(f"tile {tile} must hold a multiple of V={V} weights and at least L={L} bits")
@@ -197,9 +193,7 @@ class QTIPQuantizer(BaseQuantizer):
         with single_thread_if_small(m * n, _SMALL_LAYER):
             return self._fit(weight, exclude, inputs)
 
-    def _fit(
-        self, weight: torch.Tensor, exclude: torch.Tensor | None, inputs: LayerInputs | None
-    ) -> TrellisTensor:
+    def _fit(self, weight: torch.Tensor, exclude: torch.Tensor | None, inputs: LayerInputs | None) -> TrellisTensor:
         m, n = weight.shape
         w = weight.double()
         if exclude is not None:
@@ -225,9 +219,7 @@ class QTIPQuantizer(BaseQuantizer):
 
         block_ldlq(wt, u, ty, quantize_block)
         L, _, V, code = self.trellis.L, self.trellis.K, self.trellis.V, self.trellis.code
-        return TrellisTensor(
-            codes, pack_signs(s_in), pack_signs(s_out), scale, self.bits, L, V, code, self.tile
-        )
+        return TrellisTensor(codes, pack_signs(s_in), pack_signs(s_out), scale, self.bits, L, V, code, self.tile)
 
     def objective(
         self, weight: torch.Tensor, recon: torch.Tensor, keep: torch.Tensor, inputs: LayerInputs | None
@@ -235,9 +227,7 @@ class QTIPQuantizer(BaseQuantizer):
         """Layer output error tr(ΔW H ΔWᵀ) per row, ΔW on the kept entries; without a Hessian, the default."""
         if inputs is None or inputs.hessian is None:
             return None
-        return output_error_rows(
-            (weight.float() - recon.float()) * keep, layer_hessian(self.name, weight, inputs)
-        )
+        return output_error_rows((weight.float() - recon.float()) * keep, layer_hessian(self.name, weight, inputs))
 
     def describe(self) -> dict[str, Any]:
         t = self.trellis
