@@ -152,6 +152,9 @@ def main() -> None:
     p.add_argument("--timing-windows", type=int, default=2)
     p.add_argument("--timing-nodes", type=int, default=4)
     p.add_argument("--timing-repeats", type=int, default=3)
+    p.add_argument("--rules", nargs="+", default=["midpoint", "trapezoid", "left", "gauss"], help="nodes part")
+    p.add_argument("--composite", type=int, nargs="+", default=COMPOSITE, help="N of the composite rules")
+    p.add_argument("--gauss", type=int, nargs="+", default=GAUSS, help="N of the Gauss-Legendre rule")
     p.add_argument("--tag", default="sensitivity")
     p.add_argument("--redo", action="store_true", help="recompute parts already in the JSON")
     args = p.parse_args()
@@ -172,6 +175,8 @@ def main() -> None:
                 setting |= {"nodes": args.timing_nodes, "repeats": args.timing_repeats}
             if part == "blocks":
                 setting["pqi"] = args.blocks_pqi
+            if part == "nodes":
+                setting |= {"rules": args.rules, "composite": args.composite, "gauss": args.gauss}
             old = results.get(key, {}).get("setting", {})
             if not args.redo and {k: v for k, v in old.items() if k != "host"} == {
                 k: v for k, v in setting.items() if k != "host"
@@ -184,7 +189,7 @@ def main() -> None:
             sub = Problem(problem.model, problem.layers, problem.original, problem.quantized, problem.windows[:n])
             t = time.perf_counter()
             if part == "nodes":
-                nodes = {"midpoint": COMPOSITE, "trapezoid": COMPOSITE, "left": COMPOSITE, "gauss": GAUSS}
+                nodes = {r: args.gauss if r == "gauss" else args.composite for r in args.rules}
                 rep = nodes_report(sub, rules=list(nodes), nodes=nodes, pqi_rule="midpoint", pqi_nodes=32)
                 save_report(results, key, rep, setting, plots)
                 for name, table in (("sublayers", sublayers_report), ("coverage", coverage_report)):
