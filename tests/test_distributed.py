@@ -128,8 +128,10 @@ def test_estimate_cost_counts_passes_flops_and_memory():
     assert two["per_rank_passes"] == {"fwd_bwd": 11 + 2 * 8 * 4, "fwd": 0}
     assert two["flops"]["total"] == one["flops"]["total"] and two["flops"]["per_rank"] < one["flops"]["total"] / 2
     mem = one["memory_bytes_per_rank"]
-    assert mem["weights"] == 4000 and mem["gradient_work"] == 4 * 800 * 6 and mem["input_statistics"] == 0
-    assert mem["peak"] == mem["weights"] + mem["gradient_work"] + mem["activations"]
+    assert mem["weights"] == 4000 and mem["gradient_work"] == 4 * 800 * 9 and mem["input_statistics"] == 0
+    assert mem["peak"] == mem["runtime"] + mem["weights"] + mem["gradient_work"] + mem["activations"]
+    fisher_only = estimate_cost(QuantConfig(), _info())["memory_bytes_per_rank"]
+    assert fisher_only["gradient_work"] == 4 * 800 * 4 and fisher_only["peak"] < mem["peak"]
 
 
 def test_estimate_cost_calibration_passes_for_input_methods():
