@@ -5,6 +5,9 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.requant-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
+# OpenMP threads that spin while waiting starve any other busy process on the same cores (a shared CI box,
+# a second job), which made contended runs several times slower; override with OMP_WAIT_POLICY=ACTIVE.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: demo test lint bench clean-cache
 
