@@ -43,6 +43,8 @@ def compute(text_file: str, workdir: str) -> dict[str, torch.Tensor]:
     wq = {n: rtn.fit(w[n]).dequantize() for n in names}
     out: dict[str, torch.Tensor] = {}
     out.update({f"fisher.{n}": t for n, t in fisher_information(model, names, win).items()})
+    # One window for two ranks: rank 1 has nothing to sum and must still join the reduction with zeros.
+    out.update({f"fisher1.{n}": t for n, t in fisher_information(model, names[:2], win[:1]).items()})
     pqi = post_quantization_integral(model, names, w, wq, win, nodes=3, rule="gauss", batch_size=2)
     out.update({f"pqi.{n}": t for n, t in pqi.scores.items()})
     f, grad = mean_loss_gradient(model, names, win)

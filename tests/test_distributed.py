@@ -89,6 +89,13 @@ def test_init_from_env_single_process_and_local_device(monkeypatch):
         distributed.timeout()
 
 
+def test_progress_bars_only_on_rank_0(monkeypatch):
+    import requant.progress as progress
+
+    monkeypatch.setattr(progress, "is_main", lambda: False)
+    assert progress.bar(range(3), desc="x").disable is True
+
+
 def _info(**over):
     info = {
         "params": 1000,
