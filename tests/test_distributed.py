@@ -89,6 +89,20 @@ def test_init_from_env_single_process_and_local_device(monkeypatch):
         distributed.timeout()
 
 
+def test_gpu_ranks_need_one_gpu_each(monkeypatch):
+    from requant.errors import ConfigError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ConfigError, match="the same GPU"):
+        distributed.init_from_env("cuda:0")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match="wants cuda:1 but 1 GPU"):
+        distributed.init_from_env("cuda")
+    assert not distributed.is_initialized()
+
+
 def test_progress_bars_only_on_rank_0(monkeypatch):
     import requant.progress as progress
 

@@ -111,10 +111,30 @@ def init_from_env(device: str = "cpu") -> bool:
     dev = torch.device(local_device(device))
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if dev.type == "cuda":
+        _check_one_gpu_per_rank(device, dev)
         torch.cuda.set_device(dev)
     kwargs = {"device_id": dev} if dev.type == "cuda" else {}
-    dist.init_process_group(backend, timeout=timeout(), **kwargs)
+    try:
+        dist.init_process_group(backend, timeout=timeout(), **kwargs)
+    except RuntimeError as e:
+        detail = " / ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        raise RankFailure(f"could not join the {backend} process group: {detail[:300]}") from None
     return True
+
+
+def _check_one_gpu_per_rank(spec: str, dev: torch.device) -> None:
+    # NCCL refuses two ranks on one GPU ("Duplicate GPU detected"); say so before it does, in our words.
+    if spec != "cuda" and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+        raise ConfigError(
+            f"--device {spec} gives every rank on this machine the same GPU; under torchrun use --device cuda "
+            "(each rank takes cuda:LOCAL_RANK)"
+        )
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        raise ConfigError(
+            f"rank {os.environ.get('RANK', '?')} wants {dev} but {count} GPU(s) are visible; start at most "
+            f"{count} processes per machine (--nproc-per-node)"
+        )
 
 
 def destroy() -> None:
