@@ -30,6 +30,7 @@ DEFAULT_TIMEOUT_S = 1800.0
 __all__ = [
     "RankFailure",
     "all_reduce_",
+    "all_reduce_max",
     "all_reduce_scalars",
     "barrier",
     "broadcast_flag",
@@ -191,6 +192,17 @@ def all_reduce_scalars(*values: float) -> list[float]:
     t = t.to(_reduce_device(t))
     with _collective("an all-reduce of loss sums"):
         dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def all_reduce_max(*values: float) -> list[float]:
+    """The largest value of each number over all ranks (e.g. peak memory per process)."""
+    if not is_initialized() or world_size() == 1:
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64)
+    t = t.to(_reduce_device(t))
+    with _collective("an all-reduce of per-process figures"):
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.cpu().tolist()
 
 

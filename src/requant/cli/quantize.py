@@ -190,7 +190,8 @@ def _quantize(args: argparse.Namespace, config: Any) -> int:
             import shutil
 
             shutil.rmtree(work, ignore_errors=True)
-    distributed.barrier()  # the others end only once the checkpoint is complete
+    # Every rank joins (the largest process counts); this also keeps the others until the checkpoint is complete.
+    peak = dict(zip(("rss_gb", "cuda_gb"), distributed.all_reduce_max(*_peak_memory_gb()), strict=True))
     if not distributed.is_main():
         return 0
     bits = result.bit_count()
@@ -200,6 +201,7 @@ def _quantize(args: argparse.Namespace, config: Any) -> int:
         "sparse_percent": bits.sparse_percent,
         "layers": len(result.layers),
         "wall_s": meta["wall_s"],
+        "peak_memory": peak,
         "config": config.to_dict(),
         "report": result.report,
     }
@@ -207,6 +209,18 @@ def _quantize(args: argparse.Namespace, config: Any) -> int:
         args,
         obj,
         f"wrote {out}: {len(result.layers)} layers, {bits.bits_per_weight:.3f} bits/weight, "
-        f"{bits.sparse_percent:.3f}% sparse, {meta['wall_s']:.1f} s",
+        f"{bits.sparse_percent:.3f}% sparse, {meta['wall_s']:.1f} s, peak RSS {peak['rss_gb']:.2f} GB per process",
     )
     return 0
+
+
+def _peak_memory_gb() -> tuple[float, float]:
+    """Peak resident set size of this process and peak CUDA memory allocated (0 without CUDA), in GB."""
+    import resource
+
+    import torch
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_bytes = rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB, macOS bytes
+    cuda = torch.cuda.max_memory_allocated() if torch.cuda.is_available() and torch.cuda.is_initialized() else 0
+    return rss_bytes / 1e9, cuda / 1e9
