@@ -37,6 +37,7 @@ __all__ = [
     "check_same",
     "destroy",
     "init_from_env",
+    "is_broken",
     "is_initialized",
     "is_main",
     "local_device",
@@ -44,6 +45,9 @@ __all__ = [
     "shard",
     "world_size",
 ]
+
+
+_BROKEN = False  # a collective failed: the group is not torn down (gloo can abort the process doing so)
 
 
 class RankFailure(RequantError):
@@ -54,14 +58,21 @@ class RankFailure(RequantError):
 def _collective(what: str) -> Iterator[None]:
     # gloo/NCCL report a vanished peer or a timeout as a RuntimeError (DistBackendError) with a long C++
     # message; turn it into one line that says what happened and where to look.
+    global _BROKEN
     try:
         yield
     except RuntimeError as e:
+        _BROKEN = True
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RankFailure(
             f"rank {rank()} of {world_size()} stopped during {what}: another process failed or did not answer "
             f"within {timeout().total_seconds():.0f} s ({first[:200]}); see the other ranks' errors"
         ) from None
+
+
+def is_broken() -> bool:
+    """Whether a collective of this process failed (its group is unusable)."""
+    return _BROKEN
 
 
 def is_initialized() -> bool:
@@ -139,7 +150,9 @@ def _check_one_gpu_per_rank(spec: str, dev: torch.device) -> None:
 
 
 def destroy() -> None:
-    if is_initialized():
+    """Leave the process group; after a failed collective the group is left for process exit to clean up,
+    since tearing down a group whose peer vanished can abort (SIGABRT) before the error is printed."""
+    if is_initialized() and not _BROKEN:
         dist.destroy_process_group()
 
 

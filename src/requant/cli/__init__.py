@@ -11,6 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from .. import distributed
 from ..errors import RequantError
 from ..progress import quiet_transformers, set_quiet
 
@@ -39,6 +40,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         where = f" (rank {os.environ.get('RANK', '?')} of {world})" if world > 1 else ""
         print(f"requant: error{where}: {e}", file=sys.stderr)
+        if distributed.is_broken():
+            # A process group whose peer vanished can abort (SIGABRT) while Python tears it down at exit;
+            # the error is printed, so leave now with the documented exit code.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         return 2
     except KeyboardInterrupt:
         print("requant: interrupted", file=sys.stderr)
