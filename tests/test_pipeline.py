@@ -52,3 +52,17 @@ def test_bad_inputs(model, tokenizer):
         model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
     with pytest.raises(NumericalError, match=r"model.layers.1.mlp.up_proj"):
         quantize(model, tokenizer, QuantConfig(base="rtn", bits=3))
+
+
+def test_sym_reaches_the_quantizer(tokenizer, text_file):
+    """--sym used to be recorded in the config but never passed on: the layers came out asymmetric."""
+    cfg = QuantConfig(base="rtn", bits=4, group_size=32, sym=True, calib=str(text_file))
+    from helpers import tiny_llama
+
+    r = quantize(tiny_llama(), tokenizer, cfg)
+    assert all(q.dense.zero is None for q in r.layers.values())
+    assert r.report["quantizer"]["sym"] is True
+    asym = quantize(tiny_llama(), tokenizer, QuantConfig(base="rtn", bits=4, group_size=32, calib=str(text_file)))
+    assert all(q.dense.zero is not None for q in asym.layers.values())
+    with pytest.raises(ConfigError, match="rtn, gptq"):
+        QuantConfig(base="squeezellm", sym=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +68,10 @@ class QuantConfig:
     exclude: tuple[str, ...] = ()
     base_options: dict[str, Any] = field(default_factory=dict)
 
+    def quantizer_options(self) -> dict[str, Any]:
+        """Keyword options of the base quantizer: `base_options` plus the flags that have their own field."""
+        return {**self.base_options, **({"sym": True} if self.sym else {})}
+
     def __post_init__(self) -> None:
         _choice(self.base, tuple(QUANTIZERS), "base method")
         _choice(self.bits, ALLOWED_BITS, "bits")
@@ -107,6 +112,9 @@ class QuantConfig:
         if self.seqlen < 2:
             raise ConfigError(f"seqlen {self.seqlen} must be at least 2")
         _choice(self.grad_dtype, DTYPES, "gradient dtype")
+        if self.sym and "sym" not in inspect.signature(QUANTIZERS[self.base].__init__).parameters:
+            with_sym = [n for n, q in QUANTIZERS.items() if "sym" in inspect.signature(q.__init__).parameters]
+            raise ConfigError(f"--sym has no meaning for base {self.base!r}; it applies to {', '.join(with_sym)}")
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
 

@@ -244,7 +244,7 @@ def quantize(
     group_size = config.group_size
     if group_size == EQUAL_BITS:  # the recipe's choice, from the layers' widths
         group_size = equal_bits_group_size((i.in_features for i in layers), config.outliers)
-    quantizer = make_quantizer(config.base, config.bits, group_size, **config.base_options)  # type: ignore[arg-type]
+    quantizer = make_quantizer(config.base, config.bits, group_size, **config.quantizer_options())  # type: ignore[arg-type]
     for info in layers:
         quantizer.check_shape(info.name, (info.out_features, info.in_features))
     check_finite_weights(model, layers)
