@@ -1,0 +1,40 @@
+"""Rewrite the Markdown tables of the perplexity benchmarks from their JSON (e.g. after a run was cut short).
+
+Usage: python benchmarks/tables.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import ablation
+import baselines
+import methods
+from harness import RESULTS, write_table
+
+NOTES = {
+    "baselines": "D&S = 0.45% IQR outliers + 0.05% Fisher-sensitive values.",
+    "methods": "Uniform grids asymmetric, fp16 scale + zero per group; AWQ adds one fp16 scale per input channel. "
+    "ReQuant rows: r_o = 0.25% by Algorithm 1 (9 candidates), r_s = 0; SqueezeLLM rows use its recipe.",
+}
+
+
+def main() -> None:
+    for tag, order, texts in [
+        ("baselines", list(baselines.VARIANTS), ["wiki:test", "c4"]),
+        ("methods", list(methods.variants([3, 4])), ["wiki:test", "c4"]),
+        *[(f"ablation-{b}bit", list(ablation.variants(b, 2, "gauss")), ["wiki:train", "wiki:test"]) for b in (3, 4)],
+    ]:
+        path = RESULTS / f"{tag}.json"
+        if not path.exists():
+            continue
+        results = json.loads(path.read_text())
+        args = argparse.Namespace(nsamples=32, tag=tag)
+        bits = tag.removeprefix("ablation-").removesuffix("bit")
+        note = NOTES.get(tag, f"SqueezeLLM {bits}-bit per-row LUT; PQI gauss with 2 nodes.")
+        write_table(results, order, texts, args, tag, note)
+
+
+if __name__ == "__main__":
+    main()
