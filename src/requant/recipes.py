@@ -11,7 +11,7 @@ from .config import EQUAL_BITS
 from .errors import ConfigError
 
 # ReQuant per base method. PQI runs with 2 Gauss-Legendre nodes: 1/16 of the paper's 32 midpoint passes, ΔF
-# within 0.7% on the reference setting (README, "Results": 32 midpoint nodes 0.02%, 3 Gauss nodes 0.04%).
+# within 0.7% on the reference setting (README, "Results": 32 midpoint nodes 0.02%, 6 Gauss nodes 0.2%).
 _REQUANT_DNS = {
     "outliers": 0.45,
     "outlier_select": "adaptive",
