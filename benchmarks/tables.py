@@ -24,7 +24,11 @@ def main() -> None:
     for tag, order, texts in [
         ("baselines", list(baselines.VARIANTS), ["wiki:test", "c4"]),
         ("methods", list(methods.variants([3, 4])), ["wiki:test", "c4"]),
-        *[(f"ablation-{b}bit", list(ablation.variants(b, 2, "gauss")), ["wiki:train", "wiki:test"]) for b in (3, 4)],
+        # bf16: the unquantized model evaluated in bf16 (a row added by hand, no quantization config)
+        *[
+            (f"ablation-{b}bit", ["bf16", *ablation.variants(b, 2, "gauss")], ["wiki:train", "wiki:test"])
+            for b in (3, 4)
+        ],
     ]:
         path = RESULTS / f"{tag}.json"
         if not path.exists():
