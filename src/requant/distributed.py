@@ -197,26 +197,24 @@ def all_reduce_(tensors: MutableMapping[str, torch.Tensor]) -> MutableMapping[st
     return tensors
 
 
-def all_reduce_scalars(*values: float) -> list[float]:
-    """Sum Python numbers over all ranks in fp64 (token counts stay exact below 2**53)."""
+def _reduce_numbers(values: tuple[float, ...], op: dist.ReduceOp, what: str) -> list[float]:
     if not is_initialized() or world_size() == 1:
         return [float(v) for v in values]
     t = torch.tensor(values, dtype=torch.float64)
     t = t.to(_reduce_device(t))
-    with _collective("an all-reduce of loss sums"):
-        dist.all_reduce(t)
+    with _collective(what):
+        dist.all_reduce(t, op=op)
     return t.cpu().tolist()
+
+
+def all_reduce_scalars(*values: float) -> list[float]:
+    """Sum Python numbers over all ranks in fp64 (token counts stay exact below 2**53)."""
+    return _reduce_numbers(values, dist.ReduceOp.SUM, "an all-reduce of loss sums")
 
 
 def all_reduce_max(*values: float) -> list[float]:
     """The largest value of each number over all ranks (e.g. peak memory per process)."""
-    if not is_initialized() or world_size() == 1:
-        return [float(v) for v in values]
-    t = torch.tensor(values, dtype=torch.float64)
-    t = t.to(_reduce_device(t))
-    with _collective("an all-reduce of per-process figures"):
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.cpu().tolist()
+    return _reduce_numbers(values, dist.ReduceOp.MAX, "an all-reduce of per-process figures")
 
 
 def check_same(value: float, what: str) -> None:

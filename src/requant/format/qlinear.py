@@ -155,14 +155,17 @@ class QuantLinear(nn.Module):
                 codes = torch.arange(2**self.layout.bits, dtype=torch.float32)
                 f32[LUT] = ((codes - zero) * f32.pop(SCALE)).contiguous()
             bias = None if self.bias is None else self.bias.detach().float().contiguous()
-            desc = kernels.describe(
-                self.qweight.contiguous(),
-                self.in_features,
-                self.layout.bits,
+            dense = dict(  # the dense codes and their table; the full layer adds the residual and the bias
                 lut=f32.get(LUT),
                 scale=f32.get(SCALE),
                 zero=f32.get(ZERO),
                 group_size=None if LUT in f32 else self.layout.group_size,
+            )
+            desc = kernels.describe(
+                self.qweight.contiguous(),
+                self.in_features,
+                self.layout.bits,
+                **dense,
                 rowptr=getattr(self, ROWPTR, None),
                 col=getattr(self, COL, None),
                 value=f32.get(VALUE),
@@ -171,13 +174,7 @@ class QuantLinear(nn.Module):
             keep = [self.qweight, *f32.values()] + ([bias] if bias is not None else [])
             if extra is not None:  # the uniform part alone, for prefill: decode, divide by s, add the residual
                 extra["dense_desc"] = kernels.describe(
-                    self.qweight.contiguous(),
-                    self.in_features,
-                    self.layout.bits,
-                    lut=f32.get(LUT),
-                    scale=f32.get(SCALE),
-                    zero=f32.get(ZERO),
-                    group_size=None if LUT in f32 else self.layout.group_size,
+                    self.qweight.contiguous(), self.in_features, self.layout.bits, **dense
                 )
             self._kernel = (lib, desc, keep, extra)
         return self._kernel
