@@ -32,6 +32,13 @@ def variants(bits: int, nodes: int, rule: str) -> dict[str, QuantConfig | None]:
         "Algorithm 2 only": replace(full, outliers=0.0),
         "β = 0.05 (1 step)": replace(full, step=0.05),
         "β = 0.0125 (4 steps)": replace(full, step=0.0125),
+        # paper.md [R] choices beyond the reading above (issue 4: "try to beat it").
+        "detach ranking positive": replace(full, detach_ranking="positive"),
+        "Alg. 1 objective PQI": replace(full, alg1_objective="pqi"),
+        "Alg. 1 criterion PQI (pre)": replace(full, alg1_criterion="pqi_pre"),
+        "Alg. 1 per block": replace(full, alg1_granularity="block"),
+        "detach per module": replace(full, detach_scope="module"),
+        "PQI 6 Gauss nodes": replace(full, pqi_nodes=6),
     }
 
 

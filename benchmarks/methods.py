@@ -12,6 +12,7 @@ Its candidate grid is {0, ½, 1, ..., 4} × r_o here (alg1_steps = 2, 9 fits per
 every candidate of AWQ re-runs its 20-point scale search, so 33 would take hours on 2 CPU cores.
 
 Usage: OMP_NUM_THREADS=1 python benchmarks/methods.py [--limit N] [--only NAME ...] [--bits 3 4]
+       OMP_NUM_THREADS=1 python benchmarks/methods.py --qtip --bits 2 3 [--limit N]   (issue 8 rows)
 """
 
 from __future__ import annotations
@@ -51,14 +52,27 @@ def variants(bits_list: list[int]) -> dict[str, QuantConfig | None]:
     return out
 
 
+def qtip_variants(bits_list: list[int]) -> dict[str, QuantConfig | None]:
+    """Issue 8: QTIP and QTIP + ReQuant (r_o 0, r_s 0.5%, β 0.25%; paper.md §6.3) at the paper's low widths."""
+    out: dict[str, QuantConfig | None] = {}
+    for bits in bits_list:
+        out[f"qtip-{bits}bit"] = QuantConfig(base="qtip", bits=bits)
+        out[f"qtip-{bits}bit+ReQuant"] = QuantConfig(base="qtip", bits=bits, **recipe_settings("requant", "qtip"))
+    return out
+
+
 if __name__ == "__main__":
     p = parser(__doc__)
     p.add_argument("--bits", type=int, nargs="+", default=[3, 4])
+    p.add_argument("--qtip", action="store_true", help="the QTIP rows instead (result tag methods-qtip)")
     args = p.parse_args()
     run_variants(
-        variants(args.bits),
+        qtip_variants(args.bits) if args.qtip else variants(args.bits),
         args,
-        "methods",
-        "Uniform grids asymmetric, fp16 scale + zero per group; AWQ adds one fp16 scale per input channel. "
+        "methods-qtip" if args.qtip else "methods",
+        "QTIP: L = 10, K = bits, V = 1, 1MAD code, no fine-tuning; ReQuant rows: r_o = 0, r_s = 0.5% by PQI "
+        "(Gauss, 2 nodes) in 2 steps of β = 0.25%."
+        if args.qtip
+        else "Uniform grids asymmetric, fp16 scale + zero per group; AWQ adds one fp16 scale per input channel. "
         "ReQuant rows: r_o = 0.25% by Algorithm 1 (9 candidates), r_s = 0; SqueezeLLM rows use its recipe.",
     )
