@@ -109,14 +109,22 @@ def load_model(
     *,
     dtype: str | torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    offload: str | os.PathLike | None = None,
 ) -> tuple[nn.Module, object]:
-    """Load a causal LM and its tokenizer from a directory, a .gguf file or the local HF cache."""
+    """Load a causal LM and its tokenizer from a directory, a .gguf file or the local HF cache.
+
+    With `offload` (a folder), the weights are memory-mapped from files there instead (requant.offload)."""
     _offline_env()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(spec)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype), local_files_only=True)
+        if offload is not None:
+            from .offload import load_offloaded
+
+            model = load_offloaded(path, offload, dtype=parse_dtype(dtype), device=device)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype), local_files_only=True)
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
         raise InputError(f"cannot load model {str(spec)!r}: {str(e).splitlines()[0]}") from None

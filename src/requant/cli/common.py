@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 
@@ -20,6 +21,25 @@ def add_calib(p: argparse.ArgumentParser) -> None:
     g.add_argument("--nsamples", type=int, default=32, help="calibration windows (default: 32)")
     g.add_argument("--seqlen", type=int, default=512, help="tokens per window (default: 512)")
     g.add_argument("--seed", type=int, default=0, help="seed of the window sampling (default: 0)")
+
+
+def add_offload(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--offload",
+        metavar="DIR",
+        default=None,
+        help="keep the model's weights in memory-mapped files under DIR (rebuilt at start; one subfolder per "
+        "torchrun rank) and recompute each block in backward: for models larger than memory, CPU only",
+    )
+
+
+def offload_folder(args: argparse.Namespace) -> str | None:
+    """This process's offload folder (ranks must not share one: the PQI path writes into the files)."""
+    from .. import distributed
+
+    if args.offload is None:
+        return None
+    return str(Path(args.offload) / f"rank-{distributed.rank()}") if distributed.world_size() > 1 else args.offload
 
 
 def emit(args: argparse.Namespace, obj: dict[str, Any], text: str) -> None:

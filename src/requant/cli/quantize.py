@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import add_calib, emit, percent
+from .common import add_calib, add_offload, emit, offload_folder, percent
 
 # Flags whose default is "unset", so a --recipe value can fill them and an explicit flag still wins.
 _RECIPE_FLAGS = (
@@ -73,6 +73,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     q.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     q.add_argument("--resume", action="store_true", help="continue an interrupted run from OUTPUT.work")
     q.add_argument("--keep-work", action="store_true", help="keep OUTPUT.work (stage results) after success")
+    add_offload(q)
     q.add_argument("--force", action="store_true", help="replace an existing different checkpoint")
     q.add_argument("--json", action="store_true", help="print one JSON object, no progress bars")
     q.add_argument(
@@ -173,6 +174,7 @@ def _quantize(args: argparse.Namespace, config: Any) -> int:
     from .. import distributed
     from ..format import save_checkpoint
     from ..format.checkpoint import _check_replace
+    from ..memory import PeakAnon
     from ..model import load_model, resolve_model_path
     from ..pipeline import quantize
 
@@ -181,8 +183,9 @@ def _quantize(args: argparse.Namespace, config: Any) -> int:
         _check_replace(out, config, args.force)  # refuse before hours of work, not after
     work = out.with_name(out.name + ".work")
     t0 = time.perf_counter()
-    model, tok = load_model(args.model, device=distributed.local_device(args.device))
-    result = quantize(model, tok, config, workdir=work, resume=args.resume)
+    with PeakAnon() as anon:
+        model, tok = load_model(args.model, device=distributed.local_device(args.device), offload=offload_folder(args))
+        result = quantize(model, tok, config, workdir=work, resume=args.resume)
     meta = {"model": resolve_model_path(args.model), "argv": sys.argv[1:], "wall_s": time.perf_counter() - t0}
     if distributed.is_main():  # every rank holds the same result; one writes it
         save_checkpoint(out, model, tok, result, metadata=meta, force=args.force)
@@ -191,7 +194,9 @@ def _quantize(args: argparse.Namespace, config: Any) -> int:
 
             shutil.rmtree(work, ignore_errors=True)
     # Every rank joins (the largest process counts); this also keeps the others until the checkpoint is complete.
-    peak = dict(zip(("rss_gb", "cuda_gb"), distributed.all_reduce_max(*_peak_memory_gb()), strict=True))
+    peak = dict(
+        zip(("rss_gb", "anon_gb", "cuda_gb"), distributed.all_reduce_max(*_peak_memory_gb(anon.peak)), strict=True)
+    )
     if not distributed.is_main():
         return 0
     bits = result.bit_count()
@@ -209,18 +214,18 @@ def _quantize(args: argparse.Namespace, config: Any) -> int:
         args,
         obj,
         f"wrote {out}: {len(result.layers)} layers, {bits.bits_per_weight:.3f} bits/weight, "
-        f"{bits.sparse_percent:.3f}% sparse, {meta['wall_s']:.1f} s, peak RSS {peak['rss_gb']:.2f} GB per process",
+        f"{bits.sparse_percent:.3f}% sparse, {meta['wall_s']:.1f} s, peak RSS {peak['rss_gb']:.2f} GB "
+        f"({peak['anon_gb']:.2f} GB anonymous) per process",
     )
     return 0
 
 
-def _peak_memory_gb() -> tuple[float, float]:
-    """Peak resident set size of this process and peak CUDA memory allocated (0 without CUDA), in GB."""
-    import resource
-
+def _peak_memory_gb(anon: int) -> tuple[float, float, float]:
+    """Peak resident set size of this process, its sampled peak anonymous part (`anon`, bytes; the part that
+    memory-mapped weights do not explain, requant.memory) and peak CUDA memory allocated (0 without CUDA), in GB."""
     import torch
 
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    rss_bytes = rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB, macOS bytes
+    from ..memory import peak_rss
+
     cuda = torch.cuda.max_memory_allocated() if torch.cuda.is_available() and torch.cuda.is_initialized() else 0
-    return rss_bytes / 1e9, cuda / 1e9
+    return peak_rss() / 1e9, anon / 1e9, cuda / 1e9

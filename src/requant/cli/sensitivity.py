@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ..errors import ConfigError
-from .common import add_calib, emit
+from .common import add_calib, add_offload, emit, offload_folder
 
 T = TypeVar("T")
 
@@ -42,6 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     s.add_argument("--plot", default=None, metavar="DIR", help="write PNG plots into DIR (needs matplotlib)")
     s.add_argument("--json", action="store_true", help="print one JSON object, no progress bars")
+    add_offload(s)
     add_calib(s)
     s.set_defaults(nsamples=8)
     for a in s._actions:
@@ -98,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         pyplot()  # a missing matplotlib should stop us before the long work, not after
     t0 = time.perf_counter()
-    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device, offload=offload_folder(args))
     problem = prepare_problem(model, tok, config, batch_size=args.batch_size)
     prep_s = time.perf_counter() - t0
     report = run_report(args.report, problem, **options)
