@@ -156,6 +156,19 @@ def test_estimate_cost_counts_passes_flops_and_memory():
     assert fisher_only["gradient_work"] == 4 * 800 * 4 and fisher_only["peak"] < mem["peak"]
 
 
+def test_estimate_cost_with_offload():
+    config = QuantConfig(significant=0.5, significant_select="pqi", step=0.25, pqi_nodes=8, pqi_nsamples=10)
+    plain = estimate_cost(config, _info())
+    off = estimate_cost(config, _info(), offload=True)
+    assert off["offload"] and off["passes"] == plain["passes"]
+    fwd_token = 2 * 900 + 2 * 2 * 512 * 16
+    assert off["flops"]["fwd_bwd_per_token"] == plain["flops"]["fwd_bwd_per_token"] + fwd_token  # recompute
+    m, p = off["memory_bytes_per_rank"], plain["memory_bytes_per_rank"]
+    assert m["weights"] == 0 and m["file_backed_weights"] == p["weights"] == 4000
+    assert m["activations"] < p["activations"] and m["gradient_work"] == p["gradient_work"]
+    assert m["peak"] == m["runtime"] + m["gradient_work"] + m["activations"]
+
+
 def test_estimate_cost_calibration_passes_for_input_methods():
     gptq = estimate_cost(QuantConfig(base="gptq", nsamples=16), _info(), world_size=2)
     assert gptq["passes"]["fisher_fwd_bwd"] == 0 and gptq["passes"]["calibration_fwd"] == 16
@@ -185,6 +198,8 @@ def test_dry_run_prints_estimate_and_writes_nothing(capsys, model_dir, tmp_path)
     assert main(["quantize", str(model_dir), "-o", str(out), "--dry-run", "--json"]) == 0
     cost = json.loads(capsys.readouterr().out)
     assert cost["passes"]["fisher_fwd_bwd"] == 32 and cost["world_size"] == 1
+    assert main(["quantize", str(model_dir), "-o", str(out), "--dry-run", "--offload", str(tmp_path / "off")]) == 0
+    assert "memory-mapped from disk" in capsys.readouterr().out and not (tmp_path / "off").exists()
 
 
 # ----------------------------------------------------------------------------------------------------------

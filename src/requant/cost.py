@@ -9,6 +9,9 @@ are first-order models:
   * memory per rank = runtime + weights + the pipeline's fp32 copies of the quantized weights and gradient
     sums + one window's activations (or input statistics for AWQ/GPTQ/QTIP, whichever is larger); every
     rank holds the whole model. On R (SmolLM2-135M, CPU) it came within ~10% of the measured peak RSS.
+  * with --offload (requant.offload) the weights are memory-mapped files: listed apart as file-backed (the
+    kernel can evict them), not in the peak; a backward pass keeps only the hidden states between blocks plus
+    one block's activations, and recomputes each block's forward (+ one forward per forward+backward).
 """
 
 from __future__ import annotations
@@ -69,9 +72,12 @@ def _pqi_passes(config: QuantConfig, quantized: int) -> int:
     return passes
 
 
-def estimate_cost(config: QuantConfig, info: dict[str, Any], *, world_size: int = 1) -> dict[str, Any]:
+def estimate_cost(
+    config: QuantConfig, info: dict[str, Any], *, world_size: int = 1, offload: bool = False
+) -> dict[str, Any]:
     """Passes, FLOPs and peak memory of `quantize(config)` on a model described by `model_info`, in total and
-    per rank when the windows are split over `world_size` processes. An estimate: see the module docstring."""
+    per rank when the windows are split over `world_size` processes (and with `offload`, memory-mapped weights
+    and checkpointed blocks). An estimate: see the module docstring."""
     k = max(int(world_size), 1)
     quant = QUANTIZERS[config.base]
     seqlen, n = config.seqlen, config.nsamples
@@ -92,6 +98,8 @@ def estimate_cost(config: QuantConfig, info: dict[str, Any], *, world_size: int 
     attn = 2 * info["blocks"] * seqlen * info["hidden"]
     fwd_token = 2 * info["linear_params"] + attn
     fwd_bwd_token = 4 * info["linear_params"] + 2 * info["quantized_params"] + 3 * attn
+    if offload:  # each block's forward runs again during backward
+        fwd_bwd_token += fwd_token
     tokens = seqlen  # per window
     flops_total = (fwd_bwd * fwd_bwd_token + calib_fwd * fwd_token) * tokens
     flops_rank = (fwd_bwd_rank * fwd_bwd_token + fwd_rank * fwd_token) * tokens
@@ -104,7 +112,11 @@ def estimate_cost(config: QuantConfig, info: dict[str, Any], *, world_size: int 
     # Algorithm 2 adds its current reconstruction, the detach loop's copy of it and the scores (9).
     detach = config.significant > 0 and config.significant_select == "pqi"
     grad_work = 4 * q * ((9 if detach else 6) if pqi_passes else 4 if fisher_windows else 1)
-    act_floats = seqlen * (info["blocks"] * (10 * info["hidden"] + 4 * info["intermediate"]) + 3 * info["vocab"])
+    block_floats = 10 * info["hidden"] + 4 * info["intermediate"]
+    if offload:  # hidden states between blocks + one block's internals + the logits
+        act_floats = seqlen * (info["blocks"] * info["hidden"] + block_floats + 3 * info["vocab"])
+    else:
+        act_floats = seqlen * (info["blocks"] * block_floats + 3 * info["vocab"])
     activations = 4 * act_floats if fwd_bwd else 4 * seqlen * (2 * info["hidden"] + 3 * info["vocab"])
     stats = 0
     if quant.uses_inputs:
@@ -115,7 +127,8 @@ def estimate_cost(config: QuantConfig, info: dict[str, Any], *, world_size: int 
                 stats = max(stats, 4 * info["input_stat_floats"])
         else:
             stats = 4 * info["input_stat_floats"]
-    peak = RUNTIME_BYTES + weights + 4 * q + max(grad_work - 4 * q + activations, stats)
+    resident_weights = 0 if offload else weights
+    peak = RUNTIME_BYTES + resident_weights + 4 * q + max(grad_work - 4 * q + activations, stats)
     return {
         "estimate": True,
         "world_size": k,
@@ -132,8 +145,10 @@ def estimate_cost(config: QuantConfig, info: dict[str, Any], *, world_size: int 
         },
         "per_rank_passes": {"fwd_bwd": fwd_bwd_rank, "fwd": fwd_rank},
         "flops": {"total": flops_total, "per_rank": flops_rank, "fwd_bwd_per_token": fwd_bwd_token},
+        "offload": offload,
         "memory_bytes_per_rank": {
-            "weights": weights,
+            "weights": resident_weights,
+            "file_backed_weights": weights - resident_weights,
             "gradient_work": grad_work,
             "activations": activations,
             "input_statistics": stats,
@@ -176,4 +191,9 @@ def format_cost(cost: dict[str, Any]) -> str:
         f"{gb(mem['gradient_work'])}, activations {gb(mem['activations'])}, input statistics "
         f"{gb(mem['input_statistics'])}, runtime {gb(mem['runtime'])})"
     )
+    if cost.get("offload"):
+        lines.append(
+            f"  offload        weights {gb(mem['file_backed_weights'])} memory-mapped from disk (not in the peak; "
+            "the page cache holds what fits)"
+        )
     return "\n".join(lines)
