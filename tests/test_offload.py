@@ -12,7 +12,7 @@ from requant.config import QuantConfig
 from requant.errors import ConfigError, InputError
 from requant.memory import PeakAnon, anon_rss, peak_rss
 from requant.model import load_model, quantizable_layers
-from requant.offload import INDEX, checkpoint_blocks, is_offloaded, load_offloaded
+from requant.offload import INDEX, checkpoint_blocks, is_offloaded, load_offloaded, spill
 from requant.pipeline import quantize
 from requant.sensitivity.gradients import mean_loss_gradient
 
@@ -123,3 +123,15 @@ def test_cli_quantize_offload_same_checkpoint(capsys, model_dir, text_file, tmp_
         outs.append(out)
     a, b = (load_file(next(o.glob("*.safetensors"))) for o in outs)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_spill_is_file_backed_only_when_offloaded(model_dir, tmp_path):
+    t = {"a": torch.randn(5, 7), "b": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
+    ref, _ = load_model(model_dir)
+    same = spill(ref, "x", t.items())
+    assert all(same[n] is t[n] for n in t)
+    off, _ = load_model(model_dir, offload=tmp_path / "off")
+    first, second = spill(off, "x", t.items()), spill(off, "x", {"a": torch.zeros(5, 7)}.items())
+    assert all(torch.equal(first[n], t[n]) and first[n].data_ptr() != t[n].data_ptr() for n in t)
+    assert torch.equal(first["a"], t["a"]) and not second["a"].any()  # a later spill leaves earlier ones alone
+    assert len(list((tmp_path / "off" / "spill").iterdir())) == 2

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +119,25 @@ def checkpoint_blocks(model: nn.Module) -> nn.Module:
 
 def is_offloaded(model: nn.Module) -> bool:
     return getattr(model, "_requant_offload", None) is not None
+
+
+def spill(model: nn.Module, tag: str, tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Long-lived working tensors of an offloaded model's run (e.g. the pipeline's fp32 master copy of the
+    weights) moved into memory-mapped files under its offload folder, one at a time; a resident model's are
+    returned as they are. Each call writes a fresh subfolder, so earlier results stay valid."""
+    from accelerate.utils import offload_weight
+
+    folder = getattr(model, "_requant_offload", None)
+    if folder is None:
+        return dict(tensors)
+    base = Path(folder) / "spill"
+    base.mkdir(exist_ok=True)
+    d = Path(tempfile.mkdtemp(prefix=f"{tag}-", dir=base))
+    out = {}
+    for name, t in tensors:
+        index = offload_weight(t.detach(), name, str(d), {})
+        out[name] = _memmap(d, name, index[name])
+    return out
 
 
 def load_offloaded(

@@ -28,6 +28,7 @@ from .config import EQUAL_BITS, QuantConfig
 from .data import text_windows
 from .errors import NumericalError
 from .model import LayerInfo, get_linear, parse_dtype, quantizable_layers
+from .offload import is_offloaded, spill
 from .progress import bar
 from .quantizers import BaseQuantizer, LayerInputs, QuantizedTensor, make_quantizer
 from .recipes import equal_bits_group_size
@@ -251,7 +252,11 @@ def quantize(
     infos = {i.name: i for i in layers}
     names = list(infos)
     shapes = {i.name: (i.out_features, i.in_features) for i in layers}
-    weights = {n: get_linear(model, n).weight.detach().float().cpu().clone() for n in names}
+    # The fp32 master copy; memory-mapped when the model is offloaded (requant.offload), one layer at a time.
+    if is_offloaded(model):
+        weights = spill(model, "weights", ((n, get_linear(model, n).weight.detach().float().cpu()) for n in names))
+    else:
+        weights = {n: get_linear(model, n).weight.detach().float().cpu().clone() for n in names}
     total = sum(w.numel() for w in weights.values())
     # The fingerprint ties stored stages to these exact weights: resuming on another model is refused.
     checksum = f"{sum(float(w.double().abs().sum()) for w in weights.values()):.17g}"
@@ -268,6 +273,7 @@ def quantize(
         else:
             fisher = compute_fisher(model, tokenizer, config, names)
             work.save("fisher", dict(fisher))
+        fisher = spill(model, "fisher", fisher.items())
         timed("fisher_s", t)
     importance = fisher if quantizer.uses_importance else None
 
@@ -362,6 +368,7 @@ def quantize(
         dense = fit_dense(quantizer, weights, importance=importance, exclude=exclude, inputs=inputs())
         work.save("dense", *_dense_state(dense))
     timed("dense_fit_s", t)
+    fisher = importance = None  # used up (the sensitive values were chosen before the fit): free it for PQI
 
     # Step 5: significant weights, chosen on the re-quantized model.
     significant = None
@@ -516,6 +523,7 @@ def _detach(
         ranking=config.detach_ranking,
         on_step=checkpoint,
         start=start,
+        copy=False,  # `current` was built here for the loop alone
     )
     report["detach_steps"] = step_counts(count, step)
     return chosen

@@ -76,8 +76,17 @@ def path_gradients(
     if len(windows) == 0:
         raise ConfigError("no calibration windows given")
     device = model.get_submodule(names[0]).weight.device
-    # One fp32 copy of Δw for the derivative: cheaper than re-forming it at every node.
-    delta = {n: quantized[n].to(device, torch.float32) - original[n].to(device, torch.float32) for n in moving}
+    # Δw for the derivative: on an accelerator one copy on the device (cheaper than moving w, w̃ at every node);
+    # on the CPU formed per layer when needed, as a whole-model copy would raise the peak memory by a model.
+    delta = (
+        {n: quantized[n].to(device, torch.float32) - original[n].to(device, torch.float32) for n in moving}
+        if device.type != "cpu"
+        else None
+    )
+
+    def delta_of(n: str) -> torch.Tensor:
+        return delta[n] if delta is not None else quantized[n].float() - original[n].float()
+
     with weights_on_path(model, names, original, quantized) as set_point:
         for i, t in enumerate(bar(ts, desc=f"{desc} nodes", unit="node")):
             set_point(float(t), subset)
@@ -90,7 +99,7 @@ def path_gradients(
                 raise NumericalError(f"at path node {i} (t={t:.4g}): {e}") from None
             acc, nll_total, tokens = sums.grads, sums.nll, sums.tokens
             # fp32 BLAS dots per layer (blocked accumulation: ~1e-9 of Σ|terms| here), summed in fp64.
-            deriv = sum(torch.dot(acc[n].reshape(-1), delta[n].reshape(-1)).item() for n in moving) / tokens
+            deriv = sum(torch.dot(acc[n].reshape(-1), delta_of(n).reshape(-1)).item() for n in moving) / tokens
             yield PathNode(float(t), nll_total / tokens, acc, tokens, deriv)
 
 

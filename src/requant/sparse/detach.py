@@ -41,24 +41,28 @@ def select_top(
     """
     if scope not in SCOPES:
         raise ConfigError(f"selection scope {scope!r} is not allowed; use one of {', '.join(SCOPES)}")
-    masked = {}
-    for n, k in keys.items():
-        v = k.float().flatten().clone()
+
+    def masked(n: str) -> torch.Tensor:
+        # One layer at a time: a masked copy of every layer at once would be another fp32 model copy.
+        v = keys[n].float().flatten().clone()
         v[exclude[n].flatten()] = -torch.inf
-        masked[n] = v
+        return v
+
     out = {n: torch.zeros(k.numel(), dtype=torch.bool) for n, k in keys.items()}
     if count <= 0:
         return {n: m.view(keys[n].shape) for n, m in out.items()}
     if scope == "module":
-        total = sum(v.numel() for v in masked.values())
-        for n, v in masked.items():
+        total = sum(k.numel() for k in keys.values())
+        for n in keys:
+            v = masked(n)
             c = min(round(count * v.numel() / total), int(torch.isfinite(v).sum()))
             if c:
                 out[n][torch.topk(v, c, sorted=False).indices] = True
     else:
         # Only each layer's own top-`count` can be in the global top-`count`: merge those candidates.
         cand_v, cand_l, cand_i = [], [], []
-        for li, (_, v) in enumerate(masked.items()):
+        for li, n in enumerate(keys):
+            v = masked(n)
             c = min(count, v.numel())
             top = torch.topk(v, c, sorted=False)
             cand_v.append(top.values)
@@ -68,7 +72,7 @@ def select_top(
         finite = torch.isfinite(values)
         values, layer, index = values[finite], layer[finite], index[finite]
         best = torch.topk(values, min(count, values.numel()), sorted=False).indices
-        names = list(masked)
+        names = list(keys)
         for li in layer[best].unique().tolist():
             sel = best[layer[best] == li]
             out[names[li]][index[sel]] = True
@@ -102,14 +106,16 @@ def stepwise_detach(
     ranking: str = "abs",
     on_step: Callable[[int, dict[str, torch.Tensor], dict[str, torch.Tensor]], None] | None = None,
     start: tuple[int, dict[str, torch.Tensor]] | None = None,
+    copy: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Masks of `total` significant entries chosen in steps of `step`, rescoring the reconstruction each time.
 
     `sparse` marks entries already stored sparse (never chosen). `score_fn(current)` returns signed
     element-wise sensitivities. `on_step(k, chosen, current)` lets the caller checkpoint; `start=(k, chosen)`
-    resumes after step k.
+    resumes after step k. With `copy=False` the tensors of `current` are the loop's own and are not cloned
+    (they are never written in place: a step replaces a layer's tensor).
     """
-    cur = {n: t.clone() for n, t in current.items()}
+    cur = {n: t.clone() for n, t in current.items()} if copy else dict(current)
     chosen = {n: torch.zeros(t.shape, dtype=torch.bool) for n, t in current.items()}
     counts = step_counts(total, step)
     first = 0
@@ -118,7 +124,9 @@ def stepwise_detach(
         chosen = {n: m.clone() for n, m in prev.items()}
         cur = {n: restore_entries(cur[n], original[n], chosen[n]) for n in cur}
     for k in range(first, len(counts)):
-        keys = {n: rank_scores(s, ranking) for n, s in score_fn(cur).items()}
+        keys = score_fn(cur)
+        for n, sc in keys.items():  # replaced layer by layer: scores and keys never both whole in memory
+            keys[n] = rank_scores(sc, ranking)
         exclude = {n: sparse[n] | chosen[n] for n in cur}
         new = select_top(keys, counts[k], exclude, scope=scope)
         for n in cur:
