@@ -87,3 +87,18 @@ def test_missing_matplotlib_stops_before_the_work(capsys, base_args, tmp_path, m
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     code, _, err = run(capsys, *base_args, "--report", "coverage", "--plot", str(tmp_path))
     assert code == 2 and "pip install 'requant[plot]'" in err
+
+
+def test_blocks_report_same_with_offload(capsys, base_args, tmp_path):
+    """Hessian-vector products (second order) pass through the checkpointed blocks of an offloaded model."""
+    argv = [*base_args, "--seqlen", "16", "--report", "blocks", "--pqi-nodes", "1", "--json"]
+    rows = []
+    for extra in ([], ["--offload", str(tmp_path / "off")]):
+        code, out, _ = run(capsys, *argv, *extra)
+        assert code == 0
+        rows.append(json.loads(out)["rows"])
+    assert len(rows[0]) == len(rows[1]) > 1
+    for a, b in zip(*rows, strict=True):
+        assert a["block"] == b["block"]
+        for k in ("actual", "first_order", "second_order", "fisher_second_order", "pqi"):
+            assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-12), (a["block"], k)
