@@ -95,6 +95,39 @@ def test_resume_after_interruption_is_bit_identical(tokenizer, text_file, tmp_pa
     assert all(torch.equal(got[n], ref[n]) for n in ref)
 
 
+def test_out_of_disk_leaves_no_corrupt_stage_and_resume_works(tokenizer, text_file, tmp_path, monkeypatch):
+    """ENOSPC while storing the second detach step: one clear error, the stale step-1 stage is not kept as if
+    it were step 2, and --resume finishes bit-identical to an uninterrupted run."""
+    import errno
+
+    import requant.workdir as workdir
+
+    cfg = _cfg(text_file)
+    ref = _weights(quantize(tiny_llama(), tokenizer, cfg))
+    real = workdir.save_file
+    calls = {"detach": 0}
+
+    def full_disk(tensors, path):
+        if ".detach." in str(path):
+            calls["detach"] += 1
+            if calls["detach"] == 2:
+                real(tensors, path)  # a partial file is on disk when the error comes
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, path)
+
+    monkeypatch.setattr(workdir, "save_file", full_disk)
+    with pytest.raises(InputError, match=r"cannot store stage 'detach'.*No space left on device.*--resume"):
+        quantize(tiny_llama(), tokenizer, cfg, workdir=tmp_path / "w")
+    w = tmp_path / "w"
+    assert not (w / "detach.json").exists() and not list(w.glob(".detach.*"))  # no stage, no temporary
+    assert (w / "dense.json").exists()
+    monkeypatch.setattr(workdir, "save_file", real)
+    r = quantize(tiny_llama(), tokenizer, cfg, workdir=w, resume=True)
+    assert "dense" in r.report["resumed_stages"] and "detach" not in r.report["resumed_stages"]
+    got = _weights(r)
+    assert all(torch.equal(got[n], ref[n]) for n in ref)
+
+
 def test_resume_with_other_config_is_refused(tokenizer, text_file, tmp_path):
     quantize(tiny_llama(), tokenizer, _cfg(text_file, significant=0.0, step=None), workdir=tmp_path / "w")
     with pytest.raises(InputError, match=r"different settings.*bits"):

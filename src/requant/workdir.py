@@ -97,15 +97,25 @@ class WorkDir:
         Rank 0 only: every rank holds the same all-reduced result."""
         if self.path is None or not distributed.is_main():
             return
-        fd, tmp = tempfile.mkstemp(prefix=f".{stage}.", suffix=".safetensors", dir=self.path)
-        os.close(fd)
+        sidecar = self.path / f"{stage}.json"
+        tmp = None
         try:
+            # A stage saved again (the detach steps) is invalid until both files are new: sidecar off first.
+            sidecar.unlink(missing_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{stage}.", suffix=".safetensors", dir=self.path)
+            os.close(fd)
             save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
             os.replace(tmp, self.path / f"{stage}.safetensors")
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        write_json_atomic(self.path / f"{stage}.json", meta or {})
+            tmp = None
+            write_json_atomic(sidecar, meta or {})
+        except OSError as e:
+            raise InputError(
+                f"cannot store stage {stage!r} in {str(self.path)!r}: {e.strerror or e}; the stages finished "
+                "before it are kept: make room and run again with --resume"
+            ) from None
+        finally:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
 
     def load(self, stage: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         assert self.path is not None

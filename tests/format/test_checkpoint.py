@@ -147,6 +147,25 @@ def test_failed_write_leaves_nothing(quantized, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_out_of_disk_is_one_clear_error_and_leaves_nothing(quantized, tmp_path, monkeypatch):
+    import errno
+
+    import requant.format.checkpoint as ck
+
+    model, tok, result = quantized
+    real = ck.save_file
+
+    def full(tensors, path, **kw):
+        real(tensors, path, **kw)
+        if path.endswith(ck.QUANT_FILE):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ck, "save_file", full)
+    with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*No space left on device"):
+        save_checkpoint(tmp_path / "ckpt", model, tok, result)
+    assert list(tmp_path.iterdir()) == []
+
+
 def _rewrite(file: Path, fn) -> None:
     tensors = load_file(str(file))
     fn(tensors)

@@ -132,6 +132,27 @@ def save_checkpoint(
         stored += layout.stored_bytes()
         layers_meta[name] = {**layout.to_meta(), "block": q.info.block, "kind_in_block": q.info.kind}
     bits = result.bit_count()
+    try:
+        _write(out, model, tokenizer, result, quant, layers_meta, stored, bits, metadata)
+    except OSError as e:  # e.g. out of disk: atomic_dir has removed the partial copy
+        raise CheckpointError(
+            f"cannot write checkpoint {str(out)!r}: {e.strerror or e}; nothing was written (a work directory, "
+            "if any, is kept: make room and run again with --resume)"
+        ) from None
+    return out
+
+
+def _write(
+    out: Path,
+    model: nn.Module,
+    tokenizer: object,
+    result: QuantizationResult,
+    quant: dict[str, torch.Tensor],
+    layers_meta: dict[str, Any],
+    stored: int,
+    bits: Any,
+    metadata: dict[str, Any] | None,
+) -> None:
     with atomic_dir(out, replace=True) as tmp:
         save_file(_unique_state(model, set(result.layers)), str(tmp / DENSE_FILE), metadata={"format": "pt"})
         save_file(quant, str(tmp / QUANT_FILE), metadata={"format": "pt", "requant_format": str(FORMAT_VERSION)})
@@ -156,7 +177,6 @@ def save_checkpoint(
                 "metadata": metadata or {},
             },
         )
-    return out
 
 
 def _check_replace(out: Path, config: QuantConfig, force: bool) -> None:
