@@ -120,6 +120,7 @@ def test_cli_quantize_offload_same_checkpoint(capsys, model_dir, text_file, tmp_
         assert main(["quantize", str(model_dir), "-o", str(out), *common, *extra]) == 0
         rep = json.loads(capsys.readouterr().out)
         assert rep["peak_memory"]["rss_gb"] >= rep["peak_memory"]["anon_gb"] > 0
+        assert not (tmp_path / "off").exists()  # the weight files go once the checkpoint is written
         outs.append(out)
     a, b = (load_file(next(o.glob("*.safetensors"))) for o in outs)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

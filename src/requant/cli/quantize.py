@@ -193,6 +193,8 @@ def _quantize(args: argparse.Namespace, config: Any) -> int:
             import shutil
 
             shutil.rmtree(work, ignore_errors=True)
+    if args.offload is not None and not args.keep_work:
+        _remove_offload(offload_folder(args))
     # Every rank joins (the largest process counts); this also keeps the others until the checkpoint is complete.
     peak = dict(
         zip(("rss_gb", "anon_gb", "cuda_gb"), distributed.all_reduce_max(*_peak_memory_gb(anon.peak)), strict=True)
@@ -218,6 +220,15 @@ def _quantize(args: argparse.Namespace, config: Any) -> int:
         f"({peak['anon_gb']:.2f} GB anonymous) per process",
     )
     return 0
+
+
+def _remove_offload(folder: str | None) -> None:
+    """Drop this process's memory-mapped weight files once the checkpoint is written: they are as large as the
+    model (on Linux, open mappings keep the data until the process ends)."""
+    import shutil
+
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _peak_memory_gb(anon: int) -> tuple[float, float, float]:
