@@ -97,6 +97,14 @@ def test_offload_refusals(model_dir, tmp_path):
     with pytest.raises(InputError, match="safetensors"):
         load_offloaded(str(bare), tmp_path / "off2", dtype=torch.float32)
     assert not (tmp_path / "off2").exists()  # nothing half-written
+    from safetensors.torch import load_file, save_file
+
+    (src,) = model_dir.glob("*.safetensors")
+    tensors = load_file(str(src))
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, str(bare / "model.safetensors"))
+    with pytest.raises(InputError, match=r"no tensor for parameter 'model\.layers\.1\.mlp\.up_proj\.weight'"):
+        load_offloaded(str(bare), tmp_path / "off3", dtype=torch.float32)
 
 
 def test_memory_probes():
