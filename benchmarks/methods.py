@@ -40,6 +40,8 @@ def variants(bits_list: list[int]) -> dict[str, QuantConfig | None]:
         out[f"squeezellm-{bits}bit-row"] = QuantConfig(base="squeezellm", bits=bits)
     for bits in bits_list:
         for m in UNIFORM:
+            # g96 alone separates the two effects of "+ReQuant" at g96: coarser groups, and the outliers.
+            out[f"{m}-{bits}bit-g96"] = QuantConfig(base=m, bits=bits, group_size=96)
             out[f"{m}-{bits}bit-g96+ReQuant"] = QuantConfig(base=m, bits=bits, group_size=96, **OUTLIERS)
     for bits in bits_list:
         for m in UNIFORM:
