@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 
 from harness import RESULTS
 
 from requant.data import text_windows
 from requant.eval import evaluate
+from requant.memory import GIB, peak_rss
 from requant.model import load_model
 
 
@@ -28,7 +28,7 @@ def main() -> None:
         r = evaluate(model, text_windows(tok, t, 512, limit=args.limit), data=t)
         row[t] = {"perplexity": r.perplexity, "tokens": r.tokens, "windows": r.windows}
         print(t, r.perplexity, flush=True)
-    row["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    row["peak_rss_gib"] = peak_rss() / GIB
     results = json.loads(path.read_text()) if path.exists() else {}
     path.write_text(json.dumps({"bf16": row, **results}, indent=2))
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 from requant.config import QuantConfig
 from requant.data import text_windows
 from requant.eval import evaluate
+from requant.memory import GIB, peak_rss
 from requant.model import load_model, quantizable_layers
 from requant.pipeline import compute_fisher, quantize
 from requant.progress import quiet_transformers
@@ -73,7 +73,7 @@ def run_variants(
         for t_name, w in windows.items():
             r = evaluate(model, w, data=t_name, batch_size=args.batch_size)
             row[t_name] = {"perplexity": r.perplexity, "tokens": r.tokens, "windows": r.windows}
-        row["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        row["peak_rss_gib"] = peak_rss() / GIB
         results[name] = row
         path.write_text(json.dumps(results, indent=2))
         print(name, {k: v for k, v in row.items() if k not in ("config", "timings")}, flush=True)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 from requant.assets import cache_dir
 from requant.config import QuantConfig
 from requant.io import write_json_atomic
+from requant.memory import peak_rss
 from requant.model import load_model
 from requant.progress import quiet_transformers
 from requant.sensitivity import (
@@ -57,7 +57,7 @@ LAMBDAS = [1.0, 0.5, 0.2, 1e-1, 5e-2, 1e-2, 5e-3, 1e-3]
 
 
 def maxrss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return peak_rss() / 2**20
 
 
 def load_problem(bits: int, nsamples: int, seqlen: int, dtype: str, device: str) -> tuple[Problem, float]:

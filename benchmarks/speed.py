@@ -31,15 +31,14 @@ VARIANTS: dict[str, list[str] | None] = {
 }
 HEADLINE = "squeezellm-3bit-D&S"
 
-# Peak RSS from VmHWM: getrusage's ru_maxrss survives exec on Linux and would report the parent's peak.
+# Peak RSS from VmHWM (requant.memory): getrusage's ru_maxrss survives exec on Linux and would report the parent's.
 MEMORY_SCRIPT = """
 import json, sys, torch
 import requant
 from requant.format.speed import random_prompt, time_generation
+from requant.memory import peak_rss
 def hwm():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
+    return peak_rss() / 2**20
 spec = sys.argv[1]
 before = hwm()
 model, tok = requant.load(spec)

@@ -9,7 +9,6 @@ of wiki:train, PQI on 8 of them, perplexity on the first 40 windows × 512 token
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 import time
 from dataclasses import replace
@@ -17,6 +16,7 @@ from dataclasses import replace
 from .config import QuantConfig
 from .data import text_windows
 from .eval import evaluate
+from .memory import GIB, peak_rss
 from .model import load_model, quantizable_layers
 from .pipeline import compute_fisher, quantize
 from .progress import quiet_transformers
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|")
     for label, ppl, bits, qs, ts in rows:
         print(f"| {label} | {ppl:.2f} | {bits:.3f} | {qs:.0f} | {ts:.0f} |")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peak = peak_rss() / GIB
     print(f"\ndemo wall time {time.perf_counter() - t_all:.0f} s, peak memory {peak:.2f} GiB")
     return 0
 
