@@ -19,6 +19,31 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<s>")
 
 
+def requant_config(text_file, **kw):
+    """A small ReQuant setting for tiny models: SqueezeLLM 3-bit, 1% Algorithm-1 outliers, 0.5% PQI values in two
+    steps (2 Gauss nodes), 2 windows of 32 tokens from `text_file`; `kw` overrides any field."""
+    from requant.config import QuantConfig
+
+    base = {
+        "base": "squeezellm",
+        "bits": 3,
+        "outliers": 1.0,
+        "outlier_select": "adaptive",
+        "significant": 0.5,
+        "significant_select": "pqi",
+        "step": 0.25,
+        "pqi_nodes": 2,
+        "pqi_rule": "gauss",
+        "calib": str(text_file),
+        "nsamples": 2,
+        "seqlen": 32,
+        "alg1_steps": 2,
+        "alg1_max_factor": 2.0,
+    }
+    base.update(kw)
+    return QuantConfig(**base)
+
+
 def tiny_llama(
     seed: int = 0, *, layers: int = 2, hidden: int = 64, inter: int = 96, vocab: int = 257, tie: bool = True
 ):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from requant.config import QuantConfig
+from helpers import requant_config
 from requant.errors import ConfigError, InputError
 from requant.memory import PeakAnon, anon_rss, peak_rss
 from requant.model import load_model, quantizable_layers
@@ -65,20 +65,8 @@ def test_folder_rebuilt_on_load(model_dir, windows, tmp_path):
 
 def test_requant_pipeline_same_result_offloaded(model_dir, tmp_path, text_file):
     """Fisher, Algorithm 1, PQI path writes and the detach loop through the memory maps: identical layers."""
-    cfg = QuantConfig(
-        base="squeezellm",
-        bits=3,
-        outliers=1.0,
-        outlier_select="adaptive",
-        significant=0.5,
-        significant_select="pqi",
-        step=0.25,
-        pqi_nodes=2,
-        pqi_rule="gauss",
-        calib=str(text_file),
-        nsamples=4,
-        seqlen=32,
-    )
+    # Algorithm 1's full candidate grid (8 steps up to 4 × the budget), 4 windows.
+    cfg = requant_config(text_file, nsamples=4, alg1_steps=8, alg1_max_factor=4.0)
     results = []
     for off in (None, tmp_path / "off"):
         model, tok = load_model(model_dir, offload=off)

@@ -4,31 +4,9 @@ import pytest
 import torch
 
 import requant.pipeline as pipeline
-from helpers import tiny_llama, trained_tiny_llama
-from requant.config import QuantConfig
+from helpers import requant_config, tiny_llama, trained_tiny_llama
 from requant.errors import ConfigError, InputError
 from requant.pipeline import quantize
-
-
-def _cfg(text_file, **kw):
-    base = {
-        "base": "squeezellm",
-        "bits": 3,
-        "outliers": 1.0,
-        "outlier_select": "adaptive",
-        "significant": 0.5,
-        "significant_select": "pqi",
-        "step": 0.25,
-        "pqi_nodes": 2,
-        "pqi_rule": "gauss",
-        "calib": str(text_file),
-        "nsamples": 2,
-        "seqlen": 32,
-        "alg1_steps": 2,
-        "alg1_max_factor": 2.0,
-    }
-    base.update(kw)
-    return QuantConfig(**base)
 
 
 def _weights(result):
@@ -37,7 +15,7 @@ def _weights(result):
 
 def test_requant_budgets_and_disjoint_sets(tokenizer, text_file):
     model = tiny_llama()
-    r = quantize(model, tokenizer, _cfg(text_file))
+    r = quantize(model, tokenizer, requant_config(text_file))
     total = sum(q.info.numel for q in r.layers.values())
     sp = r.report["sparse"]
     assert sp["outlier_entries"] <= round(0.01 * total)
@@ -52,7 +30,8 @@ def test_requant_budgets_and_disjoint_sets(tokenizer, text_file):
 
 
 def test_block_granularity_shares_a_ratio(tokenizer, text_file):
-    r = quantize(tiny_llama(), tokenizer, _cfg(text_file, significant=0.0, step=None, alg1_granularity="block"))
+    cfg = requant_config(text_file, significant=0.0, step=None, alg1_granularity="block")
+    r = quantize(tiny_llama(), tokenizer, cfg)
     pct = r.report["algorithm1"]["candidate_per_layer"]
     for block in (0, 1):
         vals = {round(v, 6) for n, v in pct.items() if f"layers.{block}." in n}
@@ -68,13 +47,13 @@ def test_requant_beats_random_on_calibration_loss(tokenizer, text_file):
     for sel in ("adaptive", "random"):
         m = trained_tiny_llama(text_file.read_text())
         sig = "pqi" if sel == "adaptive" else "random"
-        quantize(m, tokenizer, _cfg(text_file, outlier_select=sel, significant_select=sig, bits=2))
+        quantize(m, tokenizer, requant_config(text_file, outlier_select=sel, significant_select=sig, bits=2))
         ppl[sel] = evaluate(m, win).perplexity
     assert ppl["adaptive"] < ppl["random"]
 
 
 def test_resume_after_interruption_is_bit_identical(tokenizer, text_file, tmp_path, monkeypatch):
-    cfg = _cfg(text_file)
+    cfg = requant_config(text_file)
     ref = _weights(quantize(tiny_llama(), tokenizer, cfg))
     real = pipeline.post_quantization_integral
     calls = {"n": 0}
@@ -102,7 +81,7 @@ def test_out_of_disk_leaves_no_corrupt_stage_and_resume_works(tokenizer, text_fi
 
     import requant.workdir as workdir
 
-    cfg = _cfg(text_file)
+    cfg = requant_config(text_file)
     ref = _weights(quantize(tiny_llama(), tokenizer, cfg))
     real = workdir.save_file
     calls = {"detach": 0}
@@ -129,12 +108,12 @@ def test_out_of_disk_leaves_no_corrupt_stage_and_resume_works(tokenizer, text_fi
 
 
 def test_resume_with_other_config_is_refused(tokenizer, text_file, tmp_path):
-    quantize(tiny_llama(), tokenizer, _cfg(text_file, significant=0.0, step=None), workdir=tmp_path / "w")
+    quantize(tiny_llama(), tokenizer, requant_config(text_file, significant=0.0, step=None), workdir=tmp_path / "w")
     with pytest.raises(InputError, match=r"different settings.*bits"):
         quantize(
             tiny_llama(),
             tokenizer,
-            _cfg(text_file, bits=4, significant=0.0, step=None),
+            requant_config(text_file, bits=4, significant=0.0, step=None),
             workdir=tmp_path / "w",
             resume=True,
         )
@@ -153,4 +132,4 @@ def test_resume_with_other_config_is_refused(tokenizer, text_file, tmp_path):
 )
 def test_bad_budgets(text_file, kw, msg):
     with pytest.raises(ConfigError, match=msg):
-        _cfg(text_file, **kw)
+        requant_config(text_file, **kw)
