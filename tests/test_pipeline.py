@@ -1,10 +1,12 @@
 import pytest
 import torch
 
+from helpers import requant_config
 from requant.config import QuantConfig
 from requant.errors import ConfigError, NumericalError
 from requant.eval import evaluate
-from requant.pipeline import quantize
+from requant.model import load_model, quantizable_layers
+from requant.pipeline import compute_fisher, quantize
 
 
 def test_budgets_are_met_and_disjoint(model, tokenizer, text_file):
@@ -66,3 +68,32 @@ def test_sym_reaches_the_quantizer(tokenizer, text_file):
     assert all(q.dense.zero is not None for q in asym.layers.values())
     with pytest.raises(ConfigError, match="rtn, gptq"):
         QuantConfig(base="squeezellm", sym=True)
+
+
+def test_bf16_gradient_passes_leave_every_other_tensor_bit_exact(model, tokenizer, text_file):
+    """bf16 Fisher/PQI passes cast the model and back: nothing may stay rounded to bf16 (norms, embeddings,
+    buffers), and the master weights the pipeline reads must be the fp32 originals."""
+    before = {k: t.clone() for k, t in (dict(model.named_parameters()) | dict(model.named_buffers())).items()}
+    names = [i.name for i in quantizable_layers(model)]
+    cfg = requant_config(text_file, grad_dtype="bf16")
+    compute_fisher(model, tokenizer, cfg, names)
+    for k, t in (dict(model.named_parameters()) | dict(model.named_buffers())).items():
+        assert t.dtype == before[k].dtype and torch.equal(t, before[k]), k
+    r = quantize(model, tokenizer, cfg)
+    assert r.report["sparse"]["significant_entries"] > 0  # the PQI passes ran
+    quantized = {f"{n}.weight" for n in names}
+    for k, t in (dict(model.named_parameters()) | dict(model.named_buffers())).items():
+        if k not in quantized:
+            assert torch.equal(t, before[k]), k
+    # sparse entries hold fp16(w − dense) of the fp32 original w, not of a bf16-rounded copy
+    for n, q in r.layers.items():
+        w, dense = before[f"{n}.weight"].flatten(), q.dense.dequantize().flatten()
+        i = q.sparse.index
+        err = (q.weight().flatten()[i] - w[i]).abs()
+        assert (err <= 2.0**-11 * (w[i] - dense[i]).abs() + 1e-7).all(), n
+
+
+def test_bf16_gradient_passes_refused_when_offloaded(model_dir, text_file, tmp_path):
+    model, tok = load_model(model_dir, offload=tmp_path / "off")
+    with pytest.raises(ConfigError, match="--grad-dtype bf16 is not supported with --offload"):
+        quantize(model, tok, requant_config(text_file, grad_dtype="bf16"))

@@ -26,7 +26,7 @@ from . import accounting, distributed
 from .calibration import layer_inputs, sequential_fit
 from .config import EQUAL_BITS, QuantConfig
 from .data import text_windows
-from .errors import NumericalError
+from .errors import ConfigError, NumericalError
 from .model import LayerInfo, get_linear, parse_dtype, quantizable_layers
 from .offload import is_offloaded, spill
 from .progress import bar
@@ -92,23 +92,54 @@ def set_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
 
 
 class _GradDtype:
-    """Run a block with the model in the gradient dtype (fp32 or bf16), restoring its dtype after."""
+    """Run a block with the model in the gradient dtype (fp32 or bf16), restoring its dtype *and values* after.
 
-    def __init__(self, model: nn.Module, dtype: str) -> None:
-        self.model, self.dtype = model, parse_dtype(dtype)
+    A cast to bf16 and back would leave every tensor rounded to bf16 (embeddings, norms, the fp32 master
+    weights read later), so what the cast changes is kept: the linear weights in `masters` (module name ->
+    fp32 weight) are written back from there, every other parameter and buffer from a copy taken on entry.
+    """
+
+    def __init__(self, model: nn.Module, dtype: str, masters: Mapping[str, torch.Tensor] | None = None) -> None:
+        self.model, self.dtype, self.masters = model, parse_dtype(dtype), masters or {}
         self.orig = next(model.parameters()).dtype
+        self.saved: dict[str, torch.Tensor] = {}
+        if self.dtype != self.orig and is_offloaded(model):
+            raise ConfigError(
+                f"--grad-dtype {dtype} is not supported with --offload (the weights are memory-mapped "
+                f"{str(self.orig).removeprefix('torch.')} files); use --grad-dtype fp32"
+            )
 
     def __enter__(self) -> None:
+        if self.dtype == self.orig:
+            return
+        own = {f"{n}.weight" for n in self.masters}
+        tensors = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
+        self.saved = {k: t.detach().clone() for k, t in tensors.items() if t.is_floating_point() and k not in own}
         self.model.to(self.dtype)
 
     def __exit__(self, *exc: object) -> None:
+        if self.dtype == self.orig:
+            return
         self.model.to(self.orig)
+        tensors = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
+        with torch.no_grad():
+            for k, t in self.saved.items():
+                tensors[k].copy_(t)
+        set_weights(self.model, self.masters)
+        self.saved = {}
 
 
-def compute_fisher(model: nn.Module, tokenizer: object, config: QuantConfig, names: list[str]) -> Masks:
-    """Fisher Σg² over the config's calibration windows, with the model temporarily in the gradient dtype."""
+def compute_fisher(
+    model: nn.Module,
+    tokenizer: object,
+    config: QuantConfig,
+    names: list[str],
+    masters: Mapping[str, torch.Tensor] | None = None,
+) -> Masks:
+    """Fisher Σg² over the config's calibration windows, with the model temporarily in the gradient dtype
+    (`masters`: fp32 copies of linear weights to restore from, instead of copying them first)."""
     windows = text_windows(tokenizer, config.calib, config.seqlen, nsamples=config.nsamples, seed=config.seed)
-    with _GradDtype(model, config.grad_dtype):
+    with _GradDtype(model, config.grad_dtype, masters):
         return {n: f.cpu() for n, f in fisher_information(model, names, windows).items()}
 
 
@@ -271,7 +302,7 @@ def quantize(
         if work.has("fisher"):
             fisher, _ = work.load("fisher")
         else:
-            fisher = compute_fisher(model, tokenizer, config, names)
+            fisher = compute_fisher(model, tokenizer, config, names, weights)
             work.save("fisher", dict(fisher))
         fisher = spill(model, "fisher", fisher.items())
         timed("fisher_s", t)
@@ -313,7 +344,7 @@ def quantize(
                 seed=config.seed,
             )
         t = time.perf_counter()
-        with _GradDtype(model, config.grad_dtype):
+        with _GradDtype(model, config.grad_dtype, weights):
             res = post_quantization_integral(
                 model, names, weights, current, pqi_windows, nodes=config.pqi_nodes, rule=config.pqi_rule
             )
