@@ -137,7 +137,11 @@ def run(args: argparse.Namespace) -> int:
     # Under torchrun (WORLD_SIZE > 1) every rank runs this command; the windows are split between them.
     distributed.init_from_env(args.device)
     try:
-        return _quantize(args, config)
+        code = _quantize(args, config)
+        # Leave together: a rank that tore down its gloo group while rank 0 was still writing sometimes aborted
+        # (SIGABRT, "terminate called without an active exception"), and torchrun then killed rank 0.
+        distributed.barrier()
+        return code
     finally:
         distributed.destroy()
 
