@@ -47,7 +47,7 @@ def test_mean_gradient_is_independent_of_batch_split(model, windows):
         assert (g1[n] - g4[n]).abs().max() <= 1e-5 * g1[n].abs().max()
 
 
-def test_gradient_sum_in_grad_equals_per_window_reference(model, windows):
+def test_gradient_sums_equal_a_per_window_reference(model, windows):
     """Summed NLL, token count and fp32 gradient sums equal a per-window autograd loop (also for a bf16 model)."""
     names = [layer.name for layer in quantizable_layers(model)]
     params = [model.get_submodule(n).weight for n in names]
