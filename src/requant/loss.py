@@ -13,7 +13,11 @@ def token_nll(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     Logits are upcast to fp32 so a bf16 model still gets an fp32 loss. The sum is differentiable.
     """
     ids = ids.to(next(model.parameters()).device)
-    logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
-    targets = ids[:, 1:]
-    nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
-    return nll, targets.numel()
+    logits = model(input_ids=ids, use_cache=False).logits
+    # The last position predicts nothing: ignore it rather than slice the logits, which would copy them
+    # (vocab × tokens) and add a SliceBackward that scatters the gradient into a zeroed full-size buffer.
+    targets = F.pad(ids[:, 1:], (0, 1), value=-100)
+    nll = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    return nll, ids.shape[0] * (ids.shape[1] - 1)

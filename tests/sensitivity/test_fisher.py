@@ -82,3 +82,15 @@ def test_non_finite_gradient_names_the_layer(model, windows):
             fisher_information(model, names, windows)  # per window
     finally:
         hook.remove()
+
+
+def test_huge_finite_gradient_is_not_called_non_finite(model, windows):
+    # Entries near the fp32 maximum overflow the cheap summed check; the exact check must clear them.
+    names = [layer.name for layer in quantizable_layers(model)]
+    w = model.get_submodule(names[1]).weight
+    hook = w.register_hook(lambda g: torch.full_like(g, 3e38))
+    try:
+        sums = gradient_sums(model, names, windows[:1])
+    finally:
+        hook.remove()
+    assert torch.isinf(sums.grads[names[1]].sum()) and bool(torch.isfinite(sums.grads[names[1]]).all())
