@@ -80,8 +80,9 @@ def candidate_objectives(
     """J for each candidate exclusion mask; masks[0] is the reference fit.
 
     For base methods that fit every output row on its own, a candidate only refits the rows whose mask
-    differs from the reference, and takes the other rows' error from the reference fit. With `base`, a
-    method that minimises its own error (e.g. the layer output error on `inputs`) is scored by it.
+    differs from the previous candidate's and keeps the other rows' error from it (nested candidates, as
+    from growing top-k masks, then refit only the rows that gained an outlier). With `base`, a method that
+    minimises its own error (e.g. the layer output error on `inputs`) is scored by it.
     """
 
     def sub(t: torch.Tensor | None, rows: torch.Tensor | slice) -> torch.Tensor | None:
@@ -91,22 +92,24 @@ def candidate_objectives(
         own = quantizer.objective(w, recon, keep, inputs) if kind == "base" else None
         return own if own is not None else row_objective(w, recon, keep, kind=kind, importance=imp, gbar=g)
 
-    ref_ex = excludes[0]
-    ref = quantizer.fit(weight, importance=importance, exclude=ref_ex, inputs=inputs).dequantize()
-    ref_rows = rows_j(weight, ref, ~ref_ex, importance, gbar)
-    out = [float(ref_rows.sum())]
+    prev_ex = excludes[0]
+    ref = quantizer.fit(weight, importance=importance, exclude=prev_ex, inputs=inputs).dequantize()
+    cur_rows = rows_j(weight, ref, ~prev_ex, importance, gbar)  # J of each row under the previous candidate
+    out = [float(cur_rows.sum())]
     for ex in excludes[1:]:
-        rows = (ex != ref_ex).any(1).nonzero().squeeze(1) if quantizer.row_independent else slice(None)
-        if isinstance(rows, torch.Tensor) and rows.numel() == 0:
-            out.append(out[0])
+        if not quantizer.row_independent:
+            recon = quantizer.fit(weight, importance=importance, exclude=ex, inputs=inputs).dequantize()
+            out.append(float(rows_j(weight, recon, ~ex, importance, gbar).sum()))
+            continue
+        rows = (ex != prev_ex).any(1).nonzero().squeeze(1)
+        prev_ex = ex
+        if rows.numel() == 0:
+            out.append(out[-1])
             continue
         w, imp, g, e = weight[rows], sub(importance, rows), sub(gbar, rows), ex[rows]
         recon = quantizer.fit(w, importance=imp, exclude=e, inputs=inputs).dequantize()
-        part = rows_j(w, recon, ~e, imp, g)
-        if isinstance(rows, slice):
-            out.append(float(part.sum()))
-        else:
-            out.append(float(ref_rows.sum() - ref_rows[rows].sum() + part.sum()))
+        cur_rows[rows] = rows_j(w, recon, ~e, imp, g)
+        out.append(float(cur_rows.sum()))
     return out
 
 
