@@ -17,7 +17,15 @@ from safetensors.torch import save_file
 from helpers import byte_tokenizer, tiny_llama
 
 GPTQ = {"base": "gptq", "bits": 3, "group_size": 32}
-SQUEEZE = {"base": "squeezellm", "bits": 3, "outliers": 0.5, "significant": 0.2, "significant_select": "pqi"}
+# Algorithm 1 outliers: each rank fits half the layers' candidates and the tables are gathered.
+SQUEEZE = {
+    "base": "squeezellm",
+    "bits": 3,
+    "outliers": 0.5,
+    "outlier_select": "adaptive",
+    "significant": 0.2,
+    "significant_select": "pqi",
+}
 
 
 def windows(n: int = 5, length: int = 24) -> torch.Tensor:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .. import distributed
 from ..errors import ConfigError
 from ..progress import bar
 from ..quantizers import BaseQuantizer, LayerInputs
@@ -166,13 +167,16 @@ def allocate_outliers(
         raise ConfigError(f"allocator {allocator!r} is not allowed; use one of {', '.join(ALLOCATORS)}")
     cands = candidate_percents(budget_pct, steps, max_factor)
     table: dict[str, list[float]] = {}
-    counts: dict[str, list[int]] = {}
-    for n in bar(list(weights), desc="algorithm 1", unit="layer"):
+    counts = {n: [budget_entries(p, w.numel()) for p in cands] for n, w in weights.items()}
+    names = list(weights)
+    # Under torch.distributed each rank fits its share of the layers (a layer's fits do not depend on
+    # where they run); the tables are then summed over ranks, one non-zero term each, so exactly.
+    mine = [names[i] for i in distributed.shard(len(names))]
+    for n in bar(mine, desc="algorithm 1", unit="layer"):
         w = weights[n]
         imp = importance.get(n) if importance else None
         sk = skip.get(n) if skip else None
         scores = criterion_scores(w, criterion, pre_scores.get(n) if pre_scores else None)
-        counts[n] = [budget_entries(p, w.numel()) for p in cands]
         excludes = []
         for c in counts[n]:
             mask = topk_mask(scores, c, sk)
@@ -186,6 +190,13 @@ def allocate_outliers(
             gbar=gbar.get(n) if gbar else None,
             inputs=inputs.get(n) if inputs else None,
         )
+    if len(mine) < len(names):
+        gathered = torch.zeros(len(names), len(cands), dtype=torch.float64)
+        for i, n in enumerate(names):
+            if n in table:
+                gathered[i] = torch.tensor(table[n], dtype=torch.float64)
+        distributed.all_reduce_({"algorithm1": gathered})
+        table = {n: gathered[i].tolist() for i, n in enumerate(names)}
     unit_of = dict(groups) if groups else {n: n for n in weights}
     units: dict[Any, list[str]] = {}
     for n in weights:
