@@ -43,6 +43,13 @@ def variants(bits: int, nodes: int, rule: str) -> dict[str, QuantConfig | None]:
         "PQI 6 Gauss nodes": replace(full, pqi_nodes=6),
         # Our own grid bound, not the paper's: at 4x many v_proj layers sit at the cap.
         "Alg. 1 max factor 8": replace(full, alg1_max_factor=8.0),
+        # Beyond the paper: the same 0.5% sparse budget, more of it detached by PQI (β doubled to keep 4 steps).
+        "r_o 0.30% + r_s 0.20% (β=0.05)": replace(full, outliers=0.30, significant=0.20, step=0.05),
+        # How much P1 moves with the calibration draw alone (another 32 windows of wiki:train).
+        "full ReQuant, calibration seed 1": replace(full, seed=1),
+        "SqueezeLLM D&S, calibration seed 1": replace(
+            full, outlier_select="iqr", significant_select="fisher", step=None, seed=1
+        ),
     }
 
 
