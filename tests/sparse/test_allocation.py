@@ -106,3 +106,19 @@ def test_row_subset_refits_match_full_refits(base):
     # rows are fit independently (k-means draws are keyed by each row's own entries): equal up to fp64 sums
     assert fast == pytest.approx(full, rel=1e-12, abs=0)
     assert fast[1] < fast[0] and fast[3] < fast[2]
+
+
+def test_a_rank_owning_every_layer_still_joins_the_gather(monkeypatch):
+    # One layer, two ranks: rank 0 fits it alone, but rank 1 waits in the all-reduce, so rank 0 must join too.
+    from requant import distributed
+    from requant.quantizers import make_quantizer
+    from requant.sparse.adaptive import allocate_outliers
+
+    joined = []
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "shard", lambda n: range(0, n, 2))
+    monkeypatch.setattr(distributed, "all_reduce_", lambda t: joined.append(sorted(t)) or t)
+    w = {"only": torch.distributions.StudentT(3.0).sample((16, 32)) * 0.02}
+    alone = allocate_outliers(w, make_quantizer("rtn", 3), 1.0)
+    assert joined == [["algorithm1"]]
+    assert alone.counts["only"] > 0

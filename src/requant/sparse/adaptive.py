@@ -86,7 +86,7 @@ def candidate_objectives(
     minimises its own error (e.g. the layer output error on `inputs`) is scored by it.
     """
 
-    def sub(t: torch.Tensor | None, rows: torch.Tensor | slice) -> torch.Tensor | None:
+    def sub(t: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
         return None if t is None else t[rows]
 
     def rows_j(w: torch.Tensor, recon: torch.Tensor, keep: torch.Tensor, imp: Any, g: Any) -> torch.Tensor:
@@ -190,7 +190,8 @@ def allocate_outliers(
             gbar=gbar.get(n) if gbar else None,
             inputs=inputs.get(n) if inputs else None,
         )
-    if len(mine) < len(names):
+    # Every rank joins, also one that owns every layer (fewer layers than ranks) or none.
+    if distributed.world_size() > 1:
         gathered = torch.zeros(len(names), len(cands), dtype=torch.float64)
         for i, n in enumerate(names):
             if n in table:
