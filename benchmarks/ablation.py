@@ -41,6 +41,9 @@ def variants(bits: int, nodes: int, rule: str) -> dict[str, QuantConfig | None]:
         "Alg. 1 per block": replace(full, alg1_granularity="block"),
         "detach per module": replace(full, detach_scope="module"),
         "PQI 6 Gauss nodes": replace(full, pqi_nodes=6),
+        # The detach ranks what restoring an entry gains from the current point: the gradient at w̃ alone
+        # (the right rule with one node; half the passes of Gauss-2).
+        "PQI right rule, 1 node (gradient at w̃)": replace(full, pqi_nodes=1, pqi_rule="right"),
         # Our own grid bound, not the paper's: at 4x many v_proj layers sit at the cap.
         "Alg. 1 max factor 8": replace(full, alg1_max_factor=8.0),
         # Beyond the paper: the same 0.5% sparse budget, more of it detached by PQI (β doubled to keep 4 steps).

@@ -9,11 +9,12 @@ from typing import Any
 
 from .errors import ConfigError
 from .quantizers import ALLOWED_BITS, QUANTIZERS
+from .sensitivity.quadrature import RULES
 
 OUTLIER_SELECT = ("iqr", "adaptive", "random")
 SIGNIFICANT_SELECT = ("fisher", "pqi", "random")
 DTYPES = ("fp32", "bf16")
-PQI_RULES = ("midpoint", "trapezoid", "left", "gauss")
+PQI_RULES = RULES  # one list: the quadrature module owns it
 ALG1_OBJECTIVES = ("base", "pqi")
 ALG1_CRITERIA = ("magnitude", "pqi_pre")
 ALG1_GRANULARITY = ("module", "block")

@@ -35,6 +35,9 @@ def test_gauss_nodes_are_legendre_roots_on_unit_interval():
     assert torch.allclose(c, torch.tensor([0.5, 0.5], dtype=c.dtype))
     assert quadrature("midpoint", 4)[0].tolist() == [0.125, 0.375, 0.625, 0.875]
     assert quadrature("trapezoid", 2)[1].tolist() == [0.25, 0.5, 0.25]
+    assert [x.tolist() for x in quadrature("right", 1)] == [[1.0], [1.0]]  # the gradient at w̃ alone
+    # The right rule's nodes are the trapezoid's without t = 0: the nodes report shares their gradients.
+    assert quadrature("right", 4)[0].tolist() == quadrature("trapezoid", 4)[0].tolist()[1:]
 
 
 @pytest.mark.parametrize("rule,n", [("midpoint", 0), ("gauss", -1), ("left", 2.5), ("simpson", 4), ("mid", 1)])

@@ -34,7 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--percents", default="0.05,0.15,0.5,0.71,1,2,5,5.25,10,25,50", help="coverage report: top p%% of weights"
     )
     s.add_argument("--pqi-nodes", type=int, default=32, help="PQI nodes N for blocks/sublayers/coverage (32)")
-    s.add_argument("--pqi-rule", default="midpoint", help="PQI rule: midpoint, trapezoid, left, gauss")
+    s.add_argument("--pqi-rule", default="midpoint", help="PQI rule: midpoint, trapezoid, left, right, gauss")
     s.add_argument("--pqi-scope", default="joint", help="blocks report: joint (one pass) or block (per block)")
     s.add_argument("--batch-size", type=int, default=1, help="windows per forward/backward pass (default: 1)")
     s.add_argument("--include", action="append", default=[], help="regex of layer names to quantize (repeat)")

@@ -10,7 +10,7 @@ from typing import Any
 from ..errors import ConfigError
 from .report import Report
 
-RULE_STYLE = {"midpoint": "o-", "trapezoid": "s-", "left": "v-", "gauss": "D-"}
+RULE_STYLE = {"midpoint": "o-", "trapezoid": "s-", "left": "v-", "right": "^-", "gauss": "D-"}
 
 
 def pyplot() -> Any:
