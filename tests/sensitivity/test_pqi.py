@@ -57,6 +57,8 @@ def test_scores_are_delta_times_path_averaged_gradient(model, windows, path):
         ("gauss", 2, True),
         ("left", 1, False),
         ("left", 4, False),
+        ("right", 1, False),
+        ("right", 4, False),
     ],
 )
 def test_quadratic_loss_exactness(rule, n, exact):
@@ -75,6 +77,25 @@ def test_quadratic_loss_exactness(rule, n, exact):
         assert torch.allclose(r.gbar["lin"].double(), g_mid, rtol=1e-6, atol=1e-6)
     else:
         assert err > 1e-2
+
+
+def test_right_rule_one_node_is_the_gradient_at_the_quantized_point():
+    """--pqi-rule right --pqi-nodes 1 scores Δw ⊙ ∇F(w̃); the left and right rules average to the trapezoid."""
+    model, names, original, quantized, x = toy_problem(degree=4)
+
+    def pqi(rule):
+        return post_quantization_integral(model, names, original, quantized, x, nodes=1, rule=rule, loss_fn=toy_loss)
+
+    right = pqi("right")
+    with torch.no_grad():
+        model.lin.weight.copy_(quantized["lin"])
+    g_end = torch.autograd.grad(toy_loss(model, x)[0] / len(x), model.lin.weight)[0]
+    with torch.no_grad():
+        model.lin.weight.copy_(original["lin"])
+    assert torch.allclose(right.gbar["lin"].double(), g_end.double(), rtol=1e-6, atol=1e-7)
+    left, trap = pqi("left"), pqi("trapezoid")
+    assert torch.allclose((left.scores["lin"] + right.scores["lin"]) / 2, trap.scores["lin"], rtol=1e-6, atol=1e-8)
+    assert abs(right.predicted - left.predicted) > 1e-3 * abs(trap.predicted)  # a degree-4 loss: the ends differ
 
 
 def test_quartic_loss_gauss2_exact_midpoint_second_order():
