@@ -133,7 +133,7 @@ def test_recipe_fills_defaults_and_flags_override(capsys, model_dir, text_file, 
     assert code == 0, err
     cfg = json.loads(stdout)["config"]
     assert cfg["outlier_select"] == "adaptive" and cfg["outliers"] == 0.45 and cfg["significant_select"] == "pqi"
-    assert cfg["significant"] == 0.2 and cfg["step"] == 0.1 and cfg["pqi_rule"] == "gauss"
+    assert cfg["significant"] == 0.2 and cfg["step"] == 0.1 and (cfg["pqi_rule"], cfg["pqi_nodes"]) == ("right", 1)
     assert (tmp_path / "r.work" / "dense.json").is_file()
     code, _, err = run(capsys, "quantize", str(model_dir), "-o", str(tmp_path / "x"), "--recipe", "nope")
     assert code == 2 and "recipe 'nope' is not known" in err
