@@ -69,5 +69,6 @@ if __name__ == "__main__":
         variants(args.bits, args.pqi_nodes, args.pqi_rule),
         args,
         f"ablation-{args.bits}bit",
-        f"SqueezeLLM {args.bits}-bit per-row LUT; PQI {args.pqi_rule} with {args.pqi_nodes} nodes unless a row says otherwise.",
+        f"SqueezeLLM {args.bits}-bit per-row LUT; "
+        f"PQI {args.pqi_rule} with {args.pqi_nodes} nodes unless a row says otherwise.",
     )
