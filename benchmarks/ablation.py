@@ -18,7 +18,7 @@ def variants(bits: int, nodes: int, rule: str) -> dict[str, QuantConfig | None]:
     full = QuantConfig(
         base="squeezellm",
         bits=bits,
-        **{**recipe_settings("requant", "squeezellm"), "pqi_nodes": nodes, "pqi_rule": rule},
+        **{**recipe_settings("requant", "squeezellm", bits), "pqi_nodes": nodes, "pqi_rule": rule},
     )
     # Most telling rows first (P1 needs fp32, full and D&S), so a cut-short run still answers the headline.
     return {

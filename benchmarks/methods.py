@@ -7,7 +7,8 @@ ReQuant at equal bits (paper.md §6.2: AWQ g128 vs AWQ g256 + 0.25% outliers):
   * uniform g64 vs g96 + 0.25% Algorithm-1 outliers (r_s = 0): 32/64 = 0.5 vs 32/96 + 0.0025·48 = 0.453 bits;
   * uniform per row: + 0.25% outliers by SqueezeLLM's IQR rule vs + 0.25% by Algorithm 1 (same bits);
   * SqueezeLLM: its D&S (0.45% IQR + 0.05% Fisher) vs ReQuant (0.45% Algorithm 1 + 0.05% detached in 2 steps,
-    ranked by PQI of 2 Gauss nodes as in the paper, and by the gradient at w̃ as in the recipe: "-right1").
+    ranked by PQI of 2 Gauss nodes as in the paper, and by the gradient at w̃: "-right1"; the recipe takes
+    the latter at 3 and 4 bits, the former at 2).
 Algorithm 1 scores AWQ/GPTQ candidates by the layer output error tr(ΔW H ΔWᵀ) with the fp model's inputs.
 Its candidate grid is {0, ½, 1, ..., 4} × r_o here (alg1_steps = 2, 9 fits per layer; the CLI default is 33):
 every candidate of AWQ re-runs its 20-point scale search, so 33 would take hours on 2 CPU cores.
@@ -49,11 +50,11 @@ def variants(bits_list: list[int]) -> dict[str, QuantConfig | None]:
             requant = QuantConfig(base=m, bits=bits, **OUTLIERS)
             out[f"{m}-{bits}bit-row+IQR"] = replace(requant, outlier_select="iqr")
             out[f"{m}-{bits}bit-row+ReQuant"] = requant
-        sq = QuantConfig(base="squeezellm", bits=bits, **recipe_settings("requant", "squeezellm"))
+        sq = QuantConfig(base="squeezellm", bits=bits, **recipe_settings("requant", "squeezellm", bits))
         out[f"squeezellm-{bits}bit-D&S"] = replace(sq, outlier_select="iqr", significant_select="fisher", step=None)
         # The paper's reading (PQI of 2 Gauss nodes), then the recipe (the gradient at w̃: right rule, 1 node).
         out[f"squeezellm-{bits}bit-ReQuant"] = replace(sq, pqi_rule="gauss", pqi_nodes=2)
-        out[f"squeezellm-{bits}bit-ReQuant-right1"] = sq
+        out[f"squeezellm-{bits}bit-ReQuant-right1"] = replace(sq, pqi_rule="right", pqi_nodes=1)
     return out
 
 

@@ -156,3 +156,16 @@ def test_resume_refuses_other_settings(capsys, model_dir, text_file, tmp_path):
     assert run(capsys, *common, "--bits", "3")[0] == 0
     code, _, err = run(capsys, *common, "--bits", "4", "--resume", "--force")
     assert code == 2 and "cannot resume" in err and "bits" in err
+
+
+def test_recipe_follows_the_width_and_flags_still_win():
+    from requant.cli import build_parser
+    from requant.cli.quantize import config_from_args
+
+    def cfg(*flags):
+        return config_from_args(build_parser().parse_args(["quantize", "-o", "x", "--recipe", "requant", *flags]))
+
+    assert (cfg("--bits", "3").pqi_rule, cfg("--bits", "3").pqi_nodes) == ("right", 1)
+    assert (cfg("--bits", "2").pqi_rule, cfg("--bits", "2").pqi_nodes) == ("gauss", 2)
+    c = cfg("--bits", "2", "--pqi-rule", "right", "--pqi-nodes", "1")
+    assert (c.pqi_rule, c.pqi_nodes, c.bits) == ("right", 1, 2)

@@ -24,6 +24,17 @@ def test_awq_and_gptq_recipes_ask_for_equal_bits():
         assert s["group_size"] == EQUAL_BITS and s["outliers"] == 0.25 and s["significant"] == 0.0
 
 
+def test_requant_recipe_ranks_by_the_gradient_at_w_tilde_except_at_2_bits():
+    for base in ("squeezellm", "rtn"):
+        for bits in (None, 3, 4, 8):
+            s = recipe_settings("requant", base, bits)
+            assert (s["pqi_rule"], s["pqi_nodes"], s["significant"], s["step"]) == ("right", 1, 0.05, 0.025)
+        s = recipe_settings("requant", base, 2)
+        assert (s["pqi_rule"], s["pqi_nodes"], s["significant"], s["step"]) == ("gauss", 2, 0.05, 0.025)
+    assert recipe_settings("requant", "qtip", 2) == recipe_settings("requant", "qtip")  # no width changes there
+    assert recipe_settings("requant", "squeezellm", 2) is not recipe_settings("requant", "squeezellm", 2)
+
+
 def test_pipeline_resolves_equal_bits_from_the_widths(tokenizer, text_file):
     model = tiny_llama(hidden=256, inter=512, layers=1)
     cfg = QuantConfig(

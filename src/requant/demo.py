@@ -31,7 +31,7 @@ RECIPES: list[tuple[str, QuantConfig]] = [
     ),
     (
         "ReQuant SqueezeLLM 3-bit (0.45% Alg. 1 + 0.05% PQI)",
-        QuantConfig(base="squeezellm", bits=3, pqi_nsamples=8, **recipe_settings("requant", "squeezellm")),
+        QuantConfig(base="squeezellm", bits=3, pqi_nsamples=8, **recipe_settings("requant", "squeezellm", 3)),
     ),
 ]
 

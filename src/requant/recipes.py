@@ -12,7 +12,7 @@ from .errors import ConfigError
 
 # ReQuant per base method. The detach ranks entries by Δw ⊙ ∇F(w̃), the right rule with one node: what restoring
 # an entry gains from where the model now is. On the reference setting it beats the path-averaged PQI of 2 Gauss
-# nodes at 3 and 4 bits, with half the gradient passes (README, "Ablation"); `--pqi-rule gauss --pqi-nodes 2`
+# nodes at 3 and 4 bits, with half the gradient passes (README, "Results"); `--pqi-rule gauss --pqi-nodes 2`
 # is the paper's reading (2 Gauss nodes estimate ΔF within 0.7%, like the paper's 32 midpoint nodes).
 _REQUANT_DNS = {
     "outliers": 0.45,
@@ -48,14 +48,24 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-def recipe_settings(recipe: str, base: str) -> dict[str, Any]:
-    """The settings a recipe implies for a base method."""
+# Per-width changes to a recipe, (recipe, base, bits) -> settings. At 2 bits w̃ is far from w (SqueezeLLM dense-only
+# perplexity ~2,400 on R) and the path-averaged PQI ranks better than the gradient at w̃ (README, "Results").
+_PAPER_PQI = {"pqi_nodes": 2, "pqi_rule": "gauss"}
+WIDTH_CHANGES: dict[tuple[str, str, int], dict[str, Any]] = {
+    ("requant", "squeezellm", 2): _PAPER_PQI,
+    ("requant", "rtn", 2): _PAPER_PQI,
+}
+
+
+def recipe_settings(recipe: str, base: str, bits: int | None = None) -> dict[str, Any]:
+    """The settings a recipe implies for a base method (at `bits`, where the recipe depends on the width)."""
     if recipe not in RECIPES:
         raise ConfigError(f"recipe {recipe!r} is not known; use one of {', '.join(RECIPES)}")
     per_base = RECIPES[recipe]
     if base not in per_base:
         raise ConfigError(f"recipe {recipe!r} has no settings for base {base!r}; it covers {', '.join(per_base)}")
-    return dict(per_base[base])
+    width = WIDTH_CHANGES.get((recipe, base, bits), {}) if bits is not None else {}
+    return {**per_base[base], **width}
 
 
 REFERENCE_GROUP = 128  # the usual AWQ/GPTQ group size, the paper's AWQ baseline (3-bit g128 = 3.25 bits)

@@ -98,7 +98,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
     settings: dict[str, Any] = {}
     if args.recipe:
-        settings.update(recipe_settings(args.recipe, args.base))
+        settings.update(recipe_settings(args.recipe, args.base, args.bits))
     for key in _RECIPE_FLAGS:
         value = getattr(args, key)
         if value is not None:
