@@ -77,6 +77,30 @@ def test_shard_rejects_bad_rank_and_helpers_are_identity_without_group():
     distributed.barrier()
 
 
+def test_finish_returns_the_code_outside_a_torchrun_worker(monkeypatch):
+    """Only an entry-point process with a multi-rank group ends in finish; a library caller always gets the code."""
+    destroyed = []
+    monkeypatch.setattr(distributed, "destroy", lambda: destroyed.append(True))
+    monkeypatch.setattr(distributed, "_EXIT_AT_FINISH", True)
+    assert distributed.finish(3) == 3 and destroyed == [True]  # no process group: nothing to skip
+    monkeypatch.setattr(distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "_EXIT_AT_FINISH", False)
+    assert distributed.finish(0) == 0 and destroyed == [True, True]  # not the entry point: tear down, return
+
+    class Exited(Exception):
+        pass
+
+    def fake_exit(code):
+        raise Exited(code)
+
+    monkeypatch.setattr(distributed.os, "_exit", fake_exit)
+    monkeypatch.setattr(distributed, "_EXIT_AT_FINISH", True)
+    with pytest.raises(Exited, match=r"^0$"):
+        distributed.finish(0)
+    assert destroyed == [True, True]  # the worker leaves without gloo's teardown
+
+
 def test_init_from_env_single_process_and_local_device(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert distributed.init_from_env("cpu") is False and not distributed.is_initialized()

@@ -15,6 +15,7 @@ import contextlib
 import datetime
 import math
 import os
+import sys
 from collections.abc import Iterator, MutableMapping
 
 import torch
@@ -36,6 +37,8 @@ __all__ = [
     "broadcast_flag",
     "check_same",
     "destroy",
+    "exit_at_finish",
+    "finish",
     "init_from_env",
     "is_broken",
     "is_initialized",
@@ -48,6 +51,7 @@ __all__ = [
 
 
 _BROKEN = False  # a collective failed: the group is not torn down (gloo can abort the process doing so)
+_EXIT_AT_FINISH = False  # set by the process entry point: `finish` may end a torchrun worker
 
 
 class RankFailure(RequantError):
@@ -154,6 +158,27 @@ def destroy() -> None:
     since tearing down a group whose peer vanished can abort (SIGABRT) before the error is printed."""
     if is_initialized() and not _BROKEN:
         dist.destroy_process_group()
+
+
+def exit_at_finish() -> None:
+    """Called by the process entry point only (never by library callers): `finish` may end the process."""
+    global _EXIT_AT_FINISH
+    _EXIT_AT_FINISH = True
+
+
+def finish(code: int) -> int:
+    """Leave the process group after the last collective; returns `code`.
+
+    A torchrun worker started from the entry point ends here instead (os._exit after flushing): gloo sometimes
+    aborts a worker (SIGABRT, "terminate called without an active exception") while the group is torn down,
+    and torchrun then fails the whole run although every output was already written.
+    """
+    if _EXIT_AT_FINISH and is_initialized() and world_size() > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    destroy()
+    return code
 
 
 def barrier() -> None:

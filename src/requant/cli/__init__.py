@@ -56,5 +56,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 141
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The process entry point (the `requant` script, `python -m requant`): here, and only here, a torchrun
+    worker may end the process once its work is written (requant.distributed.finish)."""
+    distributed.exit_at_finish()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

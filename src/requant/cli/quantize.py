@@ -141,9 +141,10 @@ def run(args: argparse.Namespace) -> int:
         # Leave together: a rank that tore down its gloo group while rank 0 was still writing sometimes aborted
         # (SIGABRT, "terminate called without an active exception"), and torchrun then killed rank 0.
         distributed.barrier()
-        return code
-    finally:
+    except BaseException:
         distributed.destroy()
+        raise
+    return distributed.finish(code)  # a torchrun worker ends here, skipping gloo's teardown (see finish)
 
 
 def dry_run(args: argparse.Namespace, config: Any) -> int:
