@@ -12,8 +12,9 @@ from .errors import ConfigError
 
 # ReQuant per base method. The detach ranks entries by Δw ⊙ ∇F(w̃), the right rule with one node: what restoring
 # an entry gains from where the model now is. On the reference setting it beats the path-averaged PQI of 2 Gauss
-# nodes at 3 and 4 bits, with half the gradient passes (README, "Results"); `--pqi-rule gauss --pqi-nodes 2`
-# is the paper's reading (2 Gauss nodes estimate ΔF within 0.7%, like the paper's 32 midpoint nodes).
+# nodes at 3 and 4 bits, with half the gradient passes (README, "Results"; measured with SqueezeLLM, RTN shares
+# its settings); `--pqi-rule gauss --pqi-nodes 2` is the paper's reading (2 Gauss nodes estimate ΔF within 0.7%,
+# like the paper's 32 midpoint nodes).
 _REQUANT_DNS = {
     "outliers": 0.45,
     "outlier_select": "adaptive",
