@@ -173,7 +173,7 @@ def finish(code: int) -> int:
     aborts a worker (SIGABRT, "terminate called without an active exception") while the group is torn down,
     and torchrun then fails the whole run although every output was already written.
     """
-    if _EXIT_AT_FINISH and is_initialized() and world_size() > 1:
+    if _EXIT_AT_FINISH and world_size() > 1:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
