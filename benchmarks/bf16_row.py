@@ -12,8 +12,8 @@ from harness import RESULTS
 
 from requant.data import text_windows
 from requant.eval import evaluate
+from requant.loading import load_model
 from requant.memory import GIB, peak_rss
-from requant.model import load_model
 
 
 def main() -> None:

@@ -21,7 +21,8 @@ from harness import RESULTS
 from requant.config import QuantConfig
 from requant.data import text_windows
 from requant.eval import evaluate
-from requant.model import get_linear, load_model, quantizable_layers
+from requant.loading import load_model
+from requant.model import get_linear, quantizable_layers
 from requant.pipeline import quantize, set_weights
 from requant.progress import quiet_transformers
 from requant.recipes import recipe_settings

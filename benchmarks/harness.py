@@ -16,8 +16,9 @@ from typing import Any
 from requant.config import QuantConfig
 from requant.data import text_windows
 from requant.eval import evaluate
+from requant.loading import load_model
 from requant.memory import GIB, peak_rss
-from requant.model import load_model, quantizable_layers
+from requant.model import quantizable_layers
 from requant.pipeline import compute_fisher, quantize
 from requant.progress import quiet_transformers
 

@@ -65,7 +65,7 @@ def solver_env(solver: str) -> Iterator[None]:
 
 def load_model():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from requant.model import load_model as load
+    from requant.loading import load_model as load
 
     return load(None)[0]
 

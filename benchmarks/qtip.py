@@ -28,7 +28,7 @@ import torch
 from requant.calibration import layer_inputs
 from requant.data import text_windows
 from requant.io import write_json_atomic
-from requant.model import load_model
+from requant.loading import load_model
 from requant.progress import quiet_transformers
 from requant.quantizers import LayerInputs, QuantizedTensor, make_quantizer
 from requant.quantizers.qtip import QTIPQuantizer

@@ -31,8 +31,8 @@ import torch
 from requant.assets import cache_dir
 from requant.config import QuantConfig
 from requant.io import write_json_atomic
+from requant.loading import load_model
 from requant.memory import peak_rss
-from requant.model import load_model
 from requant.progress import quiet_transformers
 from requant.sensitivity import (
     Problem,

@@ -99,7 +99,7 @@ def main() -> None:
     from requant.cli.inspect import describe
     from requant.format import kernels
     from requant.format.speed import measure, random_prompt
-    from requant.model import resolve_model_path
+    from requant.loading import resolve_model_path
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -3,7 +3,8 @@ import torch
 
 from helpers import tiny_llama
 from requant.errors import ConfigError, InputError
-from requant.model import find_blocks, load_model, quantizable_layers
+from requant.loading import load_model
+from requant.model import find_blocks, quantizable_layers
 
 
 def test_layers_found_generically(model):

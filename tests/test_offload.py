@@ -10,8 +10,9 @@ import torch
 
 from helpers import requant_config
 from requant.errors import ConfigError, InputError
+from requant.loading import load_model
 from requant.memory import PeakAnon, anon_rss, peak_rss
-from requant.model import load_model, quantizable_layers
+from requant.model import quantizable_layers
 from requant.offload import INDEX, checkpoint_blocks, is_offloaded, load_offloaded, spill
 from requant.pipeline import quantize
 from requant.sensitivity.gradients import mean_loss_gradient

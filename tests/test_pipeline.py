@@ -5,7 +5,8 @@ from helpers import requant_config
 from requant.config import QuantConfig
 from requant.errors import ConfigError, NumericalError
 from requant.eval import evaluate
-from requant.model import load_model, quantizable_layers
+from requant.loading import load_model
+from requant.model import quantizable_layers
 from requant.pipeline import compute_fisher, quantize
 
 

@@ -13,7 +13,8 @@ import os
 from .config import QuantConfig
 from .errors import CheckpointError, ConfigError, InputError, NumericalError, RequantError
 from .eval import EvalResult, evaluate
-from .pipeline import QuantizationResult, quantize
+from .pipeline import quantize
+from .results import QuantizationResult
 
 __version__ = "0.1.0"
 
@@ -21,7 +22,7 @@ __version__ = "0.1.0"
 def load(spec: str | os.PathLike | None = None, *, device: str = "cpu", dtype: str = "fp32") -> tuple:
     """Load a requant checkpoint or a plain model (dir, .gguf, cached hub id; None = embedded)."""
     from .format import is_checkpoint, load_quantized
-    from .model import load_model
+    from .loading import load_model
 
     if spec is not None and is_checkpoint(spec):
         return load_quantized(spec, device=device)  # quantized layers are packed QuantLinear modules

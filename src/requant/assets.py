@@ -53,7 +53,7 @@ def cache_dir() -> Path:
 
 def default_model_dir() -> Path:
     """The embedded model as a plain safetensors checkpoint, converted from GGUF on first use."""
-    from .model import convert_gguf  # model.py imports transformers; keep this module light
+    from .loading import convert_gguf  # loading.py imports transformers; keep this module light
 
     gguf = default_gguf()
     target = cache_dir() / "models" / gguf.stem

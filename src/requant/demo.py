@@ -16,8 +16,9 @@ from dataclasses import replace
 from .config import QuantConfig
 from .data import text_windows
 from .eval import evaluate
+from .loading import load_model
 from .memory import GIB, peak_rss
-from .model import load_model, quantizable_layers
+from .model import quantizable_layers
 from .pipeline import compute_fisher, quantize
 from .progress import quiet_transformers
 from .recipes import recipe_settings

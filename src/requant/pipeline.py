@@ -16,22 +16,24 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import accounting, distributed
+from . import distributed
 from .calibration import layer_inputs, sequential_fit
 from .config import EQUAL_BITS, QuantConfig
 from .data import text_windows
 from .errors import ConfigError, NumericalError
-from .model import LayerInfo, get_linear, parse_dtype, quantizable_layers
+from .loading import parse_dtype
+from .model import LayerInfo, get_linear, quantizable_layers
 from .offload import is_offloaded, spill
 from .progress import bar
 from .quantizers import BaseQuantizer, LayerInputs, QuantizedTensor, make_quantizer
 from .recipes import equal_bits_group_size
+from .results import QuantizationResult, QuantizedLayer
 from .sensitivity import fisher_information, post_quantization_integral
 from .sparse import SparseResidual, iqr_outlier_masks, topk_masks_per_module
 from .sparse.adaptive import allocate_outliers, outlier_masks
@@ -40,33 +42,6 @@ from .sparse.outliers import budget
 from .workdir import WorkDir
 
 Masks = dict[str, torch.Tensor]
-
-
-@dataclass
-class QuantizedLayer:
-    """One layer's Dense-and-Sparse result: ŵ = dense.dequantize() + sparse."""
-
-    info: LayerInfo
-    dense: QuantizedTensor
-    sparse: SparseResidual
-
-    def weight(self) -> torch.Tensor:
-        return self.sparse.add_to(self.dense.dequantize()) if self.sparse.nnz else self.dense.dequantize()
-
-    def bit_count(self) -> accounting.BitCount:
-        return self.dense.bit_count(self.sparse.nnz)
-
-
-@dataclass
-class QuantizationResult:
-    """Everything a quantization run produced: per-layer results, the config and a report."""
-
-    config: QuantConfig
-    layers: dict[str, QuantizedLayer]
-    report: dict[str, Any] = field(default_factory=dict)
-
-    def bit_count(self) -> accounting.BitCount:
-        return accounting.total(layer.bit_count() for layer in self.layers.values())
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from requant.model import LayerInfo
-from requant.pipeline import QuantizedLayer
 from requant.quantizers import LUTTensor, ScaledUniformTensor, TrellisTensor, UniformTensor
 from requant.quantizers.qtip.hadamard import pack_signs, random_signs
+from requant.results import QuantizedLayer
 from requant.sparse import SparseResidual
 
 

@@ -23,8 +23,9 @@ from requant.format import (
 from requant.format.checkpoint import read_header
 from requant.format.layout import IN_SCALE, SCALE, SIGN_IN, SIGN_OUT, LayerLayout, check_specs, encode_layer
 from requant.format.qlinear import DECODE_MAX_ROWS, FAST_PATH_RTOL
-from requant.pipeline import QuantizedLayer, quantize
+from requant.pipeline import quantize
 from requant.quantizers import ScaledUniformTensor, TrellisTensor
+from requant.results import QuantizedLayer
 from requant.sparse import SparseResidual
 
 # Small, fast settings: AWQ with a coarse α grid, QTIP with a tiny trellis and tiles that divide 32/64/96.

@@ -285,7 +285,7 @@ def test_pickles_are_never_loaded(ckpt, tmp_path):
 def test_real_model_round_trip_and_stored_bytes(tmp_path):
     """R (first 5 blocks) at 3-bit RTN + 0.5% outliers: bit-exact reload, packed size within 2% of the accounting."""
     from requant.errors import InputError as AssetMissing
-    from requant.model import load_model
+    from requant.loading import load_model
 
     try:
         model, tok = load_model()

@@ -155,7 +155,7 @@ def test_real_model_pqi_tracks_actual_delta_f():
     bit for bit afterwards."""
     from requant.config import QuantConfig
     from requant.errors import InputError as AssetMissing
-    from requant.model import load_model
+    from requant.loading import load_model
 
     try:
         model, tok = load_model()

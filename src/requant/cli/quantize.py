@@ -157,7 +157,7 @@ def dry_run(args: argparse.Namespace, config: Any) -> int:
 
     from ..cost import estimate_cost, format_cost, model_info
     from ..errors import ConfigError, InputError
-    from ..model import resolve_model_path
+    from ..loading import resolve_model_path
 
     nproc = args.nproc if args.nproc is not None else int(os.environ.get("WORLD_SIZE", "1"))
     if nproc < 1:
@@ -179,8 +179,8 @@ def _quantize(args: argparse.Namespace, config: Any) -> int:
     from .. import distributed
     from ..format import save_checkpoint
     from ..format.checkpoint import _check_replace
+    from ..loading import load_model, resolve_model_path
     from ..memory import PeakAnon
-    from ..model import load_model, resolve_model_path
     from ..pipeline import quantize
 
     out = Path(args.output)

@@ -63,7 +63,7 @@ def _list(text: str, cast: Callable[[str], T], what: str) -> list[T]:
 
 def run(args: argparse.Namespace) -> int:
     from ..config import QuantConfig
-    from ..model import load_model, resolve_model_path
+    from ..loading import load_model, resolve_model_path
     from ..sensitivity.plots import pyplot, write_plots
     from ..sensitivity.report import check_report, prepare_problem, run_report
 

@@ -29,8 +29,8 @@ from ..config import QuantConfig
 from ..errors import CheckpointError, InputError
 from ..io import atomic_dir, read_json, write_json_atomic
 from ..model import LayerInfo, set_module
-from ..pipeline import QuantizationResult, QuantizedLayer
 from ..quantizers import QuantizedTensor
+from ..results import QuantizationResult, QuantizedLayer
 from ..sparse import SparseResidual
 from .layout import (
     FORMAT_VERSION,

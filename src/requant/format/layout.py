@@ -27,7 +27,7 @@ of rows to whole 8-code chunks.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -36,10 +36,9 @@ from ..errors import CheckpointError
 from ..model import LayerInfo
 from ..quantizers import QuantizedTensor
 from ..quantizers.qtip.trellis import Trellis
+from ..results import QuantizedLayer
+from ..sparse import SparseResidual
 from .pack import PACK_BITS, from_csr, pack_codes, packed_row_bytes, to_csr, unpack_codes
-
-if TYPE_CHECKING:
-    from ..pipeline import QuantizedLayer
 
 # Kinds "awq" and "trellis" extend v1 without a new version: files of the kinds v1 had ("lut", "uniform") are
 # byte-for-byte what they were, every old file stays readable, and a new kind is only a new `kind` value in
@@ -312,8 +311,6 @@ def decode_dense(layout: LayerLayout, tensors: dict[str, torch.Tensor]) -> Quant
 
 def decode_layer(layout: LayerLayout, tensors: dict[str, torch.Tensor], info: LayerInfo) -> QuantizedLayer:
     """Inverse of encode_layer: the in-memory QuantizedLayer (unpacked codes, flat sparse indices)."""
-    from ..pipeline import QuantizedLayer
-    from ..sparse import SparseResidual
 
     shape = (layout.out_features, layout.in_features)
     sparse = (

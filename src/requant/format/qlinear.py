@@ -32,13 +32,13 @@ U_outᵀ(W̃ (U_in x)), took 0.56 ms per token against 0.07 ms for F.linear on �
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..model import LayerInfo, get_linear, set_module
+from ..results import QuantizedLayer
 from . import kernels
 from .layout import (
     COL,
@@ -54,9 +54,6 @@ from .layout import (
     decode_layer,
     encode_layer,
 )
-
-if TYPE_CHECKING:
-    from ..pipeline import QuantizedLayer
 
 MODES = ("auto", "reference", "fast")
 # Input rows up to which the decode kernel beats dequantize + BLAS (measured on R's shapes, 1 thread:
