@@ -4,6 +4,9 @@ Public API:
     quantize(model, tokenizer, config) -> QuantizationResult   (quantizes in place)
     load(path_or_model) -> (model, tokenizer)                    (fp model or requant checkpoint)
     evaluate(model, windows, ...) -> EvalResult                  (perplexity, KL)
+
+Importing requant registers its quantization method with transformers, so a requant checkpoint also loads
+with plain `AutoModelForCausalLM.from_pretrained(dir)`.
 """
 
 from __future__ import annotations
@@ -13,19 +16,27 @@ import os
 from .config import QuantConfig
 from .errors import CheckpointError, ConfigError, InputError, NumericalError, RequantError
 from .eval import EvalResult, evaluate
+from .format.hf import register as _register_with_transformers
 from .pipeline import quantize
 from .results import QuantizationResult
+
+_register_with_transformers()
 
 __version__ = "0.1.0"
 
 
-def load(spec: str | os.PathLike | None = None, *, device: str = "cpu", dtype: str = "fp32") -> tuple:
-    """Load a requant checkpoint or a plain model (dir, .gguf, cached hub id; None = embedded)."""
+def load(
+    spec: str | os.PathLike | None = None, *, device: str = "cpu", dtype: str = "fp32", verify: bool = True
+) -> tuple:
+    """Load a requant checkpoint or a plain model (dir, .gguf, cached hub id; None = embedded).
+
+    A checkpoint's files are checked against their recorded sha256s unless `verify=False`."""
     from .format import is_checkpoint, load_quantized
-    from .loading import load_model
+    from .loading import load_model, parse_dtype
 
     if spec is not None and is_checkpoint(spec):
-        return load_quantized(spec, device=device)  # quantized layers are packed QuantLinear modules
+        # quantized layers are packed QuantLinear modules
+        return load_quantized(spec, device=device, verify=verify, dtype=parse_dtype(dtype))
     return load_model(spec, dtype=dtype, device=device)
 
 

@@ -72,7 +72,7 @@ def base(request) -> str:
 @pytest.fixture
 def ckpt(runs, base, tmp_path) -> Path:
     model, tok, result = runs(base)
-    return save_checkpoint(tmp_path / base, model, tok, result)
+    return save_checkpoint(tmp_path / base, model, tok, result, dense="fp32")
 
 
 def test_reload_gives_the_in_memory_logits(runs, base, ckpt):
@@ -101,12 +101,13 @@ def test_stored_bytes_are_the_accounting(runs, base, ckpt, capsys):
     """Stored = accounting + CSR row pointers, exactly (widths 32/64/96: no chunk padding); the accounting
     counts in_scale (16 bits per input) and the trellis signs (1 bit each, padded to bytes) and scale."""
     _, _, result = runs(base)
-    header = read_header(ckpt / "quantized.safetensors")
-    stored = sum(nbytes for _, _, nbytes in header.values())
-    meta = json.loads((ckpt / "requant.json").read_text())
-    layouts = {n: LayerLayout.from_meta(lm, n) for n, lm in meta["layers"].items()}
+    table = json.loads((ckpt / "config.json").read_text())["quantization_config"]["layers"]
+    layouts = {n: LayerLayout.from_meta(lm, n) for n, lm in table.items()}
+    owned = {f"{n}.{s}" for n, lo in layouts.items() for s in lo.tensors()}
+    header = read_header(ckpt / "model.safetensors")
+    stored = sum(nbytes for name, (_, _, nbytes) in header.items() if name in owned)
     rowptr_bytes = sum(4 * (lo.out_features + 1) for lo in layouts.values() if lo.nnz)
-    assert meta["stored_bytes"] == stored
+    assert json.loads((ckpt / "requant_report.json").read_text())["stored_bytes"] == stored
     assert 8 * stored == result.bit_count().total_bits + 8 * rowptr_bytes
     for name, q in result.layers.items():
         assert layouts[name].bit_count() == q.bit_count()
@@ -122,16 +123,20 @@ def test_stored_bytes_are_the_accounting(runs, base, ckpt, capsys):
 
 
 def _rewrite(file: Path, fn) -> None:
+    """Edit the tensors of a file, keeping its recorded hashes (so the layout checks, not the hash, speak)."""
+    from requant.format.files import file_metadata
+
+    meta = file_metadata(file)
     tensors = load_file(str(file))
     fn(tensors)
-    save_file(tensors, str(file))
+    save_file(tensors, str(file), metadata=meta)
 
 
 def _edit_layer_meta(ckpt: Path, **changes) -> None:
-    f = ckpt / "requant.json"
-    meta = json.loads(f.read_text())
-    meta["layers"][Q].update(changes)
-    f.write_text(json.dumps(meta))
+    f = ckpt / "config.json"
+    cfg = json.loads(f.read_text())
+    cfg["quantization_config"]["layers"][Q].update(changes)
+    f.write_text(json.dumps(cfg))
 
 
 def _zero_first(t: torch.Tensor) -> torch.Tensor:
@@ -144,23 +149,23 @@ CORRUPTIONS = {
     "awq": [
         (
             lambda d: _rewrite(
-                d / "quantized.safetensors", lambda t: t.update({f"{Q}.in_scale": t[f"{Q}.in_scale"][:-1].clone()})
+                d / "model.safetensors", lambda t: t.update({f"{Q}.in_scale": t[f"{Q}.in_scale"][:-1].clone()})
             ),
-            rf"quantized\.safetensors.*tensor {Q}\.in_scale is F16 \[63\], expected F16 \[64\] for a 3-bit awq",
+            rf"tensor {Q}\.in_scale is F16 \[63\], expected F16 \[64\] for a 3-bit awq",
         ),
         (
             lambda d: _rewrite(
-                d / "quantized.safetensors", lambda t: t.update({f"{Q}.in_scale": t[f"{Q}.in_scale"].float()})
+                d / "model.safetensors", lambda t: t.update({f"{Q}.in_scale": t[f"{Q}.in_scale"].float()})
             ),
             rf"tensor {Q}\.in_scale is F32 \[64\], expected F16 \[64\]",
         ),
         (
-            lambda d: _rewrite(d / "quantized.safetensors", lambda t: t.pop(f"{Q}.in_scale")),
+            lambda d: _rewrite(d / "model.safetensors", lambda t: t.pop(f"{Q}.in_scale")),
             rf"tensor {Q}\.in_scale is missing",
         ),
         (
             lambda d: _rewrite(
-                d / "quantized.safetensors", lambda t: t.update({f"{Q}.in_scale": _zero_first(t[f"{Q}.in_scale"])})
+                d / "model.safetensors", lambda t: t.update({f"{Q}.in_scale": _zero_first(t[f"{Q}.in_scale"])})
             ),
             rf"tensor {Q}\.in_scale holds a zero",
         ),
@@ -168,19 +173,19 @@ CORRUPTIONS = {
     "qtip": [
         (
             lambda d: _rewrite(
-                d / "quantized.safetensors", lambda t: t.update({f"{Q}.sign_in": t[f"{Q}.sign_in"].to(torch.int32)})
+                d / "model.safetensors", lambda t: t.update({f"{Q}.sign_in": t[f"{Q}.sign_in"].to(torch.int32)})
             ),
-            rf"quantized\.safetensors.*tensor {Q}\.sign_in is I32 \[8\], expected U8 \[8\] for a 2-bit trellis",
+            rf"tensor {Q}\.sign_in is I32 \[8\], expected U8 \[8\] for a 2-bit trellis",
         ),
         (
             lambda d: _rewrite(
-                d / "quantized.safetensors", lambda t: t.update({f"{Q}.scale": t[f"{Q}.scale"].repeat(2)})
+                d / "model.safetensors", lambda t: t.update({f"{Q}.scale": t[f"{Q}.scale"].repeat(2)})
             ),
             rf"tensor {Q}\.scale is F16 \[2\], expected F16 \[1\]",
         ),
-        (lambda d: _edit_layer_meta(d, tile=[5, 8]), r"requant\.json: layer .*q_proj: trellis tile 5x8 does not"),
-        (lambda d: _edit_layer_meta(d, code="nope"), r"requant\.json: layer .*q_proj: bad trellis"),
-        (lambda d: _edit_layer_meta(d, L=None), r"requant\.json: layer .*q_proj: malformed layer metadata"),
+        (lambda d: _edit_layer_meta(d, tile=[5, 8]), r"config\.json: layer .*q_proj: trellis tile 5x8 does not"),
+        (lambda d: _edit_layer_meta(d, code="nope"), r"config\.json: layer .*q_proj: bad trellis"),
+        (lambda d: _edit_layer_meta(d, L=None), r"config\.json: layer .*q_proj: malformed layer metadata"),
     ],
 }
 
@@ -190,11 +195,11 @@ CORRUPTIONS = {
 )
 def test_corrupt_new_kind_tensors_are_refused(runs, which, case, tmp_path):
     model, tok, result = runs(which)
-    ckpt = save_checkpoint(tmp_path / which, model, tok, result)
+    ckpt = save_checkpoint(tmp_path / which, model, tok, result, dense="fp32")
     corrupt, pattern = CORRUPTIONS[which][case]
     corrupt(ckpt)
     with pytest.raises(CheckpointError, match=pattern):
-        load_quantized(ckpt)
+        load_quantized(ckpt, verify=False)  # the layout and value checks themselves (hashes: test_checkpoint)
 
 
 def test_layouts_of_the_new_kinds():

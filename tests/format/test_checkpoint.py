@@ -39,7 +39,7 @@ def quantized(tmp_path_factory):
 @pytest.fixture
 def ckpt(quantized, tmp_path) -> Path:
     model, tok, result = quantized
-    return save_checkpoint(tmp_path / "ckpt", model, tok, result)
+    return save_checkpoint(tmp_path / "ckpt", model, tok, result, dense="fp32")
 
 
 def test_reload_gives_identical_logits_and_weights(quantized, ckpt):
@@ -65,16 +65,17 @@ def test_reload_gives_identical_logits_and_weights(quantized, ckpt):
 
 def test_stored_bytes_equal_the_accounting_plus_row_pointers(quantized, ckpt):
     _, _, result = quantized
-    header = read_header(ckpt / "quantized.safetensors")
-    stored = sum(nbytes for _, _, nbytes in header.values())
-    meta = json.loads((ckpt / "requant.json").read_text())
-    assert meta["stored_bytes"] == stored and meta["format_version"] == 1
-    layouts = {n: LayerLayout.from_meta(lm, n) for n, lm in meta["layers"].items()}
+    cfg = json.loads((ckpt / "config.json").read_text())["quantization_config"]
+    layouts = {n: LayerLayout.from_meta(lm, n) for n, lm in cfg["layers"].items()}
+    header = read_header(ckpt / "model.safetensors")
+    owned = {f"{n}.{s}" for n, lo in layouts.items() for s in lo.tensors()}
+    stored = sum(nbytes for name, (_, _, nbytes) in header.items() if name in owned)
+    report = json.loads((ckpt / "requant_report.json").read_text())
+    assert report["stored_bytes"] == stored and cfg["format_version"] == 2
     rowptr_bytes = sum(4 * (lo.out_features + 1) for lo in layouts.values() if lo.nnz)
     assert 8 * stored == result.bit_count().total_bits + 8 * rowptr_bytes  # widths 64/96: no padding
-    cfg = json.loads((ckpt / "config.json").read_text())["quantization_config"]
-    assert cfg["format_version"] == 1 and cfg["bits"] == 3
-    assert cfg["sparse_entries"] == result.bit_count().sparse_entries
+    assert cfg["bits"] == 3 and cfg["sparse_entries"] == result.bit_count().sparse_entries
+    assert set(cfg["layers"]) == set(result.layers)
 
 
 def write_v0(out: Path, model, tok, result) -> None:
@@ -157,7 +158,7 @@ def test_out_of_disk_is_one_clear_error_and_leaves_nothing(quantized, tmp_path, 
 
     def full(tensors, path, **kw):
         real(tensors, path, **kw)
-        if path.endswith(ck.QUANT_FILE):
+        if path.endswith(ck.WEIGHTS_FILE):
             raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ck, "save_file", full)
@@ -181,78 +182,75 @@ def _edit_json(file: Path, fn) -> None:
 Q = "model.layers.0.self_attn.q_proj"
 
 
+W = "model.safetensors"
+
+
+def _keep_meta(fn):
+    """Rewrite model.safetensors with fn applied, keeping (and so not tripping) the recorded hashes."""
+
+    def edit(d: Path) -> None:
+        from requant.format.files import file_metadata
+
+        meta = file_metadata(d / W)
+        tensors = load_file(str(d / W))
+        fn(tensors)
+        save_file(tensors, str(d / W), metadata=meta)
+
+    return edit
+
+
 @pytest.mark.parametrize(
     ("corrupt", "pattern"),
     [
+        (lambda d: (d / W).write_bytes((d / W).read_bytes()[:-100]), r"model\.safetensors.*truncated"),
+        (lambda d: (d / W).write_bytes(b"\xff" * 64), r"model\.safetensors.*corrupt header"),
         (
-            lambda d: (d / "quantized.safetensors").write_bytes((d / "quantized.safetensors").read_bytes()[:-100]),
-            r"quantized\.safetensors.*truncated",
+            _keep_meta(lambda t: t.update({f"{Q}.lut": t[f"{Q}.lut"].float()})),
+            rf"tensor {Q}\.lut is F32 \[64, 8\], expected F16",
         ),
         (
-            lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:5000]),
-            r"model\.safetensors.*truncated",
+            _keep_meta(lambda t: t.update({f"{Q}.weight": t[f"{Q}.weight"][:, :-1].contiguous()})),
+            rf"tensor {Q}\.weight is U8 \[64, 7, 3\], expected U8 \[64, 8, 3\]",
+        ),
+        (_keep_meta(lambda t: t.pop(f"{Q}.sparse_col")), rf"tensor {Q}\.sparse_col is missing"),
+        (
+            _keep_meta(lambda t: t.update({f"{Q}.sparse_rowptr": -t[f"{Q}.sparse_rowptr"]})),
+            rf"tensor {Q}\.sparse_rowptr does not match its recorded sha256",
+        ),
+        (_keep_meta(lambda t: t.pop("model.norm.weight")), r"tensor model\.norm\.weight is missing"),
+        (
+            _keep_meta(lambda t: t.update({"model.norm.weight": torch.full((64,), 2.0)})),
+            r"tensor model\.norm\.weight does not match its recorded sha256",
         ),
         (
-            lambda d: (d / "quantized.safetensors").write_bytes(b"\xff" * 64),
-            r"quantized\.safetensors.*corrupt header",
+            lambda d: _rewrite(d / W, lambda t: None),  # re-saved by a tool that drops the metadata
+            r"records no content hashes",
         ),
         (
-            lambda d: _rewrite(d / "quantized.safetensors", lambda t: t.update({f"{Q}.lut": t[f"{Q}.lut"].float()})),
-            rf"quantized\.safetensors.*tensor {Q}\.lut is F32 \[64, 8\], expected F16",
+            lambda d: _edit_json(d / "config.json", lambda c: c["quantization_config"].update(format_version=99)),
+            r"format version 99 is not loadable here",
         ),
         (
-            lambda d: _rewrite(
-                d / "quantized.safetensors",
-                lambda t: t.update({f"{Q}.qweight": t[f"{Q}.qweight"][:, :-3].contiguous()}),
-            ),
-            rf"tensor {Q}\.qweight is U8 \[64, 21\], expected U8 \[64, 24\]",
-        ),
-        (
-            lambda d: _rewrite(d / "quantized.safetensors", lambda t: t.pop(f"{Q}.sparse_col")),
-            rf"tensor {Q}\.sparse_col is missing",
-        ),
-        (
-            lambda d: _rewrite(
-                d / "quantized.safetensors", lambda t: t.update({f"{Q}.sparse_rowptr": -t[f"{Q}.sparse_rowptr"]})
-            ),
-            rf"tensor {Q}\.sparse_rowptr is not a non-decreasing",
-        ),
-        (
-            lambda d: _rewrite(d / "quantized.safetensors", lambda t: t.update({"stray.weight": torch.zeros(3)})),
-            r"tensor stray\.weight belongs to no quantized layer",
-        ),
-        (
-            lambda d: _edit_json(d / "requant.json", lambda m: m.update(format_version=99)),
-            r"format version 99 is unknown; this requant reads versions 0, 1",
-        ),
-        (
-            lambda d: _edit_json(d / "requant.json", lambda m: m["layers"][Q].update(bits=4)),
-            rf"tensor {Q}\.qweight is U8 \[64, 24\], expected U8 \[64, 32\] for a 4-bit",
+            lambda d: _edit_json(d / "config.json", lambda c: c["quantization_config"]["layers"][Q].update(bits=4)),
+            rf"quantization_config\.bits = 3, but layer {Q} is stored with 4 bits",
         ),
         (
             lambda d: _edit_json(d / "config.json", lambda c: c["quantization_config"].update(bits=4)),
-            r"config\.json.*quantization_config\.bits = 4, but tensor .*\.qweight is stored with 3 bits",
+            r"quantization_config\.bits = 4, but layer \S+ is stored with 3 bits",
         ),
         (
             lambda d: _edit_json(d / "config.json", lambda c: c["quantization_config"].update(sparse_entries=1)),
-            r"config\.json.*sparse_entries = 1",
+            r"sparse_entries = 1",
         ),
         (
-            lambda d: _edit_json(d / "config.json", lambda c: c["quantization_config"].update(format_version=0)),
-            r"config\.json.*format_version 0 differs",
-        ),
-        (lambda d: (d / "requant.json").write_text("{not json"), r"requant\.json.*unreadable"),
-        (
-            lambda d: _rewrite(d / "model.safetensors", lambda t: t.update({"model.norm.weight": torch.ones(3)})),
-            r"model\.safetensors.*tensor model\.norm\.weight has shape \(3,\), the model expects \(64,\)",
+            lambda d: _edit_json(
+                d / "config.json", lambda c: c["quantization_config"]["layers"][Q].update(kind_in_block="x")
+            ),
+            r"written with another layer table than config\.json",
         ),
         (
-            lambda d: _rewrite(d / "model.safetensors", lambda t: t.update({"model.extra": torch.ones(3)})),
-            r"model\.safetensors.*tensor model\.extra is not in the model",
-        ),
-        (
-            lambda d: _rewrite(d / "model.safetensors", lambda t: t.pop("model.norm.weight")),
-            r"model\.safetensors.*tensor model\.norm\.weight is missing",
+            lambda d: _edit_json(d / "config.json", lambda c: c["quantization_config"].pop("layers")),
+            r"no 'layers' table",
         ),
     ],
 )
@@ -260,6 +258,22 @@ def test_corrupt_checkpoints_are_refused_naming_file_and_tensor(ckpt, corrupt, p
     corrupt(ckpt)
     with pytest.raises(CheckpointError, match=pattern):
         load_quantized(ckpt)
+
+
+def test_a_flipped_code_byte_is_refused_and_loads_with_verify_off(quantized, ckpt):
+    from requant.format.files import read_header as header_of
+
+    data = bytearray((ckpt / W).read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    raw = json.loads(data[8 : 8 + n])
+    begin = raw[f"{Q}.weight"]["data_offsets"][0]
+    data[8 + n + begin] ^= 0x01
+    (ckpt / W).write_bytes(bytes(data))
+    assert header_of(ckpt / W)  # the file itself is well-formed: only the hash can tell
+    with pytest.raises(CheckpointError, match=rf"tensor {Q}\.weight does not match its recorded sha256"):
+        load_quantized(ckpt)
+    loaded, _ = load_quantized(ckpt, verify=False)  # the user's explicit choice
+    assert isinstance(loaded.get_submodule(Q), QuantLinear)
 
 
 class _Payload:
@@ -274,7 +288,7 @@ def test_pickles_are_never_loaded(ckpt, tmp_path):
     marker = tmp_path / "executed"
     (ckpt / "pytorch_model.bin").write_bytes(pickle.dumps(_Payload(marker)))
     (ckpt / "model.safetensors").unlink()
-    with pytest.raises(CheckpointError, match=r"model\.safetensors.*missing"):
+    with pytest.raises(CheckpointError, match=r"has neither model\.safetensors nor"):
         load_quantized(ckpt)
     with pytest.raises(CheckpointError):
         read_layers(ckpt.parent / "nowhere")
@@ -293,7 +307,7 @@ def test_real_model_round_trip_and_stored_bytes(tmp_path):
         pytest.skip(str(e))
     result = quantize(model, tok, QuantConfig(base="rtn", bits=3, outliers=0.5, include=(r"\.layers\.[0-4]\.",)))
     assert len(result.layers) == 35
-    out = save_checkpoint(tmp_path / "r", model, tok, result)
+    out = save_checkpoint(tmp_path / "r", model, tok, result, dense="fp32")
     loaded, _ = load_quantized(out)
     ids = tok("The quick brown fox jumps over the lazy dog.", return_tensors="pt")["input_ids"]
     with torch.no_grad():
@@ -301,7 +315,7 @@ def test_real_model_round_trip_and_stored_bytes(tmp_path):
         assert torch.equal(loaded(ids).logits, expected)  # > 4 rows: bit-exact dequantize + BLAS
         step = loaded(ids[:, :1]).logits  # the decode kernel
         torch.testing.assert_close(step, expected[:, :1], rtol=0, atol=1e-3)
-    header = read_header(out / "quantized.safetensors")
-    stored = sum(nbytes for _, _, nbytes in header.values())
+    header = read_header(out / "model.safetensors")
+    stored = sum(nbytes for name, (_, _, nbytes) in header.items() if name.rpartition(".")[0] in result.layers)
     accounted = result.bit_count().total_bits / 8
     assert accounted <= stored <= 1.02 * accounted

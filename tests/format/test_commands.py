@@ -22,7 +22,9 @@ def run(capsys, *argv):
 @pytest.fixture
 def ckpt_and_model(model, tokenizer, model_dir, tmp_path):
     result = quantize(model, tokenizer, QuantConfig(base="rtn", bits=3, outliers=1.0))
-    out = save_checkpoint(tmp_path / "ckpt", model, tokenizer, result, metadata={"model": str(model_dir)})
+    out = save_checkpoint(
+        tmp_path / "ckpt", model, tokenizer, result, metadata={"model": str(model_dir)}, dense="fp32"
+    )  # fp32 dense: generate below compares with the in-memory model token for token
     return out, model, result
 
 
@@ -31,8 +33,10 @@ def test_inspect_json_matches_the_stored_tensors_and_the_accounting(capsys, ckpt
     code, out, _ = run(capsys, "inspect", str(ckpt), "--json")
     assert code == 0
     d = json.loads(out)
-    header = read_header(ckpt / "quantized.safetensors")
-    assert d["quantized_bytes"] == sum(nbytes for _, _, nbytes in header.values())
+    header = read_header(ckpt / "model.safetensors")
+    quantized = {k: v for k, v in header.items() if k.rpartition(".")[0] in result.layers and not k.endswith(".bias")}
+    assert d["quantized_bytes"] == sum(nbytes for _, _, nbytes in quantized.values())
+    assert d["quantized_bytes"] + d["other_bytes"] == sum(nbytes for _, _, nbytes in header.values())
     assert d["quantized_bytes"] == sum(lay["stored_bytes"] for lay in d["layers"])
     assert d["quantized_bytes"] == d["code_bytes"] + d["table_bytes"] + d["sparse_bytes"]
     assert d["bits_per_weight"] == pytest.approx(result.bit_count().bits_per_weight)
@@ -48,7 +52,7 @@ def test_inspect_json_matches_the_stored_tensors_and_the_accounting(capsys, ckpt
 
 def test_inspect_refuses_a_corrupt_checkpoint_in_one_line(capsys, ckpt_and_model):
     ckpt, _, _ = ckpt_and_model
-    f = ckpt / "quantized.safetensors"
+    f = ckpt / "model.safetensors"
     f.write_bytes(f.read_bytes()[:-10])
     code, out, err = run(capsys, "inspect", str(ckpt), "--json")
     assert code == 2 and out == "" and "truncated" in err and len(err.strip().splitlines()) == 1

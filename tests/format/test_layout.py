@@ -24,7 +24,7 @@ def test_specs_are_functions_of_the_layout():
     lo = LayerLayout("lut", 10, 20, 3, nnz=7)
     specs = lo.tensors()
     assert list(specs) == [QWEIGHT, LUT, ROWPTR, COL, VALUE]
-    assert specs[QWEIGHT].shape == (10, 9) and specs[QWEIGHT].dtype == torch.uint8  # 20 codes → 3 chunks × 3 B
+    assert specs[QWEIGHT].shape == (10, 3, 3) and specs[QWEIGHT].dtype == torch.uint8  # 20 codes → 3 chunks × 3 B
     assert specs[LUT].shape == (10, 8) and specs[ROWPTR].shape == (11,) and specs[COL].shape == (7,)
     uni = LayerLayout("uniform", 4, 64, 4, group_size=16, sym=True).tensors()
     assert list(uni) == [QWEIGHT, SCALE] and uni[SCALE].shape == (4, 4)
@@ -73,7 +73,7 @@ def test_check_specs_names_the_tensor(make_layer):
     check_specs("f", "L", layout, found)
     with pytest.raises(CheckpointError, match=r"tensor L\.lut is F32 \[4, 8\], expected F16 \[4, 8\]"):
         check_specs("f", "L", layout, {**found, LUT: (torch.float32, (4, 8))})
-    with pytest.raises(CheckpointError, match=r"tensor L\.qweight is U8 \[4, 8\], expected U8 \[4, 6\]"):
+    with pytest.raises(CheckpointError, match=r"tensor L\.weight is U8 \[4, 8\], expected U8 \[4, 2, 3\]"):
         check_specs("f", "L", layout, {**found, QWEIGHT: (torch.uint8, (4, 8))})
     with pytest.raises(CheckpointError, match=r"tensor L\.sparse_col is missing"):
         check_specs("f", "L", layout, {k: v for k, v in found.items() if k != COL})

@@ -175,7 +175,7 @@ def test_every_isa_variant_matches_the_reference(flags, make_layer, tmp_path):
                     "value": ql.sparse_value.float() if q.sparse.nnz else None,
                 }
                 desc = kernels.describe(
-                    ql.qweight,
+                    ql._packed(),
                     inp,
                     bits,
                     **f32,

@@ -8,7 +8,7 @@ from typing import Any
 
 from .common import emit
 
-_CODES = {"qweight", "codes"}
+_CODES = {"weight", "qweight", "codes"}
 _SPARSE = {"sparse_rowptr", "sparse_col", "sparse_value", "sparse_index"}
 
 
@@ -17,22 +17,21 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="requant checkpoint directory")
     p.add_argument("--summary", action="store_true", help="totals only, no per-layer table")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the files' sha256 check")
     return p
 
 
-def describe(path: str | Path) -> dict[str, Any]:
-    """Everything `inspect` reports, read from the metadata and the safetensors headers only."""
+def describe(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
+    """Everything `inspect` reports, from the layer table checked against the safetensors headers (every
+    shape and dtype agrees with the stated kind, bits and nnz) and, with `verify`, the files' sha256s."""
     from ..accounting import SPARSE_ENTRY_BITS, total
-    from ..errors import CheckpointError
-    from ..format.checkpoint import DENSE_FILE, QUANT_FILE, check_header, layouts_of, read_header, read_meta
+    from ..format.checkpoint import quantization_entry, stored_headers, tensor_files
+    from ..format.files import verify_files
 
     path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint {str(path)!r} is not a directory")
-    meta = read_meta(path)
-    header = read_header(path / QUANT_FILE)
-    layouts = check_header(path, meta, header) if meta["format_version"] >= 1 else layouts_of(path, meta)
-    dense_header = read_header(path / DENSE_FILE)
+    meta, layouts, header, dense_header = stored_headers(path)
+    if verify and meta["format_version"] >= 2:
+        verify_files(tensor_files(path), (quantization_entry(path) or {}).get("layers", {}))
     layers = []
     for name, layout in layouts.items():
         parts = {"code_bytes": 0, "table_bytes": 0, "sparse_bytes": 0}
@@ -40,6 +39,8 @@ def describe(path: str | Path) -> dict[str, Any]:
             if not key.startswith(name + "."):
                 continue
             suffix = key[len(name) + 1 :]
+            if "." in suffix or suffix == "bias":
+                continue
             part = "code_bytes" if suffix in _CODES else "sparse_bytes" if suffix in _SPARSE else "table_bytes"
             parts[part] += nbytes
         stored = sum(parts.values())
@@ -84,6 +85,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         "sparse_percent": bits.sparse_percent,
         "sparse_entry_bits_accounted": SPARSE_ENTRY_BITS,
         "other_bytes": other,
+        "dense_dtype": ", ".join(sorted({str(dt).removeprefix("torch.") for dt, _, _ in dense_header.values()})),
         "file_bytes": sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
         "layers": layers,
     }
@@ -94,7 +96,7 @@ def _mib(n: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    d = describe(args.checkpoint)
+    d = describe(args.checkpoint, verify=args.verify)
     lines = [
         f"checkpoint {d['checkpoint']} (format v{d['format_version']}): {d['base']} {d['bits']}-bit, "
         f"{d['layers_quantized']} quantized layers, {d['numel']:,} weights",
@@ -103,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         f"LUT/scales {_mib(d['table_bytes'])} + sparse {_mib(d['sparse_bytes'])}; accounting "
         f"{_mib(d['accounting_bytes'])} ({d['overhead_percent']:+.2f}%)",
         f"sparse entries: {d['sparse_entries']:,} ({d['sparse_percent']:.3f}% of quantized weights)",
-        f"other parameters (16/32-bit, model.safetensors): {_mib(d['other_bytes'])}; files: {_mib(d['file_bytes'])}",
+        f"other parameters ({d['dense_dtype']}): {_mib(d['other_bytes'])}; files: {_mib(d['file_bytes'])}",
     ]
     if not args.summary:
         lines += [

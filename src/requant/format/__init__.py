@@ -1,6 +1,7 @@
 """On-disk format of quantized checkpoints (safetensors + JSON, never pickle) and the packed QuantLinear."""
 
 from .checkpoint import (
+    convert,
     is_checkpoint,
     load_checkpoint,
     load_quantized,
@@ -16,6 +17,7 @@ __all__ = [
     "READABLE_VERSIONS",
     "LayerLayout",
     "QuantLinear",
+    "convert",
     "is_checkpoint",
     "load_checkpoint",
     "load_quantized",

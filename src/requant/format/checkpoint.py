@@ -1,80 +1,107 @@
-"""Checkpoints (format v1): packed codes, tables and CSR sparse residuals in safetensors, metadata in JSON.
+"""Checkpoints, format v2: a standard transformers directory that `from_pretrained` loads (after `import requant`).
 
 Layout of a checkpoint directory:
-  config.json            the model's transformers config plus `quantization_config` (method, bits, group
-                         size, sparse counts, format version)
-  model.safetensors      every parameter that is not a quantized weight (embeddings, norms, lm_head, biases)
-  quantized.safetensors  per quantized layer the tensors that format.layout lists
-  requant.json           format version, per-layer layout metadata, the QuantConfig, bit accounting, report
+  config.json                   the model's transformers config; `quantization_config` holds quant_method
+                                "requant", format_version 2, the per-layer table (kind, bits, shape, nnz and
+                                the kind's params — everything a loader needs before reading a tensor), the
+                                QuantConfig that made it and the bit accounting
+  model.safetensors             every tensor: the quantized layers' (format.layout) and every other parameter
+                                (embeddings, norms, an untied lm_head, biases) in 16 bits by default;
+  or model-0000k-of-0000n.safetensors + model.safetensors.index.json above `max_shard_bytes`
+  requant_report.json           the run's report, stored bytes and free-form metadata (not needed to load)
   tokenizer files, generation_config.json
 
-Version 0 checkpoints (unpacked uint8 codes, flat int32 sparse index) are read and converted on load.
+Each safetensors file records the sha256 of every tensor and of the layer table (format.files); loading
+verifies them unless told not to. Format v1/v0 checkpoints are read by format.v1 and load as before.
 Only safetensors and JSON are ever read: no pickle, no remote code.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
-import struct
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from ..config import QuantConfig
-from ..errors import CheckpointError, InputError
+from ..errors import CheckpointError, ConfigError, InputError
 from ..io import atomic_dir, read_json, write_json_atomic
-from ..model import LayerInfo, set_module
-from ..quantizers import QuantizedTensor
+from ..model import LayerInfo
 from ..results import QuantizationResult, QuantizedLayer
-from ..sparse import SparseResidual
-from .layout import (
-    FORMAT_VERSION,
-    QWEIGHT,
-    READABLE_VERSIONS,
-    LayerLayout,
-    check_specs,
-    check_values,
-    encode_layer,
-    tensor_name,
-)
+from . import v1
+from .files import Header, integrity_metadata, read_header, verify_files
+from .layout import FORMAT_VERSION, QWEIGHT, LayerLayout, check_specs, check_values, decode_layer, encode_layer
 from .qlinear import QuantLinear
 
-META_FILE = "requant.json"
-DENSE_FILE = "model.safetensors"
-QUANT_FILE = "quantized.safetensors"
 CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+REPORT_FILE = "requant_report.json"
+QUANT_METHOD = "requant"
+DEFAULT_SHARD_BYTES = 4 * 2**30
+DENSE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+FP16_MAX = 65504.0
 
-_ST_DTYPES = {
-    "U8": torch.uint8,
-    "I8": torch.int8,
-    "I16": torch.int16,
-    "I32": torch.int32,
-    "I64": torch.int64,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    "BOOL": torch.bool,
-}
+Stored = dict[str, tuple[LayerLayout, dict[str, torch.Tensor]]]
 
-Header = dict[str, tuple[torch.dtype, tuple[int, ...], int]]  # name → (dtype, shape, stored bytes)
+
+def quantization_entry(path: str | os.PathLike) -> dict[str, Any] | None:
+    """config.json's quantization_config if it is requant's, else None (also for unreadable files)."""
+    try:
+        qc = read_json(Path(path) / CONFIG_FILE).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return qc if isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD else None
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
-    return (Path(path) / META_FILE).is_file()
+    """Whether `path` is a requant checkpoint directory (any format version)."""
+    path = Path(path)
+    return path.is_dir() and (v1.is_v1_checkpoint(path) or quantization_entry(path) is not None)
+
+
+def format_version(path: str | os.PathLike) -> int:
+    if v1.is_v1_checkpoint(path):
+        return int(v1.read_meta(path)["format_version"])
+    qc = quantization_entry(path)
+    if qc is None:
+        raise CheckpointError(f"{str(path)!r} is not a requant checkpoint (no requant quantization_config)")
+    return int(qc.get("format_version", -1))
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Writing
 
 
-def _unique_state(model: nn.Module, skip_prefixes: set[str]) -> dict[str, torch.Tensor]:
-    """Parameters and buffers to store, without the quantized weights and without tied duplicates."""
+def dense_dtype(model: nn.Module, choice: str, skip_prefixes: set[str]) -> torch.dtype:
+    """The dtype unquantized floating tensors are stored in.
+
+    "auto": the source's own 16-bit dtype (config.dtype) when it has one; for a wider source fp16 when every
+    such tensor fits its range, else bf16 — a quantized checkpoint is never larger than a 16-bit original.
+    """
+    if choice != "auto":
+        if choice not in DENSE_DTYPES:
+            raise ConfigError(f"dense dtype {choice!r} is not allowed; use one of auto, {', '.join(DENSE_DTYPES)}")
+        return DENSE_DTYPES[choice]
+    src = getattr(model.config, "dtype", None)
+    if isinstance(src, str):
+        src = getattr(torch, src, None)
+    if src in (torch.float16, torch.bfloat16):
+        return src  # type: ignore[return-value]
+    for t in _dense_state(model, skip_prefixes).values():
+        if t.is_floating_point() and t.numel() and float(t.abs().max()) >= FP16_MAX:
+            return torch.bfloat16
+    return torch.float16
+
+
+def _dense_state(model: nn.Module, skip_prefixes: set[str]) -> dict[str, torch.Tensor]:
+    """Parameters and buffers to store besides the quantized weights, without tied duplicates."""
     seen: set[int] = set()
     out = {}
     for name, t in model.state_dict().items():
@@ -84,16 +111,47 @@ def _unique_state(model: nn.Module, skip_prefixes: set[str]) -> dict[str, torch.
         if t.data_ptr() in seen:
             continue
         seen.add(t.data_ptr())
-        out[name] = t.detach().cpu().contiguous().clone()
+        out[name] = t.detach()
     return out
 
 
-def quantization_config(result: QuantizationResult) -> dict[str, Any]:
-    """The `quantization_config` entry of config.json."""
+def layer_table_entry(q: QuantizedLayer, layout: LayerLayout) -> dict[str, Any]:
+    return {**layout.to_meta(), "block": q.info.block, "kind_in_block": q.info.kind}
+
+
+def checkpoint_tensors(
+    model: nn.Module, result: QuantizationResult, dtype: torch.dtype
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:
+    """(every tensor to store, in model order; the layer table; stored bytes of the quantized layers)."""
+    layers = set(result.layers)
+    dense = _dense_state(model, layers)
+    table: dict[str, Any] = {}
+    encoded: dict[str, dict[str, torch.Tensor]] = {}
+    stored = 0
+    for name, q in result.layers.items():
+        layout, tensors = encode_layer(q)
+        table[name] = layer_table_entry(q, layout)
+        encoded[name] = tensors
+        stored += layout.stored_bytes()
+    out: dict[str, torch.Tensor] = {}
+    for key, t in model.state_dict().items():
+        prefix, _, leaf = key.rpartition(".")
+        if prefix in encoded and leaf == QWEIGHT:
+            out.update({f"{prefix}.{s}": v.contiguous() for s, v in encoded.pop(prefix).items()})
+        elif key in dense:
+            t = dense[key].cpu()
+            out[key] = (t.to(dtype) if t.is_floating_point() else t).contiguous()
+    if encoded:  # a quantized layer the model has no weight for: a bug upstream, never a silent drop
+        raise CheckpointError(f"quantized layer {next(iter(encoded))} is not a module of the model")
+    return out, table, stored
+
+
+def quantization_config(result: QuantizationResult, table: Mapping[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """The `quantization_config` entry of config.json: what a loader needs, and what made the checkpoint."""
     bits = result.bit_count()
     c = result.config
     return {
-        "quant_method": "requant",
+        "quant_method": QUANT_METHOD,
         "format_version": FORMAT_VERSION,
         "base": c.base,
         "bits": c.bits,
@@ -103,10 +161,48 @@ def quantization_config(result: QuantizationResult) -> dict[str, Any]:
         "significant_percent": c.significant,
         "sparse_entries": bits.sparse_entries,
         "sparse_format": "csr",
-        "code_packing": "row-wise little-endian bit stream, 8 codes per `bits` bytes",
-        "quantized_layers": len(result.layers),
+        "code_packing": "row-wise little-endian bit stream: 8 codes per `bits` bytes, weight (out, ceil(in/8), bits)",
+        "quantized_layers": len(table),
         "bits_per_weight": bits.bits_per_weight,
+        "dense_dtype": str(dtype).removeprefix("torch."),
+        "layers": dict(table),
+        "config": c.to_dict(),
     }
+
+
+def shard(tensors: Mapping[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    """Split tensors, in order, into files of at most `max_bytes` each (a larger tensor gets a file alone)."""
+    if max_bytes < 1:
+        raise ConfigError(f"max shard size {max_bytes} must be a positive number of bytes")
+    files: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if files[-1] and size + n > max_bytes:
+            files.append({})
+            size = 0
+        files[-1][name] = t
+        size += n
+    return files
+
+
+def write_tensors(
+    directory: Path, tensors: Mapping[str, torch.Tensor], table: Mapping[str, Any], max_bytes: int
+) -> None:
+    """model.safetensors, or shards + index, each file carrying the hashes of its tensors and of the table."""
+    shards = shard(tensors, max_bytes)
+    names = (
+        [WEIGHTS_FILE]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    for name, part in zip(names, shards, strict=True):
+        meta = {"format": "pt", "requant_format": str(FORMAT_VERSION), **integrity_metadata(part, table)}
+        save_file(dict(part), str(directory / name), metadata=meta)
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map = {k: name for name, part in zip(names, shards, strict=True) for k in part}
+        write_json_atomic(directory / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
 def save_checkpoint(
@@ -117,75 +213,66 @@ def save_checkpoint(
     *,
     metadata: dict[str, Any] | None = None,
     force: bool = False,
+    dense: str = "auto",
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> Path:
-    """Write the quantized model to `out` atomically; never replace a different checkpoint unless `force`."""
+    """Write the quantized model to `out` (format v2) atomically; never replace a different checkpoint unless
+    `force`. `dense`: dtype of the unquantized tensors, "auto" (16-bit, see dense_dtype), bf16, fp16 or fp32."""
     out = Path(out)
     if out.exists():
-        _check_replace(out, result.config, force)
-    quant: dict[str, torch.Tensor] = {}
-    layers_meta = {}
-    stored = 0
-    for name, q in result.layers.items():
-        layout, tensors = encode_layer(q)
-        for suffix, t in tensors.items():
-            quant[tensor_name(name, suffix)] = t
-        stored += layout.stored_bytes()
-        layers_meta[name] = {**layout.to_meta(), "block": q.info.block, "kind_in_block": q.info.kind}
-    bits = result.bit_count()
+        check_replace(out, result.config, force)
+    dtype = dense_dtype(model, dense, set(result.layers))
+    tensors, table, stored = checkpoint_tensors(model, result, dtype)
     try:
-        _write(out, model, tokenizer, result, quant, layers_meta, stored, bits, metadata)
-    except OSError as e:  # e.g. out of disk: atomic_dir has removed the partial copy
+        with atomic_dir(out, replace=True) as tmp:
+            write_tensors(tmp, tensors, table, max_shard_bytes)
+            _write_config(tmp, model, quantization_config(result, table, dtype))
+            gen = getattr(model, "generation_config", None)
+            if gen is not None:
+                gen.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)  # type: ignore[attr-defined]
+            write_json_atomic(
+                tmp / REPORT_FILE,
+                {
+                    "format_version": FORMAT_VERSION,
+                    "bits": result.bit_count().to_dict(),
+                    "stored_bytes": stored,
+                    "report": result.report,
+                    "metadata": metadata or {},
+                },
+            )
+    except (OSError, SafetensorError) as e:  # e.g. out of disk: atomic_dir has removed the partial copy
+        reason = getattr(e, "strerror", None) or str(e)
         raise CheckpointError(
-            f"cannot write checkpoint {str(out)!r}: {e.strerror or e}; nothing was written (a work directory, "
-            "if any, is kept: make room and run again with --resume)"
+            f"cannot write checkpoint {str(out)!r}: {reason}; nothing was written (a work directory, if any, is "
+            "kept: make room and run again with --resume)"
         ) from None
     return out
 
 
-def _write(
-    out: Path,
-    model: nn.Module,
-    tokenizer: object,
-    result: QuantizationResult,
-    quant: dict[str, torch.Tensor],
-    layers_meta: dict[str, Any],
-    stored: int,
-    bits: Any,
-    metadata: dict[str, Any] | None,
-) -> None:
-    with atomic_dir(out, replace=True) as tmp:
-        save_file(_unique_state(model, set(result.layers)), str(tmp / DENSE_FILE), metadata={"format": "pt"})
-        save_file(quant, str(tmp / QUANT_FILE), metadata={"format": "pt", "requant_format": str(FORMAT_VERSION)})
-        model.config.save_pretrained(tmp)
-        cfg = read_json(tmp / CONFIG_FILE)
-        cfg["quantization_config"] = quantization_config(result)
-        write_json_atomic(tmp / CONFIG_FILE, cfg)
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            gen.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)  # type: ignore[attr-defined]
-        write_json_atomic(
-            tmp / META_FILE,
-            {
-                "format_version": FORMAT_VERSION,
-                "config": result.config.to_dict(),
-                "layers": layers_meta,
-                "bits": bits.to_dict(),
-                "stored_bytes": stored,
-                "report": result.report,
-                "metadata": metadata or {},
-            },
-        )
+def _write_config(directory: Path, model: nn.Module, qc: dict[str, Any]) -> None:
+    config = model.config
+    had = "quantization_config" in config.__dict__
+    old = config.__dict__.pop("quantization_config", None)
+    try:
+        config.save_pretrained(directory)
+    finally:
+        if had:
+            config.quantization_config = old
+    cfg = read_json(directory / CONFIG_FILE)
+    cfg["quantization_config"] = qc
+    write_json_atomic(directory / CONFIG_FILE, cfg)
 
 
-def _check_replace(out: Path, config: QuantConfig, force: bool) -> None:
+def check_replace(out: Path, config: QuantConfig, force: bool) -> None:
+    """Refuse to overwrite anything but an empty directory or a checkpoint of the same configuration."""
     if force or (out.is_dir() and not any(out.iterdir())):
         return
     if not is_checkpoint(out):
         raise InputError(f"output {str(out)!r} exists and is not a requant checkpoint; use --force to replace it")
     try:
-        old = QuantConfig.from_dict(read_json(out / META_FILE)["config"])
+        old = QuantConfig.from_dict(read_meta(out)["config"])
     except Exception:
         raise InputError(f"output {str(out)!r} holds an unreadable checkpoint; use --force to replace it") from None
     diff = old.differences(config)
@@ -196,151 +283,174 @@ def _check_replace(out: Path, config: QuantConfig, force: bool) -> None:
         )
 
 
+_check_replace = check_replace  # the name the CLI used
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Reading and validation
 
 
-def read_header(file: Path) -> Header:
-    """Tensor names, dtypes, shapes and byte sizes of a safetensors file, checked against the file size."""
-    file = Path(file)
-    if not file.is_file():
-        raise CheckpointError(f"checkpoint file {str(file)!r} is missing")
-    size = file.stat().st_size
-    try:
-        with open(file, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > min(size - 8, 100_000_000):
-                raise ValueError(f"header length {n} exceeds the file")
-            header = json.loads(f.read(n))
-        out: Header = {}
-        end = 0
-        for name, h in header.items():
-            if name == "__metadata__":
-                continue
-            dtype = _ST_DTYPES.get(h["dtype"])
-            if dtype is None:
-                raise ValueError(f"tensor {name} has unsupported dtype {h['dtype']}")
-            begin, stop = (int(v) for v in h["data_offsets"])
-            out[name] = (dtype, tuple(int(s) for s in h["shape"]), stop - begin)
-            end = max(end, stop)
-    except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"checkpoint file {str(file)!r} has a corrupt header: {e}") from None
-    if 8 + n + end > size:
-        raise CheckpointError(
-            f"checkpoint file {str(file)!r} is truncated: {size} bytes, its header needs {8 + n + end}"
-        )
-    return out
-
-
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    read_header(path)
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint file {str(path)!r} is unreadable or truncated: {e}") from None
-
-
-def read_meta(path: str | os.PathLike) -> dict[str, Any]:
-    """requant.json of a checkpoint, with its format version checked."""
+def tensor_files(path: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a v2 checkpoint: model.safetensors, or the shards its index names."""
     path = Path(path)
-    try:
-        meta = read_json(path / META_FILE)
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{str(path / META_FILE)!r} is unreadable: {e}") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("layers"), dict):
-        raise CheckpointError(f"{str(path / META_FILE)!r} has no 'layers' table")
-    version = meta.get("format_version")
-    if version not in READABLE_VERSIONS:
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = read_json(index)["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{str(index)!r} is unreadable: {e}") from None
+        if any("/" in n or n.startswith(".") for n in names):
+            raise CheckpointError(f"{str(index)!r} names a file outside the checkpoint")
+        return [path / n for n in names]
+    if not (path / WEIGHTS_FILE).is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} has neither {WEIGHTS_FILE} nor {INDEX_FILE}")
+    return [path / WEIGHTS_FILE]
+
+
+def parse_layers(where: str, qc: Mapping[str, Any]) -> dict[str, LayerLayout]:
+    """Each quantized layer's layout from a quantization_config's layer table."""
+    layers = qc.get("layers")
+    if not isinstance(layers, dict) or not layers:
+        raise CheckpointError(f"{where}: quantization_config has no 'layers' table")
+    return {name: LayerLayout.from_meta(lm, f"{where}: layer {name}") for name, lm in layers.items()}
+
+
+def check_quantization_config(where: str, qc: Mapping[str, Any]) -> dict[str, LayerLayout]:
+    """Version and internal consistency of a v2 quantization_config; returns the layouts."""
+    if qc.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
-            f"{str(path / META_FILE)!r}: format version {version!r} is unknown; this requant reads "
-            f"versions {', '.join(map(str, READABLE_VERSIONS))} (a newer requant wrote it?)"
+            f"{where}: requant format version {qc.get('format_version')!r} is not loadable here; this requant "
+            f"loads version {FORMAT_VERSION} through transformers and versions 0-1 through requant.load "
+            "(`requant convert` upgrades them)"
         )
-    return meta
-
-
-def layouts_of(path: str | os.PathLike, meta: dict[str, Any]) -> dict[str, LayerLayout]:
-    """Each quantized layer's layout, from requant.json (v0 entries are described in v1 terms)."""
-    where = str(Path(path) / META_FILE)
-    return {name: LayerLayout.from_meta(lm, f"{where}: layer {name}") for name, lm in meta["layers"].items()}
-
-
-def check_header(path: str | os.PathLike, meta: dict[str, Any], header: Header) -> dict[str, LayerLayout]:
-    """Every v1 layer's tensors in the header with the layout's dtypes and shapes; config.json agrees."""
-    path = Path(path)
-    file = str(path / QUANT_FILE)
-    layouts = layouts_of(path, meta)
-    owned: set[str] = set()
-    for name, layout in layouts.items():
-        found = {
-            k[len(name) + 1 :]: (dt, shape)
-            for k, (dt, shape, _) in header.items()
-            if k.startswith(name + ".") and "." not in k[len(name) + 1 :]
-        }
-        check_specs(file, name, layout, found)
-        owned.update(tensor_name(name, s) for s in found)
-    stray = sorted(set(header) - owned)
-    if stray:
-        raise CheckpointError(f"{file!r}: tensor {stray[0]} belongs to no quantized layer in {META_FILE}")
-    _check_config(path, meta, layouts)
-    return layouts
-
-
-def _check_config(path: Path, meta: dict[str, Any], layouts: dict[str, LayerLayout]) -> None:
-    """config.json's quantization_config must agree with requant.json and the stored tensors."""
-    file = str(path / CONFIG_FILE)
-    try:
-        qc = read_json(path / CONFIG_FILE).get("quantization_config")
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-        raise CheckpointError(f"{file!r} is unreadable: {e}") from None
-    if not isinstance(qc, dict) or qc.get("quant_method") != "requant":
-        raise CheckpointError(f"{file!r} has no requant quantization_config")
-    if qc.get("format_version") != meta["format_version"]:
-        raise CheckpointError(
-            f"{file!r}: quantization_config.format_version {qc.get('format_version')!r} differs from "
-            f"{META_FILE}'s {meta['format_version']!r}"
-        )
+    layouts = parse_layers(where, qc)
     for name, layout in layouts.items():
         if qc.get("bits") != layout.bits:
             raise CheckpointError(
-                f"{file!r}: quantization_config.bits = {qc.get('bits')!r}, but tensor "
-                f"{tensor_name(name, QWEIGHT)} is stored with {layout.bits} bits"
+                f"{where}: quantization_config.bits = {qc.get('bits')!r}, but layer {name} is stored with "
+                f"{layout.bits} bits"
             )
     nnz = sum(lo.nnz for lo in layouts.values())
     if qc.get("sparse_entries") != nnz:
         raise CheckpointError(
-            f"{file!r}: quantization_config.sparse_entries = {qc.get('sparse_entries')!r}, but the "
-            f"stored sparse tensors hold {nnz} entries"
+            f"{where}: quantization_config.sparse_entries = {qc.get('sparse_entries')!r}, but the layer table "
+            f"holds {nnz} sparse entries"
         )
+    return layouts
 
 
-def read_quantized(
-    path: str | os.PathLike,
-) -> tuple[dict[str, Any], dict[str, tuple[LayerLayout, dict[str, torch.Tensor]]]]:
-    """requant.json and each quantized layer's stored v1 tensors (suffix → tensor), fully validated."""
-    path = Path(path)
-    meta = read_meta(path)
-    if meta["format_version"] == 0:
-        return meta, _read_v0(path, meta)
-    layouts = check_header(path, meta, read_header(path / QUANT_FILE))
-    tensors = _load_tensors(path / QUANT_FILE)
-    out = {}
+def check_files(
+    path: str | os.PathLike, layouts: Mapping[str, LayerLayout], files: list[Path] | None = None
+) -> dict[str, Path]:
+    """Every quantized layer's tensors present in the files with the layout's dtypes and shapes, none extra.
+
+    Returns tensor name → file. Raises CheckpointError naming the first missing or mismatched tensor."""
+    files = tensor_files(path) if files is None else files
+    where: dict[str, Path] = {}
+    header = {}
+    for f in files:
+        h = read_header(f)
+        header.update(h)
+        where.update(dict.fromkeys(h, f))
     for name, layout in layouts.items():
-        own = {s: tensors[tensor_name(name, s)] for s in layout.tensors()}
-        check_values(str(path / QUANT_FILE), name, layout, own)
-        out[name] = (layout, own)
-    return meta, out
+        prefix = name + "."
+        found = {
+            k[len(prefix) :]: (dt, shape)
+            for k, (dt, shape, _) in header.items()
+            if k.startswith(prefix) and "." not in k[len(prefix) :] and k[len(prefix) :] != "bias"
+        }
+        check_specs(str(Path(path)), name, layout, found)
+    return where
 
 
-def _layer_info(name: str, lm: dict[str, Any], layout: LayerLayout) -> LayerInfo:
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's metadata in one shape for every version: format_version, config (the QuantConfig dict),
+    layers (the layer table), bits, report, metadata."""
+    path = Path(path)
+    if v1.is_v1_checkpoint(path):
+        return v1.read_meta(path)
+    qc = quantization_entry(path)
+    if qc is None:
+        raise CheckpointError(f"{str(path / CONFIG_FILE)!r} has no requant quantization_config")
+    report = {}
+    if (path / REPORT_FILE).is_file():
+        try:
+            report = read_json(path / REPORT_FILE)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{str(path / REPORT_FILE)!r} is unreadable: {e}") from None
+    return {
+        "format_version": qc.get("format_version"),
+        "config": qc.get("config", {}),
+        "layers": qc.get("layers", {}),
+        "bits": report.get("bits"),
+        "stored_bytes": report.get("stored_bytes"),
+        "report": report.get("report", {}),
+        "metadata": report.get("metadata", {}),
+    }
+
+
+def read_quantized(path: str | os.PathLike, *, verify: bool = True) -> tuple[dict[str, Any], Stored]:
+    """The metadata and each quantized layer's stored tensors (suffix → tensor, v2 names), fully validated."""
+    path = Path(path)
+    if v1.is_v1_checkpoint(path):
+        return v1.read_quantized(path)
+    qc = quantization_entry(path)
+    if qc is None:
+        raise CheckpointError(f"{str(path / CONFIG_FILE)!r} has no requant quantization_config")
+    layouts = check_quantization_config(str(path / CONFIG_FILE), qc)
+    files = tensor_files(path)
+    where = check_files(path, layouts, files)
+    if verify:
+        verify_files(files, qc["layers"])
+    out: Stored = {}
+    handles: dict[Path, Any] = {}
+    with contextlib.ExitStack() as stack:
+        for name, layout in layouts.items():
+            own = {}
+            for suffix in layout.tensors():
+                key = f"{name}.{suffix}"
+                f = where[key]
+                if f not in handles:
+                    handles[f] = stack.enter_context(safe_open(str(f), framework="pt"))
+                own[suffix] = handles[f].get_tensor(key)
+            check_values(str(path), name, layout, own)
+            out[name] = (layout, own)
+    return read_meta(path), out
+
+
+def stored_headers(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, LayerLayout], Header, Header]:
+    """(metadata, layouts, headers of the quantized layers' tensors, headers of every other tensor), any version:
+    the validated description of what a checkpoint stores, without reading a tensor."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a directory")
+    meta = read_meta(path)
+    if v1.is_v1_checkpoint(path):
+        quant = read_header(path / v1.QUANT_FILE)
+        layouts = v1.check_header(path, meta, quant) if meta["format_version"] >= 1 else v1.layouts_of(path, meta)
+        return meta, layouts, quant, read_header(path / v1.DENSE_FILE)
+    qc = quantization_entry(path)
+    assert qc is not None
+    layouts = check_quantization_config(str(path / CONFIG_FILE), qc)
+    header: Header = {}
+    for f in tensor_files(path):
+        header.update(read_header(f))
+    check_files(path, layouts)
+    owned = {f"{n}.{s}" for n, lo in layouts.items() for s in lo.tensors()}
+    quant = {k: v for k, v in header.items() if k in owned}
+    other = {k: v for k, v in header.items() if k not in owned}
+    return meta, layouts, quant, other
+
+
+def _layer_info(name: str, lm: Mapping[str, Any], layout: LayerLayout) -> LayerInfo:
     kind = lm.get("kind_in_block", name.rsplit(".", 1)[-1])
     return LayerInfo(name, lm.get("block"), kind, layout.out_features, layout.in_features)
 
 
-def read_layers(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, QuantizedLayer]]:
+def read_layers(path: str | os.PathLike, *, verify: bool = True) -> tuple[dict[str, Any], dict[str, QuantizedLayer]]:
     """The metadata and every quantized layer of a checkpoint (unpacked), validated."""
-    from .layout import decode_layer
-
-    meta, stored = read_quantized(path)
+    meta, stored = read_quantized(path, verify=verify)
     layers = {
         name: decode_layer(layout, tensors, _layer_info(name, meta["layers"][name], layout))
         for name, (layout, tensors) in stored.items()
@@ -349,156 +459,88 @@ def read_layers(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Quan
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Version 0 (unpacked codes, flat sparse index): converted to v1 tensors on load
-
-
-def _read_v0(path: Path, meta: dict[str, Any]) -> dict[str, tuple[LayerLayout, dict[str, torch.Tensor]]]:
-    file = path / QUANT_FILE
-    tensors = _load_tensors(file)
-    out = {}
-    layouts = {}
-    for name, lm in meta["layers"].items():
-        shape = tuple(lm.get("shape", ()))
-        try:
-            own = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}
-            index, value = own.pop("sparse_index"), own.pop("sparse_value")
-            dense = QuantizedTensor.from_state(lm, own)
-        except KeyError as e:
-            raise CheckpointError(f"{str(file)!r}: tensor {name}.{e.args[0]} is missing") from None
-        _validate_v0_layer(file, name, shape, lm, dense, index, value)
-        sparse = SparseResidual(index.long(), value, shape)  # type: ignore[arg-type]
-        layout = LayerLayout.from_meta({**lm, "sym": lm.get("sym", False)}, f"{file}: layer {name}")
-        layout, v1 = encode_layer(QuantizedLayer(_layer_info(name, lm, layout), dense, sparse))
-        out[name] = (layout, v1)
-        layouts[name] = layout
-    _check_config(path, meta, layouts)
-    return out
-
-
-def _validate_v0_layer(
-    file: Path,
-    name: str,
-    shape: tuple[int, ...],
-    lm: dict[str, Any],
-    dense: QuantizedTensor,
-    index: torch.Tensor,
-    value: torch.Tensor,
-) -> None:
-    def bad(msg: str) -> CheckpointError:
-        return CheckpointError(f"{str(file)!r}: {msg}")
-
-    if len(shape) != 2 or tuple(dense.codes.shape) != shape or dense.codes.dtype != torch.uint8:
-        raise bad(
-            f"tensor {name}.codes has shape {tuple(dense.codes.shape)} {dense.codes.dtype}, expected {shape} uint8"
-        )
-    if dense.bits not in (2, 3, 4, 8) or int(dense.codes.max()) >= 2**dense.bits:
-        raise bad(f"tensor {name}.codes holds values ≥ 2^{dense.bits}; the metadata's bits are wrong")
-    for tname, t in dense.tables().items():
-        if t.dtype != torch.float16 or t.dim() != 2 or t.shape[0] != shape[0]:
-            raise bad(f"tensor {name}.{tname} has shape {tuple(t.shape)} {t.dtype}, expected ({shape[0]}, ...) fp16")
-        if not torch.isfinite(t).all():
-            raise bad(f"tensor {name}.{tname} holds NaN or Inf")
-    lut = getattr(dense, "lut", None)
-    if lut is not None and lut.shape[1] != 2**dense.bits:
-        raise bad(f"tensor {name}.lut has {lut.shape[1]} entries per row, bits={dense.bits} needs {2**dense.bits}")
-    gs = lm.get("group_size")
-    if gs is not None and (shape[1] % gs or dense.scale.shape[1] != shape[1] // gs):  # type: ignore[attr-defined]
-        raise bad(f"tensor {name}.scale does not match group size {gs} and width {shape[1]}")
-    if index.dtype != torch.int32 or value.dtype != torch.float16 or index.shape != value.shape:
-        raise bad(f"sparse tensors of {name} must be int32 index and fp16 value of equal length")
-    if index.numel() != lm["nnz"] or (
-        index.numel() and (int(index.min()) < 0 or int(index.max()) >= shape[0] * shape[1])
-    ):
-        raise bad(f"sparse index of {name} is out of range or does not match nnz {lm['nnz']}")
-    if index.numel() > 1 and bool((index[1:] <= index[:-1]).any()):
-        raise bad(f"sparse index of {name} is not strictly increasing")
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Loading a model
 
 
-def load_quantized(path: str | os.PathLike, *, device: str = "cpu") -> tuple[nn.Module, object]:
+def load_quantized(
+    path: str | os.PathLike,
+    *,
+    device: str = "cpu",
+    verify: bool = True,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[nn.Module, object]:
     """A working transformers model whose quantized layers are QuantLinear modules, and its tokenizer.
 
-    The model skeleton is built without allocating weights; only the stored tensors take memory.
-    """
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    v2 loads through transformers' own `from_pretrained` (requant's quantizer, format.hf); v1/v0 are converted.
+    `verify` checks every tensor's recorded sha256 (v2)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a directory")
+    if v1.is_v1_checkpoint(path):
+        return v1.load_v1(path, device=device)
+    from transformers import AutoModelForCausalLM
 
     from ..progress import quiet_transformers
+    from .hf import register, verification
 
-    path = Path(path)
-    _, stored = read_quantized(path)
-    with quiet_transformers():
+    register()
+    qc = quantization_entry(path)
+    if qc is None:
+        raise CheckpointError(f"{str(path / CONFIG_FILE)!r} has no requant quantization_config")
+    check_quantization_config(str(path / CONFIG_FILE), qc)
+    tensor_files(path)  # safetensors only: a directory with just pytorch_model.bin is refused here
+    with quiet_transformers(), verification(verify):
         try:
-            config = AutoConfig.from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{str(path / CONFIG_FILE)!r} is unreadable: {e}") from None
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        tokenizer = None
-        if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            except (OSError, ValueError) as e:
-                raise CheckpointError(f"tokenizer files in {str(path)!r} are unreadable: {e}") from None
-        if (path / "generation_config.json").is_file():
-            model.generation_config = GenerationConfig.from_pretrained(path)
-    for name, (layout, tensors) in stored.items():
-        try:
-            lin = model.get_submodule(name)
-        except AttributeError:
-            lin = None
-        if not isinstance(lin, nn.Linear) or (lin.out_features, lin.in_features) != (
-            layout.out_features,
-            layout.in_features,
-        ):
-            raise CheckpointError(
-                f"{str(path / META_FILE)!r}: layer {name} ({layout.out_features}×{layout.in_features}) "
-                f"is not a linear layer of that shape in the model of {CONFIG_FILE}"
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, device_map={"": device}, local_files_only=True
             )
-        ql = QuantLinear(layout, bias=lin.bias is not None, name=name)
-        for suffix, t in tensors.items():
-            setattr(ql, suffix, t)
-        set_module(model, name, ql)
-    dense_file = path / DENSE_FILE
-    state = _load_tensors(dense_file)
-    expected = {k for k, _ in model.state_dict(keep_vars=True).items()}
-    unexpected = sorted(set(state) - expected)
-    if unexpected:
-        raise CheckpointError(f"{str(dense_file)!r}: tensor {unexpected[0]} is not in the model of {CONFIG_FILE}")
-    own = dict(model.state_dict(keep_vars=True))
-    for k, t in state.items():
-        want = own[k]
-        if tuple(t.shape) != tuple(want.shape):
-            raise CheckpointError(
-                f"{str(dense_file)!r}: tensor {k} has shape {tuple(t.shape)}, the model expects {tuple(want.shape)}"
-            )
-        if t.dtype != want.dtype:
-            if not (t.is_floating_point() and want.is_floating_point()):
-                raise CheckpointError(f"{str(dense_file)!r}: tensor {k} is {t.dtype}, the model expects {want.dtype}")
-            state[k] = t.to(want.dtype)  # e.g. 16-bit embeddings into the fp32 model
-    model.load_state_dict(state, strict=False, assign=True)
-    if getattr(model.config, "tie_word_embeddings", False):
-        model.tie_weights()
-    for k, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if t.is_meta:
-            raise CheckpointError(f"{str(dense_file)!r}: tensor {k} is missing")
-    model.to(device).eval()
+        except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+            raise CheckpointError(f"cannot load checkpoint {str(path)!r}: {str(e).splitlines()[0]}") from None
+        tokenizer = _tokenizer(path)
+    model.eval()
     return model, tokenizer
 
 
-def load_checkpoint(path: str | os.PathLike, *, device: str = "cpu") -> tuple[nn.Module, object, QuantizationResult]:
-    """load_quantized plus the unpacked QuantizationResult (for analysis; the model holds packed layers)."""
-    path = Path(path)
-    model, tokenizer = load_quantized(path, device=device)
-    meta = read_meta(path)
-    layers = {}
+def _tokenizer(path: Path) -> object:
+    from transformers import AutoTokenizer
+
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"tokenizer files in {str(path)!r} are unreadable: {e}") from None
+
+
+def quantized_layers(model: nn.Module, table: Mapping[str, Any]) -> Iterator[tuple[str, QuantizedLayer]]:
+    """The unpacked QuantizedLayer of every QuantLinear of a loaded model."""
     for name, mod in model.named_modules():
         if isinstance(mod, QuantLinear):
-            layers[name] = mod.quantized_layer(_layer_info(name, meta["layers"][name], mod.layout))
+            yield name, mod.quantized_layer(_layer_info(name, table.get(name, {}), mod.layout))
+
+
+def load_checkpoint(
+    path: str | os.PathLike, *, device: str = "cpu", verify: bool = True
+) -> tuple[nn.Module, object, QuantizationResult]:
+    """load_quantized plus the unpacked QuantizationResult (for analysis; the model holds packed layers)."""
+    path = Path(path)
+    model, tokenizer = load_quantized(path, device=device, verify=verify)
+    meta = read_meta(path)
+    layers = dict(quantized_layers(model, meta["layers"]))
     result = QuantizationResult(QuantConfig.from_dict(meta["config"]), layers, meta.get("report", {}))
-    return model, tokenizer, result  # type: ignore[return-value]
+    return model, tokenizer, result
+
+
+def convert(src: str | os.PathLike, out: str | os.PathLike, *, force: bool = False, dense: str = "auto") -> Path:
+    """Rewrite a v0/v1 checkpoint as format v2 (same codes, tables and residuals; dense tensors per `dense`)."""
+    src = Path(src)
+    if not v1.is_v1_checkpoint(src):
+        raise InputError(f"{str(src)!r} is not a format v0/v1 checkpoint (nothing to convert)")
+    meta, stored = v1.read_quantized(src)
+    model, tokenizer = v1.load_v1(src)
+    layers = {
+        name: decode_layer(layout, tensors, _layer_info(name, meta["layers"][name], layout))
+        for name, (layout, tensors) in stored.items()
+    }
+    result = QuantizationResult(QuantConfig.from_dict(meta["config"]), layers, meta.get("report", {}))
+    return save_checkpoint(out, model, tokenizer, result, metadata=meta.get("metadata", {}), force=force, dense=dense)

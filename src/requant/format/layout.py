@@ -1,11 +1,11 @@
-"""Format v1, described once: which tensors a quantized layer stores, their dtypes and shapes.
+"""The stored form of a quantized layer, described once: which tensors it has, their dtypes and shapes.
 
-Every tensor's dtype and shape is a function of (kind, out, in, bits, group size, sym, nnz). The writer,
+Every tensor's dtype and shape is a function of (kind, out, in, bits, kind params, nnz). The writer,
 the reader, the validator, `QuantLinear` (whose buffers carry these names) and `requant inspect` all ask
 this module; none of them spells a shape on its own.
 
-Per quantized layer `<name>` (in quantized.safetensors):
-  <name>.qweight        uint8 (out, ceil(in/8)·bits)   packed codes (format.pack)
+Per quantized layer `<name>` (format v2; every tensor in the checkpoint's safetensors files):
+  <name>.weight         uint8 (out, ceil(in/8), bits)  packed codes (format.pack): 8 codes per `bits` bytes
   <name>.lut            fp16  (out, 2^bits)            kind "lut": per-row look-up table
   <name>.scale          fp16  (out, in/group)          kinds "uniform", "awq": per-group scale
   <name>.zero           fp16  (out, in/group)          kinds "uniform", "awq", asymmetric only: zero point
@@ -17,8 +17,13 @@ Per quantized layer `<name>` (in quantized.safetensors):
   <name>.sparse_col     int32 (nnz,)                   column indices
   <name>.sparse_value   fp16  (nnz,)                   residual values, ŵ = dense + sparse
 
-Kind "trellis" (QTIP) stores its K-bit stream pieces as `qweight` codes like any other kind (K = bits), and
-its trellis (L, V, code) and tile in requant.json; its tensors are TrellisTensor's, decoded by it.
+The packed codes sit under the original weight's name with a 3-D shape on purpose: a loader that does not know
+requant (plain transformers) finds `<name>.weight` with a shape no `nn.Linear` has and refuses the checkpoint
+with a size mismatch, instead of building a model with random layers. Format v1 stored the same bytes as
+`<name>.qweight` (out, ceil(in/8)·bits); its reader renames and reshapes them (checkpoint.py).
+
+Kind "trellis" (QTIP) stores its K-bit stream pieces as codes like any other kind (K = bits), and its trellis
+(L, V, code) and tile in the layer table; its tensors are TrellisTensor's, decoded by it.
 Tables of every kind are exactly the QuantizedTensor's TABLES, so the accounting (which counts those tables
 at their stored width) and the stored bytes agree: they differ only by the CSR row pointers and the padding
 of rows to whole 8-code chunks.
@@ -40,14 +45,13 @@ from ..results import QuantizedLayer
 from ..sparse import SparseResidual
 from .pack import PACK_BITS, from_csr, pack_codes, packed_row_bytes, to_csr, unpack_codes
 
-# Kinds "awq" and "trellis" extend v1 without a new version: files of the kinds v1 had ("lut", "uniform") are
-# byte-for-byte what they were, every old file stays readable, and a new kind is only a new `kind` value in
-# requant.json with its own tensor names. A reader that predates a kind refuses it with "kind ... has no v1
-# layout" (LayerLayout below) instead of misreading it, which is all a version bump would have bought.
-FORMAT_VERSION = 1
-READABLE_VERSIONS = (0, 1)  # v0 (unpacked codes, flat sparse index) is converted on load
+# v2: transformers' own layout (one safetensors set, the layer table in config.json). v1 (requant.json +
+# quantized.safetensors) and v0 (unpacked codes, flat sparse index) are converted on load.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (0, 1, 2)
 
-QWEIGHT, LUT, SCALE, ZERO = "qweight", "lut", "scale", "zero"
+QWEIGHT, LUT, SCALE, ZERO = "weight", "lut", "scale", "zero"
+V1_QWEIGHT = "qweight"  # format v1's name of the packed codes, 2-D (out, ceil(in/8)·bits)
 IN_SCALE, SIGN_IN, SIGN_OUT = "in_scale", "sign_in", "sign_out"
 ROWPTR, COL, VALUE = "sparse_rowptr", "sparse_col", "sparse_value"
 DENSE_TENSORS = (QWEIGHT,)
@@ -95,7 +99,7 @@ class LayerLayout:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise CheckpointError(f"quantized tensor kind {self.kind!r} has no v1 layout; known: {KINDS}")
+            raise CheckpointError(f"quantized tensor kind {self.kind!r} has no stored layout; known: {KINDS}")
         if self.bits not in PACK_BITS:
             raise CheckpointError(f"bits {self.bits} cannot be packed; allowed: {PACK_BITS}")
         if self.out_features < 1 or self.in_features < 1 or self.nnz < 0:
@@ -145,7 +149,7 @@ class LayerLayout:
     def tensors(self) -> dict[str, TensorSpec]:
         """Suffix → spec of every tensor this layer stores, in storage order."""
         out, inp = self.out_features, self.in_features
-        specs = {QWEIGHT: TensorSpec(torch.uint8, (out, packed_row_bytes(inp, self.bits)))}
+        specs = {QWEIGHT: TensorSpec(torch.uint8, (out, packed_row_bytes(inp, self.bits) // self.bits, self.bits))}
         if self.kind == "lut":
             specs[LUT] = TensorSpec(torch.float16, (out, 2**self.bits))
         elif self.kind in UNIFORM_KINDS:
@@ -191,7 +195,7 @@ class LayerLayout:
         """The layout of a kind from its params() (a QuantizedTensor's, or a requant.json entry's)."""
         trellis = kind == "trellis"
         if trellis and params.get("tail_biting", True) is not True:
-            raise CheckpointError("only tail-biting trellis streams have a v1 layout")
+            raise CheckpointError("only tail-biting trellis streams have a stored layout")
         return LayerLayout(
             kind=kind,
             out_features=out,
@@ -280,7 +284,7 @@ def layout_of(q: QuantizedLayer) -> LayerLayout:
     out, inp = q.dense.shape
     d = q.dense
     if d.kind not in KINDS:
-        raise CheckpointError(f"quantized tensor kind {d.kind!r} has no v1 layout; known: {KINDS}")
+        raise CheckpointError(f"quantized tensor kind {d.kind!r} has no stored layout; known: {KINDS}")
     return LayerLayout.of(d.kind, out, inp, d.bits, q.sparse.nnz, d.params())
 
 
@@ -288,7 +292,7 @@ def encode_layer(q: QuantizedLayer) -> tuple[LayerLayout, dict[str, torch.Tensor
     """(layout, suffix → tensor) of one quantized layer, exactly as stored."""
     layout = layout_of(q)
     specs = layout.tensors()
-    tensors = {QWEIGHT: pack_codes(q.dense.codes, layout.bits)}
+    tensors = {QWEIGHT: pack_codes(q.dense.codes, layout.bits).view(specs[QWEIGHT].shape)}
     # tables at their stored dtype (fp16 values, uint8 packed signs); check_specs refuses a missing or extra one
     tensors.update(
         {k: t.to(specs[k].dtype if k in specs else t.dtype).contiguous() for k, t in q.dense.tables().items()}

@@ -36,11 +36,11 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
-    """Inverse of pack_codes: packed uint8 (out, row_bytes) → uint8 codes (out, in_features)."""
+    """Inverse of pack_codes: packed uint8 (out, row_bytes), or its (out, chunks, bits) view → uint8 codes (out, in)."""
     if bits not in PACK_BITS:
         raise ValueError(f"cannot unpack {bits}-bit codes; packable widths are {PACK_BITS}")
     out = packed.shape[0]
-    chunks = packed.shape[1] // bits
+    chunks = packed.numel() // (out * bits) if out else 0
     dev = packed.device
     byte_shifts = torch.arange(bits, dtype=torch.int64, device=dev) * 8
     words = (packed.view(out, chunks, bits).to(torch.int64) << byte_shifts).sum(-1)

@@ -1,7 +1,8 @@
-"""QuantLinear: a drop-in nn.Linear whose weight stays packed (format v1) in memory.
+"""QuantLinear: a drop-in nn.Linear whose weight stays packed in memory.
 
-Buffers are named after the layout's tensors (`qweight`, `lut` | `scale`/`zero`, `sparse_rowptr`,
-`sparse_col`, `sparse_value`), so a checkpoint's tensors load straight into them.
+Buffers are named after the layout's tensors (`weight` = the packed codes, `lut` | `scale`/`zero`,
+`sparse_rowptr`, `sparse_col`, `sparse_value`), so a checkpoint's tensors load straight into them (by
+`from_pretrained` through requant's transformers quantizer, format.hf).
 
 Two forward paths:
 - reference: unpack → decode (LUT gather or (code − zero)·scale) → add the sparse residual → F.linear on
@@ -105,6 +106,10 @@ class QuantLinear(nn.Module):
         info = info or LayerInfo(self.name, None, self.name.rsplit(".", 1)[-1], self.out_features, self.in_features)
         return decode_layer(self.layout, {k: t.cpu() for k, t in self.stored_tensors().items()}, info)
 
+    def _packed(self) -> torch.Tensor:
+        """The packed codes as the kernels read them: (out, ceil(in/8)·bits), a view of `weight`."""
+        return self.weight.reshape(self.out_features, -1).contiguous()
+
     # -- reference path ----------------------------------------------------------------------------------
 
     def dequantize(self) -> torch.Tensor:
@@ -130,12 +135,12 @@ class QuantLinear(nn.Module):
         unavailable; extra holds what kinds "awq" and "trellis" need besides (None for the others)."""
         if self._kernel is None:
             if self.layout.kind == "trellis":  # no kernel: Ŵ decoded once (see the module docstring)
-                if not self.qweight.is_cpu:
+                if not self.weight.is_cpu:
                     return None
                 self._kernel = (None, None, [], {"weight": self.dequantize().contiguous()})
                 return self._kernel
             lib = kernels.library()
-            if lib is None or not self.qweight.is_cpu:
+            if lib is None or not self.weight.is_cpu:
                 return None
             f32 = {k: getattr(self, k).float().contiguous() for k in (LUT, SCALE, ZERO, VALUE) if hasattr(self, k)}
             extra = None
@@ -159,7 +164,7 @@ class QuantLinear(nn.Module):
                 group_size=None if LUT in f32 else self.layout.group_size,
             )
             desc = kernels.describe(
-                self.qweight.contiguous(),
+                self._packed(),
                 self.in_features,
                 self.layout.bits,
                 **dense,
@@ -168,11 +173,9 @@ class QuantLinear(nn.Module):
                 value=f32.get(VALUE),
                 bias=bias,
             )
-            keep = [self.qweight, *f32.values()] + ([bias] if bias is not None else [])
+            keep = [self.weight, *f32.values()] + ([bias] if bias is not None else [])
             if extra is not None:  # the uniform part alone, for prefill: decode, divide by s, add the residual
-                extra["dense_desc"] = kernels.describe(
-                    self.qweight.contiguous(), self.in_features, self.layout.bits, **dense
-                )
+                extra["dense_desc"] = kernels.describe(self._packed(), self.in_features, self.layout.bits, **dense)
             self._kernel = (lib, desc, keep, extra)
         return self._kernel
 
