@@ -178,9 +178,7 @@ CORRUPTIONS = {
             rf"tensor {Q}\.sign_in is I32 \[8\], expected U8 \[8\] for a 2-bit trellis",
         ),
         (
-            lambda d: _rewrite(
-                d / "model.safetensors", lambda t: t.update({f"{Q}.scale": t[f"{Q}.scale"].repeat(2)})
-            ),
+            lambda d: _rewrite(d / "model.safetensors", lambda t: t.update({f"{Q}.scale": t[f"{Q}.scale"].repeat(2)})),
             rf"tensor {Q}\.scale is F16 \[2\], expected F16 \[1\]",
         ),
         (lambda d: _edit_layer_meta(d, tile=[5, 8]), r"config\.json: layer .*q_proj: trellis tile 5x8 does not"),

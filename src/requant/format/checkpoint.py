@@ -261,6 +261,9 @@ def _write_config(directory: Path, model: nn.Module, qc: dict[str, Any]) -> None
         if had:
             config.quantization_config = old
     cfg = read_json(directory / CONFIG_FILE)
+    # The compute dtype the model was quantized in: from_pretrained's default ("auto") would otherwise take the
+    # first stored float tensor's (16-bit) dtype and run the whole model in it.
+    cfg["dtype"] = str(next(p.dtype for p in model.parameters() if p.is_floating_point())).removeprefix("torch.")
     cfg["quantization_config"] = qc
     write_json_atomic(directory / CONFIG_FILE, cfg)
 
