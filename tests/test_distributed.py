@@ -23,7 +23,7 @@ import dist_workers
 from requant import distributed
 from requant.config import QuantConfig
 from requant.cost import estimate_cost, model_info
-from requant.format.checkpoint import QUANT_FILE
+from requant.format.checkpoint import WEIGHTS_FILE as QUANT_FILE
 
 REL = 1e-6
 

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from ..errors import ConfigError
-from .common import emit
+from .common import add_verify_flag, emit
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -34,6 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="passive (default): measure in a process with OMP_WAIT_POLICY=PASSIVE; inherit: as is",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object, no progress bars")
+    add_verify_flag(p)
     return p
 
 
@@ -82,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     baseline = args.baseline or read_meta(args.checkpoint).get("metadata", {}).get("model")
     if baseline is None:
         raise ConfigError("the checkpoint does not record its source model; pass --baseline MODEL")
-    quant, _ = load(args.checkpoint)
+    quant, _ = load(args.checkpoint, verify=args.verify)
     fp32, _ = load(baseline, dtype="fp32")
     vocab = quant.get_input_embeddings().num_embeddings
     prompt = random_prompt(vocab, args.prompt_tokens)

@@ -45,3 +45,10 @@ def offload_folder(args: argparse.Namespace) -> str | None:
 def emit(args: argparse.Namespace, obj: dict[str, Any], text: str) -> None:
     """Print `obj` as JSON under --json, else the human-readable `text`."""
     print(json.dumps(obj, indent=2) if args.json else text)
+
+
+def add_verify_flag(p: argparse.ArgumentParser) -> None:
+    """--no-verify: load a checkpoint without checking its files' recorded sha256s."""
+    p.add_argument(
+        "--no-verify", dest="verify", action="store_false", help="skip the checkpoint files' sha256 check (faster)"
+    )

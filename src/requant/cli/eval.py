@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import ConfigError
-from .common import emit
+from .common import add_verify_flag, emit
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -19,6 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     e.add_argument("--kl-to", default=None, help="reference model for KL ('source' = the checkpoint's model)")
     e.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     e.add_argument("--json", action="store_true", help="print one JSON object, no progress bars")
+    add_verify_flag(e)
     return e
 
 
@@ -34,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--data {args.data!r} names no text")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size} must be at least 1")
-    model, tok = load(args.model, device=args.device)
+    model, tok = load(args.model, device=args.device, verify=args.verify)
     reference = None
     if args.kl_to is not None:
         ref_spec = args.kl_to

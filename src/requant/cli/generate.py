@@ -6,7 +6,7 @@ import argparse
 import time
 
 from ..errors import ConfigError
-from .common import emit
+from .common import add_verify_flag, emit
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -19,6 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_verify_flag(p)
     return p
 
 
@@ -31,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
     if args.temperature < 0:
         raise ConfigError(f"--temperature {args.temperature} must be ≥ 0")
-    model, tok = load(args.checkpoint, device=args.device)
+    model, tok = load(args.checkpoint, device=args.device, verify=args.verify)
     if args.chat:
         if not getattr(tok, "chat_template", None):
             raise ConfigError("--chat: this tokenizer has no chat template")

@@ -49,6 +49,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "at which the outliers cost no more bits than g128)",
     )
     q.add_argument("--sym", action="store_true", help="symmetric uniform grid (rtn)")
+    q.add_argument(
+        "--dense-dtype",
+        default="auto",
+        choices=("auto", "bf16", "fp16", "fp32"),
+        help="dtype the checkpoint stores unquantized tensors in (embeddings, norms, lm_head); default auto: "
+        "the source's 16-bit dtype, or fp16 (bf16 if a value exceeds its range) for a wider source",
+    )
     g = q.add_argument_group("dense-and-sparse")
     g.add_argument("--outliers", type=percent, default=None, help="outlier percent of quantized weights (r_o)")
     g.add_argument("--outlier-select", default=None, help="iqr (SqueezeLLM), adaptive (Algorithm 1), random")
@@ -193,7 +200,7 @@ def _quantize(args: argparse.Namespace, config: Any) -> int:
         result = quantize(model, tok, config, workdir=work, resume=args.resume)
     meta = {"model": resolve_model_path(args.model), "argv": sys.argv[1:], "wall_s": time.perf_counter() - t0}
     if distributed.is_main():  # every rank holds the same result; one writes it
-        save_checkpoint(out, model, tok, result, metadata=meta, force=args.force)
+        save_checkpoint(out, model, tok, result, metadata=meta, force=args.force, dense=args.dense_dtype)
         if not args.keep_work:
             import shutil
 
