@@ -21,7 +21,8 @@ from requant.format import (
     set_kernel_mode,
 )
 from requant.format.checkpoint import read_header
-from requant.format.layout import IN_SCALE, SCALE, SIGN_IN, SIGN_OUT, LayerLayout, check_specs, encode_layer
+from requant.format.layout import LayerLayout, check_specs, encode_layer
+from requant.format.names import IN_SCALE, SCALE, SIGN_IN, SIGN_OUT
 from requant.format.qlinear import DECODE_MAX_ROWS, FAST_PATH_RTOL
 from requant.pipeline import quantize
 from requant.quantizers import ScaledUniformTensor, TrellisTensor
@@ -183,7 +184,10 @@ CORRUPTIONS = {
         ),
         (lambda d: _edit_layer_meta(d, tile=[5, 8]), r"config\.json: layer .*q_proj: trellis tile 5x8 does not"),
         (lambda d: _edit_layer_meta(d, code="nope"), r"config\.json: layer .*q_proj: bad trellis"),
-        (lambda d: _edit_layer_meta(d, L=None), r"config\.json: layer .*q_proj: malformed layer metadata"),
+        (
+            lambda d: _edit_layer_meta(d, L=None),
+            r"config\.json: layer .*q_proj: a trellis layer needs L, V, code and tile",
+        ),
     ],
 }
 

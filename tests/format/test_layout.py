@@ -2,20 +2,8 @@ import pytest
 import torch
 
 from requant.errors import CheckpointError
-from requant.format.layout import (
-    COL,
-    LUT,
-    QWEIGHT,
-    ROWPTR,
-    SCALE,
-    VALUE,
-    ZERO,
-    LayerLayout,
-    check_specs,
-    check_values,
-    decode_layer,
-    encode_layer,
-)
+from requant.format.layout import LayerLayout, check_specs, check_values, decode_layer, encode_layer
+from requant.format.names import COL, LUT, QWEIGHT, ROWPTR, SCALE, VALUE, ZERO
 from requant.format.pack import to_csr
 from requant.sparse import SparseResidual
 

@@ -49,7 +49,7 @@ def test_fast_path_matches_reference(bits, kind, make_layer):
         ql = QuantLinear.from_layer(q, bias)
         w = q.weight()
         assert torch.equal(ql.dequantize(), w)
-        assert torch.equal(kernels.dequantize(kernels.library(), ql._prepare()[1]), w)  # bit-exact decode
+        assert torch.equal(kernels.dequantize(kernels.library(), ql._prepare().desc), w)  # bit-exact decode
         for m in (1, 3, 4, 5, 64):
             x = torch.randn(2, m, inp) if m == 64 else torch.randn(m, inp)
             ql.gemm_max_m = 64 if m == 5 else DECODE_MAX_ROWS  # the kernel on 5 rows too
@@ -77,7 +77,7 @@ def test_thread_pool_splits_big_layers_and_stays_deterministic(make_layer):
         for n in (1, 2):
             torch.set_num_threads(n)
             with torch.no_grad():
-                runs.append((ql(x), ql(x[:1]), kernels.dequantize(lib, ql._prepare()[1])))
+                runs.append((ql(x), ql(x[:1]), kernels.dequantize(lib, ql._prepare().desc)))
     finally:
         torch.set_num_threads(threads)
     assert lib.rq_pool_chunks(0) + lib.rq_pool_chunks(1) > chunks_before  # the 2-thread runs went parallel
@@ -175,7 +175,7 @@ def test_every_isa_variant_matches_the_reference(flags, make_layer, tmp_path):
                     "value": ql.sparse_value.float() if q.sparse.nnz else None,
                 }
                 desc = kernels.describe(
-                    ql._packed(),
+                    ql.packed(),
                     inp,
                     bits,
                     **f32,

@@ -51,7 +51,7 @@ def describe(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
                 "shape": [layout.out_features, layout.in_features],
                 "kind": layout.kind,
                 "bits": layout.bits,
-                "group_size": layout.group_size,
+                "group_size": layout.params.get("group_size"),
                 "nnz": layout.nnz,
                 "sparse_percent": count.sparse_percent,
                 **parts,

@@ -36,7 +36,8 @@ from ..model import LayerInfo
 from ..results import QuantizationResult, QuantizedLayer
 from . import v1
 from .files import Header, integrity_metadata, read_header, verify_files
-from .layout import FORMAT_VERSION, QWEIGHT, LayerLayout, check_specs, check_values, decode_layer, encode_layer
+from .layout import FORMAT_VERSION, LayerLayout, check_specs, check_values, decode_layer, encode_layer
+from .names import QWEIGHT
 from .qlinear import QuantLinear
 
 CONFIG_FILE = "config.json"

@@ -31,7 +31,7 @@ of rows to whole 8-code chunks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
 from typing import Any
 
 import torch
@@ -40,9 +40,20 @@ from ..accounting import BitCount, count_bits
 from ..errors import CheckpointError
 from ..model import LayerInfo
 from ..quantizers import QuantizedTensor
-from ..quantizers.qtip.trellis import Trellis
 from ..results import QuantizedLayer
 from ..sparse import SparseResidual
+from . import kinds
+from .kinds import TensorSpec
+from .names import (
+    COL,
+    DENSE_TENSORS,
+    IN_SCALE,
+    QWEIGHT,
+    ROWPTR,
+    SPARSE_TENSORS,
+    TABLE_TENSORS,
+    VALUE,
+)
 from .pack import PACK_BITS, from_csr, pack_codes, packed_row_bytes, to_csr, unpack_codes
 
 # v2: transformers' own layout (one safetensors set, the layer table in config.json). v1 (requant.json +
@@ -50,118 +61,60 @@ from .pack import PACK_BITS, from_csr, pack_codes, packed_row_bytes, to_csr, unp
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (0, 1, 2)
 
-QWEIGHT, LUT, SCALE, ZERO = "weight", "lut", "scale", "zero"
-V1_QWEIGHT = "qweight"  # format v1's name of the packed codes, 2-D (out, ceil(in/8)·bits)
-IN_SCALE, SIGN_IN, SIGN_OUT = "in_scale", "sign_in", "sign_out"
-ROWPTR, COL, VALUE = "sparse_rowptr", "sparse_col", "sparse_value"
-DENSE_TENSORS = (QWEIGHT,)
-TABLE_TENSORS = (LUT, SCALE, ZERO, IN_SCALE, SIGN_IN, SIGN_OUT)
-SPARSE_TENSORS = (ROWPTR, COL, VALUE)
-KINDS = ("lut", "uniform", "awq", "trellis")
-UNIFORM_KINDS = ("uniform", "awq")  # group-wise (code − zero)·scale codes; "awq" divides by in_scale
 
-DTYPE_NAMES = {torch.uint8: "U8", torch.int32: "I32", torch.float16: "F16", torch.float32: "F32"}
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """Dtype and shape one stored tensor must have."""
-
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n * torch.empty(0, dtype=self.dtype).element_size()
-
-    def describe(self) -> str:
-        return f"{DTYPE_NAMES.get(self.dtype, str(self.dtype))} {list(self.shape)}"
-
-
-@dataclass(frozen=True)
 class LayerLayout:
-    """The stored form of one quantized layer; its metadata round-trips through requant.json."""
+    """The stored form of one quantized layer: the fields every kind shares (kind, shape, bits, nnz) and the
+    kind's own params (format.kinds); its table entry round-trips through config.json."""
 
-    kind: str
-    out_features: int
-    in_features: int
-    bits: int
-    nnz: int = 0
-    group_size: int | None = None  # uniform kinds only
-    sym: bool = False  # uniform kinds only
-    L: int | None = None  # trellis only: state bits
-    V: int | None = None  # trellis only: weights per trellis step
-    code: str | None = None  # trellis only: the computed code ("1mad" | "3inst")
-    tile: tuple[int, int] | None = None  # trellis only: rows × columns of weights per trellis stream
+    __slots__ = ("bits", "in_features", "kind", "nnz", "out_features", "params")
 
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise CheckpointError(f"quantized tensor kind {self.kind!r} has no stored layout; known: {KINDS}")
+    def __init__(self, kind: str, out_features: int, in_features: int, bits: int, nnz: int = 0, **params: Any):
+        storage = kinds.kind(kind)
+        self.kind, self.out_features, self.in_features, self.bits, self.nnz = kind, out_features, in_features, bits, nnz
+        self.params: dict[str, Any] = storage.params(params)
         if self.bits not in PACK_BITS:
             raise CheckpointError(f"bits {self.bits} cannot be packed; allowed: {PACK_BITS}")
         if self.out_features < 1 or self.in_features < 1 or self.nnz < 0:
             raise CheckpointError(f"bad layer shape ({self.out_features}, {self.in_features}) or nnz {self.nnz}")
         if self.nnz > self.out_features * self.in_features:
             raise CheckpointError(f"nnz {self.nnz} exceeds the layer's {self.numel} weights")
-        if self.kind in UNIFORM_KINDS and (
-            not self.group_size or self.group_size < 1 or self.in_features % self.group_size
-        ):
-            raise CheckpointError(f"group size {self.group_size} does not divide the input width {self.in_features}")
-        if self.kind == "trellis":
-            self._check_trellis()
+        storage.check(self)
 
-    def _check_trellis(self) -> None:
-        if self.L is None or self.V is None or self.code is None or self.tile is None:
-            raise CheckpointError("a trellis layer needs L, V, code and tile")
-        try:
-            Trellis(self.L, self.bits, self.V, self.code)
-        except ValueError as e:
-            raise CheckpointError(f"bad trellis (L={self.L}, K={self.bits}, V={self.V}, {self.code}): {e}") from None
-        tx, ty = self.tile
-        if tx < 1 or ty < 1 or self.out_features % tx or self.in_features % ty or (tx * ty) % self.V:
-            raise CheckpointError(
-                f"trellis tile {tx}x{ty} does not divide the shape ({self.out_features}, {self.in_features}) "
-                f"into streams of a multiple of V={self.V} weights"
-            )
-        if tx * ty * self.bits < self.L:
-            raise CheckpointError(f"trellis tile {tx}x{ty} holds fewer than L={self.L} bits at {self.bits} bits")
+    def _key(self) -> tuple:
+        return (
+            self.kind,
+            self.out_features,
+            self.in_features,
+            self.bits,
+            self.nnz,
+            json.dumps(self.params, sort_keys=True),
+        )
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LayerLayout) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        extra = "".join(f", {k}={v!r}" for k, v in self.params.items())
+        return (
+            f"LayerLayout({self.kind!r}, {self.out_features}, {self.in_features}, {self.bits}, nnz={self.nnz}{extra})"
+        )
+
+    @property
+    def storage(self) -> kinds.StorageKind:
+        return kinds.kind(self.kind)
 
     @property
     def numel(self) -> int:
         return self.out_features * self.in_features
 
-    @property
-    def groups(self) -> int:
-        return self.in_features // self.group_size if self.group_size else 1
-
-    def params(self) -> dict[str, Any]:
-        """The kind's decoding settings besides kind and bits, as its QuantizedTensor.params() gives them."""
-        if self.kind in UNIFORM_KINDS:
-            return {"group_size": self.group_size, "sym": self.sym}
-        if self.kind == "trellis":
-            assert self.tile is not None
-            return {"L": self.L, "V": self.V, "code": self.code, "tile": list(self.tile), "tail_biting": True}
-        return {}
-
     def tensors(self) -> dict[str, TensorSpec]:
         """Suffix → spec of every tensor this layer stores, in storage order."""
-        out, inp = self.out_features, self.in_features
-        specs = {QWEIGHT: TensorSpec(torch.uint8, (out, packed_row_bytes(inp, self.bits) // self.bits, self.bits))}
-        if self.kind == "lut":
-            specs[LUT] = TensorSpec(torch.float16, (out, 2**self.bits))
-        elif self.kind in UNIFORM_KINDS:
-            specs[SCALE] = TensorSpec(torch.float16, (out, self.groups))
-            if not self.sym:
-                specs[ZERO] = TensorSpec(torch.float16, (out, self.groups))
-            if self.kind == "awq":
-                specs[IN_SCALE] = TensorSpec(torch.float16, (inp,))
-        else:  # trellis: TrellisTensor.TABLES
-            specs[SIGN_IN] = TensorSpec(torch.uint8, (-(-inp // 8),))
-            specs[SIGN_OUT] = TensorSpec(torch.uint8, (-(-out // 8),))
-            specs[SCALE] = TensorSpec(torch.float16, (1,))
+        out = self.out_features
+        chunks = packed_row_bytes(self.in_features, self.bits) // self.bits
+        specs = {QWEIGHT: TensorSpec(torch.uint8, (out, chunks, self.bits)), **self.storage.tables(self)}
         if self.nnz:
             specs[ROWPTR] = TensorSpec(torch.int32, (out + 1,))
             specs[COL] = TensorSpec(torch.int32, (self.nnz,))
@@ -187,38 +140,24 @@ class LayerLayout:
             "bits": self.bits,
             "shape": [self.out_features, self.in_features],
             "nnz": self.nnz,
-            **self.params(),
+            **self.params,
         }
 
     @staticmethod
     def of(kind: str, out: int, inp: int, bits: int, nnz: int, params: dict[str, Any]) -> LayerLayout:
-        """The layout of a kind from its params() (a QuantizedTensor's, or a requant.json entry's)."""
-        trellis = kind == "trellis"
-        if trellis and params.get("tail_biting", True) is not True:
-            raise CheckpointError("only tail-biting trellis streams have a stored layout")
-        return LayerLayout(
-            kind=kind,
-            out_features=out,
-            in_features=inp,
-            bits=bits,
-            nnz=nnz,
-            group_size=int(params["group_size"]) if params.get("group_size") is not None else None,
-            sym=bool(params.get("sym", False)),
-            L=int(params["L"]) if trellis else None,
-            V=int(params["V"]) if trellis else None,
-            code=str(params["code"]) if trellis else None,
-            tile=(int(params["tile"][0]), int(params["tile"][1])) if trellis else None,
-        )
+        """The layout of a kind from its params (a QuantizedTensor's params(), or a layer-table entry)."""
+        own = {k: params[k] for k in kinds.kind(kind).PARAMS if k in params}
+        return LayerLayout(kind, out, inp, bits, nnz, **own)
 
     @staticmethod
     def from_meta(meta: dict[str, Any], where: str) -> LayerLayout:
-        """Parse one layer's requant.json entry; `where` names it in errors."""
+        """Parse one layer's table entry; `where` names it in errors."""
         try:
             out, inp = (int(s) for s in meta["shape"])
             return LayerLayout.of(str(meta["kind"]), out, inp, int(meta["bits"]), int(meta.get("nnz", 0)), meta)
         except CheckpointError as e:
             raise CheckpointError(f"{where}: {e}") from None
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, IndexError) as e:
             raise CheckpointError(f"{where}: malformed layer metadata ({type(e).__name__}: {e})") from None
 
 
@@ -283,8 +222,6 @@ def layout_of(q: QuantizedLayer) -> LayerLayout:
     """The layout a quantized layer is stored in."""
     out, inp = q.dense.shape
     d = q.dense
-    if d.kind not in KINDS:
-        raise CheckpointError(f"quantized tensor kind {d.kind!r} has no stored layout; known: {KINDS}")
     return LayerLayout.of(d.kind, out, inp, d.bits, q.sparse.nnz, d.params())
 
 
@@ -309,7 +246,7 @@ def decode_dense(layout: LayerLayout, tensors: dict[str, torch.Tensor]) -> Quant
     QuantizedTensor, built by its `_from_state` from the unpacked codes and the stored tables."""
     codes = unpack_codes(tensors[QWEIGHT], layout.bits, layout.in_features)
     tables = {k: t for k, t in tensors.items() if k in TABLE_TENSORS}
-    meta = {"kind": layout.kind, "bits": layout.bits, **layout.params()}
+    meta = {"kind": layout.kind, "bits": layout.bits, **layout.params}
     return QuantizedTensor.from_state(meta, {"codes": codes, **tables})
 
 

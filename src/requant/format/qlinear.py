@@ -41,20 +41,9 @@ from torch import nn
 from ..model import LayerInfo, get_linear, set_module
 from ..results import QuantizedLayer
 from . import kernels
-from .layout import (
-    COL,
-    IN_SCALE,
-    LUT,
-    QWEIGHT,
-    ROWPTR,
-    SCALE,
-    UNIFORM_KINDS,
-    VALUE,
-    ZERO,
-    LayerLayout,
-    decode_layer,
-    encode_layer,
-)
+from .kinds import Runner
+from .layout import LayerLayout, decode_layer, encode_layer
+from .names import COL, LUT, QWEIGHT, ROWPTR, SCALE, VALUE, ZERO
 
 MODES = ("auto", "reference", "fast")
 # Input rows up to which the decode kernel beats dequantize + BLAS (measured on R's shapes, 1 thread:
@@ -82,7 +71,7 @@ class QuantLinear(nn.Module):
             self.register_parameter("bias", None)
         self.mode = "auto"
         self.gemm_max_m = DECODE_MAX_ROWS  # ≤ kernels.GEMM_MAX_M
-        self._kernel: tuple | None = None
+        self._kernel: Runner | None = None
 
     # -- construction -----------------------------------------------------------------------------------
 
@@ -106,7 +95,7 @@ class QuantLinear(nn.Module):
         info = info or LayerInfo(self.name, None, self.name.rsplit(".", 1)[-1], self.out_features, self.in_features)
         return decode_layer(self.layout, {k: t.cpu() for k, t in self.stored_tensors().items()}, info)
 
-    def _packed(self) -> torch.Tensor:
+    def packed(self) -> torch.Tensor:
         """The packed codes as the kernels read them: (out, ceil(in/8)·bits), a view of `weight`."""
         return self.weight.reshape(self.out_features, -1).contiguous()
 
@@ -122,7 +111,7 @@ class QuantLinear(nn.Module):
 
     # -- fast path --------------------------------------------------------------------------------------
 
-    def _sparse_f32(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def sparse_f32(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(flat indices int64, fp32 values) of the sparse residual, or None without one."""
         if not self.layout.nnz:
             return None
@@ -130,61 +119,17 @@ class QuantLinear(nn.Module):
         rows = torch.repeat_interleave(torch.arange(self.out_features), rowptr[1:] - rowptr[:-1])
         return rows * self.in_features + col, getattr(self, VALUE).float()
 
-    def _prepare(self) -> tuple | None:
-        """(lib, descriptor, tensors the descriptor points into, extra) for the C kernels, or None if
-        unavailable; extra holds what kinds "awq" and "trellis" need besides (None for the others)."""
-        if self._kernel is None:
-            if self.layout.kind == "trellis":  # no kernel: Ŵ decoded once (see the module docstring)
-                if not self.weight.is_cpu:
-                    return None
-                self._kernel = (None, None, [], {"weight": self.dequantize().contiguous()})
-                return self._kernel
-            lib = kernels.library()
-            if lib is None or not self.weight.is_cpu:
-                return None
-            f32 = {k: getattr(self, k).float().contiguous() for k in (LUT, SCALE, ZERO, VALUE) if hasattr(self, k)}
-            extra = None
-            if self.layout.kind == "awq":
-                # ŵ = uniform / s: the kernel runs on x / s, so a sparse value v at column c becomes v·s_c
-                in_scale = getattr(self, IN_SCALE).float().contiguous()
-                extra = {"in_scale": in_scale, "sparse": self._sparse_f32()}
-                if VALUE in f32:
-                    f32[VALUE] = (f32[VALUE] * in_scale[getattr(self, COL).long()]).contiguous()
-            if self.layout.kind in UNIFORM_KINDS and self.layout.groups == 1:
-                # One scale per row: (code − zero)·scale over all codes is a per-row LUT with the very same
-                # fp32 values (same two roundings), and the LUT kernel is the faster one.
-                zero = f32.pop(ZERO) if ZERO in f32 else torch.full_like(f32[SCALE], 2.0 ** (self.layout.bits - 1))
-                codes = torch.arange(2**self.layout.bits, dtype=torch.float32)
-                f32[LUT] = ((codes - zero) * f32.pop(SCALE)).contiguous()
-            bias = None if self.bias is None else self.bias.detach().float().contiguous()
-            dense = dict(  # the dense codes and their table; the full layer adds the residual and the bias
-                lut=f32.get(LUT),
-                scale=f32.get(SCALE),
-                zero=f32.get(ZERO),
-                group_size=None if LUT in f32 else self.layout.group_size,
-            )
-            desc = kernels.describe(
-                self._packed(),
-                self.in_features,
-                self.layout.bits,
-                **dense,
-                rowptr=getattr(self, ROWPTR, None),
-                col=getattr(self, COL, None),
-                value=f32.get(VALUE),
-                bias=bias,
-            )
-            keep = [self.weight, *f32.values()] + ([bias] if bias is not None else [])
-            if extra is not None:  # the uniform part alone, for prefill: decode, divide by s, add the residual
-                extra["dense_desc"] = kernels.describe(self._packed(), self.in_features, self.layout.bits, **dense)
-            self._kernel = (lib, desc, keep, extra)
-        return self._kernel
+    def float_tables(self) -> dict[str, torch.Tensor]:
+        """fp32 contiguous copies of the LUT / scale / zero tables and sparse values the kernels read."""
+        return {k: getattr(self, k).float().contiguous() for k in (LUT, SCALE, ZERO, VALUE) if hasattr(self, k)}
 
-    def _awq_weight(self, lib: object, extra: dict) -> torch.Tensor:
-        """Ŵ of an "awq" layer, bit-exactly as the reference decoder forms it."""
-        w = kernels.dequantize(lib, extra["dense_desc"]) / extra["in_scale"]  # type: ignore[arg-type]
-        if extra["sparse"] is not None:
-            w.view(-1).index_add_(0, *extra["sparse"])
-        return w
+    def _prepare(self) -> Runner | None:
+        """The storage kind's fast-path runner over these buffers, or None if unavailable (then: reference)."""
+        if self._kernel is None:
+            if not self.weight.is_cpu:
+                return None
+            self._kernel = self.layout.storage.runner(self, kernels.library())
+        return self._kernel
 
     def _invalidate(self) -> None:
         self._kernel = None
@@ -205,22 +150,18 @@ class QuantLinear(nn.Module):
             or (self.bias is not None and self.bias.requires_grad and torch.is_grad_enabled())
         ):
             return self.forward_reference(x)
-        k = self._kernel or self._prepare()
-        if k is None:
+        runner = self._kernel or self._prepare()
+        if runner is None:
             if self.mode == "fast":
                 raise RuntimeError(f"QuantLinear fast path requested but unavailable: {kernels.status()}")
             return self.forward_reference(x)
-        lib, desc, _, extra = k
         x2 = x.reshape(-1, self.in_features)
         if x2.dtype != torch.float32 or not x2.is_contiguous():
             x2 = x2.float().contiguous()
-        if self.layout.kind == "trellis":
-            y = F.linear(x2, extra["weight"], None if self.bias is None else self.bias.float())
-        elif 0 < x2.shape[0] <= self.gemm_max_m:
-            y = kernels.gemm(lib, desc, x2 if extra is None else (x2 / extra["in_scale"]).contiguous())
+        if runner.gemm is not None and 0 < x2.shape[0] <= self.gemm_max_m:
+            y = runner.gemm(x2)
         else:
-            w = kernels.dequantize(lib, desc) if extra is None else self._awq_weight(lib, extra)
-            y = F.linear(x2, w, None if self.bias is None else self.bias.float())
+            y = F.linear(x2, runner.weight(), None if self.bias is None else self.bias.float())
         y = y.view(*x.shape[:-1], self.out_features)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 

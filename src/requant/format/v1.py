@@ -25,7 +25,8 @@ from ..quantizers import QuantizedTensor
 from ..results import QuantizedLayer
 from ..sparse import SparseResidual
 from .files import Header, read_header
-from .layout import QWEIGHT, V1_QWEIGHT, LayerLayout, check_specs, check_values, encode_layer, tensor_name
+from .layout import LayerLayout, check_specs, check_values, encode_layer, tensor_name
+from .names import QWEIGHT, V1_QWEIGHT
 from .qlinear import QuantLinear
 
 META_FILE = "requant.json"

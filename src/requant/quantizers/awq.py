@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import ConfigError
-from .base import TENSOR_KINDS, BaseQuantizer, LayerInputs, UniformTensor, layer_hessian, output_error_rows
+from .base import BaseQuantizer, LayerInputs, UniformTensor, layer_hessian, output_error_rows
 from .rtn import minmax_quantize
 
 
@@ -51,9 +51,6 @@ class ScaledUniformTensor(UniformTensor):
             group_size=int(meta["group_size"]),
             in_scale=tensors["in_scale"],
         )
-
-
-TENSOR_KINDS[ScaledUniformTensor.kind] = ScaledUniformTensor
 
 
 def awq_scale(act: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -21,6 +21,9 @@ from ..errors import CheckpointError, ConfigError
 ALLOWED_BITS = (2, 3, 4, 8)
 
 
+TENSOR_KINDS: dict[str, type[QuantizedTensor]] = {}  # kind → class, filled by QuantizedTensor.__init_subclass__
+
+
 class QuantizedTensor(ABC):
     """Dense part of a quantized weight: integer codes (out, in) plus the tables that decode them.
 
@@ -55,8 +58,20 @@ class QuantizedTensor(ABC):
         """(JSON metadata, tensors) describing this quantized tensor completely."""
         return {"kind": self.kind, "bits": self.bits, **self.params()}, {"codes": self.codes, **self.tables()}
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Every concrete kind registers itself where it is defined; from_state imports all of them first, so
+        # what is known never depends on which modules a caller happened to import.
+        super().__init_subclass__(**kwargs)
+        kind = cls.__dict__.get("kind")
+        if isinstance(kind, str):
+            if kind in TENSOR_KINDS and TENSOR_KINDS[kind] is not cls:
+                raise TypeError(f"quantized tensor kind {kind!r} is defined twice")
+            TENSOR_KINDS[kind] = cls
+
     @staticmethod
     def from_state(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> QuantizedTensor:
+        import requant.quantizers  # noqa: F401 - defines (and so registers) every kind
+
         cls = TENSOR_KINDS.get(meta.get("kind", ""))
         if cls is None:
             raise CheckpointError(f"unknown quantized tensor kind {meta.get('kind')!r}")
@@ -119,9 +134,6 @@ class UniformTensor(QuantizedTensor):
             bits=int(meta["bits"]),
             group_size=int(meta["group_size"]),
         )
-
-
-TENSOR_KINDS: dict[str, type[QuantizedTensor]] = {"lut": LUTTensor, "uniform": UniformTensor}
 
 
 @dataclass

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 
 from ...errors import ConfigError
-from ..base import TENSOR_KINDS, BaseQuantizer, LayerInputs, QuantizedTensor, layer_hessian, output_error_rows
+from ..base import BaseQuantizer, LayerInputs, QuantizedTensor, layer_hessian, output_error_rows
 from .hadamard import (
     coherent_weight,
     incoherent_hessian,
@@ -122,9 +122,6 @@ class TrellisTensor(QuantizedTensor):
             code=str(meta["code"]),
             tile=(int(meta["tile"][0]), int(meta["tile"][1])),
         )
-
-
-TENSOR_KINDS[TrellisTensor.kind] = TrellisTensor
 
 
 class QTIPQuantizer(BaseQuantizer):
