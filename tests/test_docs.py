@@ -86,3 +86,23 @@ def test_nothing_cites_notes_outside_the_repository():
         files += [p for p in (ROOT / sub).rglob("*") if p.suffix in (".py", ".md")]
     bad = [f"{p.relative_to(ROOT)}: {w}" for p in files for w in forbidden if w in p.read_text(errors="replace")]
     assert not bad
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_relative_links_point_at_files_and_headings_that_exist():
+    broken = []
+    for path in [ROOT / "README.md", *DOCS.glob("*.md")]:
+        text = path.read_text()
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if "://" in target:
+                continue
+            file, _, anchor = target.partition("#")
+            dest = (path.parent / file) if file else path
+            anchors = {_anchor(h) for h in re.findall(r"^#+ (.+)$", dest.read_text(), re.M)} if dest.exists() else set()
+            if not dest.exists() or (anchor and anchor not in anchors):
+                broken.append(f"{path.name}: {target}")
+    assert not broken
