@@ -34,7 +34,7 @@ def variants(bits: int, nodes: int, rule: str) -> dict[str, QuantConfig | None]:
         "β = 0.0125 (4 steps)": replace(full, step=0.0125),
         # Not a paper choice: bf16 gradient passes (fp32 accumulators) are ~1.6x faster on this CPU (avx512_bf16).
         "gradients in bf16": replace(full, grad_dtype="bf16"),
-        # paper.md [R] choices beyond the reading above (issue 4: "try to beat it").
+        # Reconstructed choices (docs/method.md, "Choices") beyond the reading above (issue 4: "try to beat it").
         "detach ranking positive": replace(full, detach_ranking="positive"),
         "Alg. 1 objective PQI": replace(full, alg1_objective="pqi"),
         "Alg. 1 criterion PQI (pre)": replace(full, alg1_criterion="pqi_pre"),

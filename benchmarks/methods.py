@@ -3,7 +3,7 @@
 Grids: uniform asymmetric with fp16 scale + zero per group of 64 inputs ("g64") or per output row ("row");
 SqueezeLLM and GPTQ-LUT use a per-row LUT of 2^bits fp16 values. AWQ also stores one fp16 scale per input.
 
-ReQuant at equal bits (paper.md §6.2: AWQ g128 vs AWQ g256 + 0.25% outliers):
+ReQuant at equal bits (the paper's AWQ g128 vs AWQ g256 + 0.25% outliers):
   * uniform g64 vs g96 + 0.25% Algorithm-1 outliers (r_s = 0): 32/64 = 0.5 vs 32/96 + 0.0025·48 = 0.453 bits;
   * uniform per row: + 0.25% outliers by SqueezeLLM's IQR rule vs + 0.25% by Algorithm 1 (same bits);
   * SqueezeLLM: its D&S (0.45% IQR + 0.05% Fisher) vs ReQuant (0.45% Algorithm 1 + 0.05% detached in 2 steps,
@@ -59,7 +59,7 @@ def variants(bits_list: list[int]) -> dict[str, QuantConfig | None]:
 
 
 def qtip_variants(bits_list: list[int]) -> dict[str, QuantConfig | None]:
-    """Issue 8: QTIP and QTIP + ReQuant (r_o 0, r_s 0.5%, β 0.25%; paper.md §6.3) at the paper's low widths."""
+    """Issue 8: QTIP and QTIP + ReQuant (r_o 0, r_s 0.5%, β 0.25%; docs/method.md) at the paper's low widths."""
     out: dict[str, QuantConfig | None] = {}
     for bits in bits_list:
         out[f"qtip-{bits}bit"] = QuantConfig(base="qtip", bits=bits)

@@ -25,7 +25,7 @@ def test_sparse_entries_cost_48_bits_and_totals_add():
     assert a.total_bits == 10 * 64 * 4 + 10 * 32 + 5 * 48
     b = accounting.total([a, a])
     assert b.total_bits == 2 * a.total_bits and b.bits_per_weight == pytest.approx(a.bits_per_weight)
-    # paper.md §3: AWQ g256 3-bit + 0.25% outliers = 3.245
+    # docs/method.md, "Bit accounting": AWQ g256 3-bit + 0.25% outliers = 3.245
     assert pytest.approx(3.245) == 3 + 32 / 256 + 0.0025 * accounting.SPARSE_ENTRY_BITS
 
 

@@ -1,6 +1,6 @@
 """Bit accounting, in one place: dense codes + code tables (LUT / scales / zeros) + 48 bits per sparse entry.
 
-paper.md §3: every sparse entry costs an fp16 value and a 32-bit index; code tables cost their stored
+docs/method.md, bit accounting: every sparse entry costs an fp16 value and a 32-bit index; code tables cost their stored
 dtype's width. Bits per weight are over the quantized layers only; embeddings and lm_head stay 16-bit.
 """
 

@@ -1,4 +1,4 @@
-"""ReQuant orchestration (paper.md §3, Figure 1) over any base quantizer, with resumable stages.
+"""ReQuant orchestration (docs/method.md, the paper's Figure 1) over any base quantizer, with resumable stages.
 
   1. pre-quantize with the base method and its own sensitivity (Fisher for SqueezeLLM)
   2. Algorithm 1: per-layer outlier ratios under the global budget   (--outlier-select adaptive)

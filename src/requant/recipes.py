@@ -1,4 +1,4 @@
-"""Named presets: the paper's settings per base method (paper.md §6, Table 10), overridable flag by flag."""
+"""Named presets: the paper's settings per base method (its Table 10; docs/method.md), overridable flag by flag."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from .errors import ConfigError
 
 # ReQuant per base method. The detach ranks entries by Δw ⊙ ∇F(w̃), the right rule with one node: what restoring
 # an entry gains from where the model now is. On the reference setting it beats the path-averaged PQI of 2 Gauss
-# nodes at 3 and 4 bits, with half the gradient passes (README, "Results"; measured with SqueezeLLM, RTN shares
+# nodes at 3 and 4 bits, with half the gradient passes (docs/results.md; measured with SqueezeLLM, RTN shares
 # its settings); `--pqi-rule gauss --pqi-nodes 2` is the paper's reading (2 Gauss nodes estimate ΔF within 0.7%,
 # like the paper's 32 midpoint nodes).
 _REQUANT_DNS = {
@@ -28,7 +28,7 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "requant": {
         "squeezellm": _REQUANT_DNS,
         "rtn": _REQUANT_DNS,
-        # paper.md §6.2: AWQ+ReQuant at g256 so its bits equal AWQ's g128; without --group-size the pipeline
+        # The paper's AWQ+ReQuant is at g256 so its bits equal AWQ's g128; without --group-size the pipeline
         # picks the group size that keeps that equality on the model's widths (equal_bits_group_size).
         "awq": {"outliers": 0.25, "outlier_select": "adaptive", "significant": 0.0, "group_size": EQUAL_BITS},
         "gptq": {"outliers": 0.25, "outlier_select": "adaptive", "significant": 0.0, "group_size": EQUAL_BITS},
@@ -50,7 +50,7 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
 
 
 # Per-width changes to a recipe, (recipe, base, bits) -> settings. At 2 bits w̃ is far from w (SqueezeLLM dense-only
-# perplexity ~2,400 on R) and the path-averaged PQI ranks better than the gradient at w̃ (README, "Results").
+# perplexity ~2,400 on R) and the path-averaged PQI ranks better than the gradient at w̃ (docs/results.md).
 _PAPER_PQI = {"pqi_nodes": 2, "pqi_rule": "gauss"}
 WIDTH_CHANGES: dict[tuple[str, str, int], dict[str, Any]] = {
     ("requant", "squeezellm", 2): _PAPER_PQI,
@@ -79,7 +79,7 @@ def equal_bits_group_size(
     zero) plus the outliers (percent, 48 bits each) cost at most the tables at group size `reference`;
     None (one group per row, the fewest table bits) when no divisor does.
 
-    paper.md §6.2: 3 + 32/128 = 3.25 bits for AWQ g128, 3 + 32/256 + 0.0025·48 = 3.245 with 0.25% outliers at g256.
+    docs/method.md: 3 + 32/128 = 3.25 bits for AWQ g128, 3 + 32/256 + 0.0025·48 = 3.245 with 0.25% outliers at g256.
     """
     budget = group_bits / reference - outliers / 100 * SPARSE_ENTRY_BITS
     common = math.gcd(*{int(w) for w in in_widths})

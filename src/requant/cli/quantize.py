@@ -65,7 +65,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g.add_argument("--pqi-nodes", type=int, default=None, help="PQI quadrature nodes N (default 32)")
     g.add_argument("--pqi-rule", default=None, help="PQI rule: midpoint, trapezoid, left, right, gauss")
     g.add_argument("--pqi-nsamples", type=int, default=None, help="calibration windows for PQI (default: nsamples)")
-    a = q.add_argument_group("algorithm 1 / 2 variants (paper.md §4-5)")
+    a = q.add_argument_group("algorithm 1 / 2 variants (docs/method.md)")
     a.add_argument("--alg1-objective", default="base", help="base (the base method's own error) or pqi")
     a.add_argument("--alg1-criterion", default="magnitude", help="outliers by magnitude or pqi_pre")
     a.add_argument("--alg1-granularity", default="module", help="module or block")

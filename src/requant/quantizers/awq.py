@@ -13,7 +13,7 @@ AWQ folds 1/s into the operation before the layer at inference. Which operation 
 architecture, so here the per-channel scale is stored with the codes (`ScaledUniformTensor`, one fp16 per
 input, counted in the bits) and the dequantized weight Q(W diag s) diag s⁻¹ is reconstructed exactly.
 
-`exclude` (outliers to be stored sparse; paper.md §6.2 [R]: removed before the scale search): excluded
+`exclude` (outliers to be stored sparse; removed before the scale search, docs/method.md "Choices"): excluded
 entries set no group range and no clipping range, and their error does not count in either objective (they
 are restored exactly). The fit of the kept entries is therefore independent of the excluded values.
 """

@@ -1,4 +1,4 @@
-"""Post-quantization Integral (paper §2): ΔF = ∫₀¹ ∇F(w + tΔw)ᵀΔw dt, discretised by a quadrature rule.
+"""Post-quantization Integral (docs/method.md): ΔF = ∫₀¹ ∇F(w + tΔw)ᵀΔw dt, discretised by a quadrature rule.
 
 ḡ = Σ_k c_k ∇F(w + t_k Δw) is the path-averaged gradient; ΔF_PQI = Δw ⊙ ḡ is the signed element-wise
 attribution (rank by |ΔF_PQI|), and Σ ΔF_PQI the predicted ΔF. Every node sees the same windows.

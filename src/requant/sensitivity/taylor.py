@@ -1,4 +1,4 @@
-"""Taylor terms of ΔF at w (paper §1.2): first order gᵀΔw, second order ½ΔwᵀHΔw (true and Fisher Hessian)."""
+"""Taylor terms of ΔF at w (docs/method.md): first order gᵀΔw, second order ½ΔwᵀHΔw (true and Fisher Hessian)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Algorithm 1 (reconstructed, paper.md §4): per-layer outlier ratios under one global budget.
+"""Algorithm 1 (reconstructed; docs/method.md, "Algorithm 1"): per-layer outlier ratios under one global budget.
 
 For every layer and candidate ratio r: take the top r·n entries by a criterion (|w| by default) as
 outliers, fit the base quantizer with them left out, and score the base method's own objective on the

@@ -98,7 +98,7 @@ ALLOCATORS = {"greedy": allocate_greedy, "lagrange": allocate_lagrange}
 
 
 def candidate_percents(budget_pct: float, steps: int = 8, max_factor: float = 4.0) -> list[float]:
-    """Candidate per-layer outlier percents {0, 1/steps, ..., max_factor} × budget (paper.md §4 grid)."""
+    """Candidate per-layer outlier percents {0, 1/steps, ..., max_factor} × budget (docs/method.md, Algorithm 1)."""
     n = round(steps * max_factor)
     return [budget_pct * i / steps for i in range(n + 1)]
 
