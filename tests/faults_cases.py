@@ -200,6 +200,12 @@ def _work_user_files(ctx: Ctx) -> list[str]:
     return _quantize(ctx, "-o", "o")
 
 
+def _offload_user_files(ctx: Ctx) -> list[str]:
+    (ctx.dir / "mine").mkdir()
+    (ctx.dir / "mine" / "notes.txt").write_text("my notes\n")
+    return _quantize(ctx, "-o", "o", "--offload", "mine")
+
+
 def _user_files_kept(name: str) -> Callable[[Ctx], None]:
     def check(ctx: Ctx) -> None:
         p = ctx.dir / name
@@ -417,6 +423,15 @@ CASES: list[Case] = [
         "did not create",
         "refused; requant only ever deletes work directories it made (they hold a `.requant-work` marker)",
         _user_files_kept("o.work/notes.txt"),
+    ),
+    Case(
+        "offload-user-files",
+        "`--offload DIR` naming a directory of the user's files",
+        _offload_user_files,
+        2,
+        "did not create",
+        "refused; requant only replaces or deletes offload folders it made (they hold a `.requant-offload` marker)",
+        _user_files_kept("mine/notes.txt"),
     ),
     Case(
         "disk-full-stage",

@@ -240,10 +240,10 @@ def _quantize_claimed(args: argparse.Namespace, config: Any, out: Path, work: Pa
 def _remove_offload(folder: str | None) -> None:
     """Drop this process's memory-mapped weight files once the checkpoint is written: they are as large as the
     model (on Linux, open mappings keep the data until the process ends)."""
-    import shutil
+    from ..offload import remove_offload_folder
 
     if folder is not None:
-        shutil.rmtree(folder, ignore_errors=True)
+        remove_offload_folder(folder)
 
 
 def _peak_memory_gb(anon: int) -> tuple[float, float, float]:
