@@ -223,8 +223,11 @@ def test_workdir_resume_marks_an_old_unmarked_run(tmp_path, text_file):
     with pytest.raises(OutputError):
         workdir.check_work_dir(tmp_path / "w")
     workdir.check_work_dir(tmp_path / "w", resume=True)
+    (tmp_path / "w" / ".dense.abc.safetensors").write_bytes(b"half")  # a killed stage write
+    (tmp_path / "w" / ".tmpXyZ").write_bytes(b"half")  # safetensors' own temporary
     workdir.WorkDir(tmp_path / "w", cfg, resume=True)
     assert workdir.is_work_dir(wd.path)
+    assert sorted(p.name for p in wd.path.iterdir()) == [workdir.MARKER, workdir.CONFIG]
 
 
 def test_claim_output_under_a_fake_group(tmp_path, monkeypatch):

@@ -80,6 +80,7 @@ class WorkDir:
             if distributed.is_main():
                 # It holds this run's own record, so it is requant's (one made before markers existed gets one).
                 mark_work_dir(self.path)
+                self._remove_partial_files()
             return
         if not distributed.is_main():
             return
@@ -87,6 +88,14 @@ class WorkDir:
         with writing(self.path):
             make_work_dir(self.path)
             write_json_atomic(self.path / CONFIG, record)
+
+    def _remove_partial_files(self) -> None:
+        """Temporaries of a killed stage write (ours `.STAGE.*`, safetensors' `.tmp*`): every dot file but the
+        marker; a stage is only ever read through its complete files."""
+        assert self.path is not None
+        for p in self.path.iterdir():
+            if p.name.startswith(".") and p.name != MARKER and p.is_file():
+                p.unlink(missing_ok=True)
 
     def _not_shared(self) -> str:
         return (
