@@ -171,6 +171,11 @@ def max_context(spec: str | os.PathLike | None) -> int | None:
                 cfg = AutoConfig.from_pretrained(str(path), local_files_only=True).to_dict()
             except (OSError, ValueError):
                 return None
+    return context_of(cfg)
+
+
+def context_of(cfg: dict) -> int | None:
+    """The context length, in tokens, that a transformers config (as a dict) states; None when it states none."""
     for c in (cfg, cfg.get("text_config") or {}):
         for key in _CONTEXT_KEYS:
             if isinstance(c.get(key), int) and c[key] > 0:
@@ -178,9 +183,12 @@ def max_context(spec: str | os.PathLike | None) -> int | None:
     return None
 
 
-def check_seqlen(spec: str | os.PathLike | None, seqlen: int, flag: str = "--seqlen") -> None:
-    """Refuse, before any work, windows longer than the model's context (its max_position_embeddings)."""
-    n = max_context(spec)
+def check_seqlen(
+    spec: str | os.PathLike | None, seqlen: int, flag: str = "--seqlen", *, model: nn.Module | None = None
+) -> None:
+    """Refuse, before any work, windows longer than the model's context (its max_position_embeddings); the
+    model is named by `spec` (its config is read, nothing loaded) or given loaded as `model`."""
+    n = context_of(model.config.to_dict()) if model is not None else max_context(spec)
     if n is not None and seqlen > n:
         raise ConfigError(
             f"{flag} {seqlen} is longer than the model's context of {n} tokens (max_position_embeddings); "
