@@ -86,12 +86,18 @@ def test_errors_on_model_and_text(capsys, model_dir, text_file, tmp_path):
         "48",
         "--calib",
         str(text_file),
+        "--seqlen",
+        "32",
     )
     assert code == 2 and "group size 48 does not divide the input width 64 of layer model.layers.0" in err
-    code, _, err = run(capsys, "eval", str(model_dir), "--data", "nope:text")
+    code, _, err = run(capsys, "eval", str(model_dir), "--data", "nope:text", "--seqlen", "32")
     assert code == 2 and "unknown text 'nope:text'" in err
-    code, _, err = run(capsys, "eval", str(model_dir), "--data", str(text_file), "--seqlen", "100000")
+    short = tmp_path / "short.txt"
+    short.write_text("a few words only")
+    code, _, err = run(capsys, "eval", str(model_dir), "--data", str(short), "--seqlen", "256")
     assert code == 2 and "too short for one window" in err
+    code, _, err = run(capsys, "eval", str(model_dir), "--data", str(text_file), "--seqlen", "257")
+    assert code == 2 and "--seqlen 257 is longer than the model's context of 256 tokens" in err
     assert not (tmp_path / "o").exists()
 
 
@@ -99,7 +105,7 @@ def test_existing_output_refused_before_work(capsys, model_dir, tmp_path):
     out = tmp_path / "o"
     out.mkdir()
     (out / "something.txt").write_text("x")
-    code, _, err = run(capsys, "quantize", str(model_dir), "-o", str(out), "--base", "rtn")
+    code, _, err = run(capsys, "quantize", str(model_dir), "-o", str(out), "--base", "rtn", "--seqlen", "32")
     assert code == 2 and "not a requant checkpoint" in err and (out / "something.txt").exists()
 
 
@@ -169,3 +175,34 @@ def test_recipe_follows_the_width_and_flags_still_win():
     assert (cfg("--bits", "2").pqi_rule, cfg("--bits", "2").pqi_nodes) == ("gauss", 2)
     c = cfg("--bits", "2", "--pqi-rule", "right", "--pqi-nodes", "1")
     assert (c.pqi_rule, c.pqi_nodes, c.bits) == ("right", 1, 2)
+
+
+def test_argparse_errors_keep_their_usage_block(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["quantize", "-o", "x", "--bits", "abc"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("usage: requant quantize")
+    assert err.strip().splitlines()[-1] == "requant quantize: error: argument --bits: invalid int value: 'abc'"
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--temperature", "nan"], "--temperature nan is not allowed"),
+        (["--temperature=-inf"], "--temperature -inf is not allowed"),
+        (["--temperature", "0.5", "--top-p", "0"], "--top-p 0.0 is not allowed"),
+        (["--temperature", "0.5", "--top-p", "nan"], "--top-p nan is not allowed"),
+        (["--max-new-tokens", "0"], "--max-new-tokens 0 must be at least 1"),
+    ],
+)
+def test_generate_refuses_non_finite_sampling(capsys, flags, message):
+    code, _, err = run(capsys, "generate", "MISSING", "hi", *flags)  # refused before the model is looked at
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_generate_samples_with_top_p(capsys, model_dir):
+    base = ["generate", str(model_dir), "ab", "--max-new-tokens", "6", "--json", "--temperature", "1.5"]
+    outs = {json.loads(run(capsys, *base, "--top-p", p, "--seed", "3")[1])["continuation"] for p in ("1e-9", "1")}
+    greedy = json.loads(run(capsys, *base[:-2], "--json")[1])["continuation"]
+    # The tiniest nucleus holds only the most likely token: sampling from it is greedy decoding.
+    assert json.loads(run(capsys, *base, "--top-p", "1e-9")[1])["continuation"] == greedy and len(outs) >= 1

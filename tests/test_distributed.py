@@ -215,14 +215,15 @@ def test_dry_run_prints_estimate_and_writes_nothing(capsys, model_dir, tmp_path)
     from requant.cli import main
 
     out = tmp_path / "q"
-    assert main(["quantize", str(model_dir), "-o", str(out), "--dry-run", "--nproc", "2", "--nsamples", "4"]) == 0
+    dry = ["quantize", str(model_dir), "-o", str(out), "--dry-run", "--seqlen", "64"]  # the tiny model's context: 256
+    assert main([*dry, "--nproc", "2", "--nsamples", "4"]) == 0
     text = capsys.readouterr().out
     assert "ESTIMATED" in text and "4 forward+backward passes" in text and "per rank" in text
     assert not out.exists() and not out.with_name("q.work").exists()
-    assert main(["quantize", str(model_dir), "-o", str(out), "--dry-run", "--json"]) == 0
+    assert main([*dry, "--json"]) == 0
     cost = json.loads(capsys.readouterr().out)
     assert cost["passes"]["fisher_fwd_bwd"] == 32 and cost["world_size"] == 1
-    assert main(["quantize", str(model_dir), "-o", str(out), "--dry-run", "--offload", str(tmp_path / "off")]) == 0
+    assert main([*dry, "--offload", str(tmp_path / "off")]) == 0
     assert "memory-mapped from disk" in capsys.readouterr().out and not (tmp_path / "off").exists()
 
 

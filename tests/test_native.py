@@ -119,3 +119,38 @@ def test_requant_works_without_a_compiler(tmp_path: Path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("torch (build or load of kmeans1d.c failed") and out.stdout.strip().endswith("True")
     assert not (tmp_path / "cache" / "kernels").exists() or not any((tmp_path / "cache" / "kernels").iterdir())
+
+
+@needs_cc
+def test_unsafe_cache_is_not_used(src: Path):
+    cache = Path(os.environ["REQUANT_CACHE"])
+    (cache / "kernels").mkdir(parents=True)
+    (cache / "kernels").chmod(0o777)  # a shared, world-writable cache
+    native._PRIVATE.clear()
+    with pytest.warns(RuntimeWarning, match="not using the kernel cache .* writable by group or others"):
+        built = native.build(src, CC, abi_version=7)
+    assert cache not in built.parents and native.unsafe_reason(built.parent) is None
+    assert list((cache / "kernels").iterdir()) == []
+    assert native.load(built, 7).rq_abi_version() == 7
+    native._PRIVATE.clear()
+
+
+@needs_cc
+def test_planted_library_is_replaced_not_loaded(src: Path):
+    honest = native.build(src, CC, abi_version=7)
+    evil_src = src.with_name("evil.c")
+    evil_src.write_text(SOURCE % 99)
+    evil = native.build(evil_src, CC, abi_version=99, out_dir=src.parent / "evil")
+    for make_unsafe in ("others-writable", "foreign-owner"):
+        honest.unlink()
+        honest.write_bytes(evil.read_bytes())  # a library at the predictable name
+        if make_unsafe == "others-writable":
+            honest.chmod(0o777)
+        elif os.geteuid() == 0:
+            os.chown(honest, 12345, -1)
+        else:
+            continue  # only root can give a file away
+        assert native.unsafe_reason(honest, directory=False) is not None
+        again = native.build(src, CC, abi_version=7)
+        assert again == honest and native.unsafe_reason(again, directory=False) is None
+        assert native.load(again, 7).rq_abi_version() == 7  # the rebuilt one, not the planted one

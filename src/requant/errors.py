@@ -25,3 +25,7 @@ class CheckpointError(RequantError):
 
 class NumericalError(RequantError):
     """NaN or Inf appeared in weights, a loss or gradients."""
+
+
+class OutputError(RequantError):
+    """An output cannot be written: no space, no permission, a path in the way, or another run writing it."""

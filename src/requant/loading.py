@@ -6,9 +6,13 @@ a user's model argument into a working transformers model and its tokenizer.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
+import pickle
 import re
+import struct
 from pathlib import Path
 
 import torch
@@ -49,8 +53,16 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = Path(gguf)
-    src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    _check_gguf_magic(gguf)
+    try:
+        src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except (OSError, ValueError, struct.error, KeyError, IndexError, EOFError, TypeError) as e:
+        # The GGUF readers fail on a damaged file in many ways (short reads, impossible shapes, missing keys).
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(
+            f"model file {str(gguf)!r} is not a readable GGUF model (truncated or damaged?): {first[:300]}"
+        ) from None
     # A GGUF-loaded model carries a gguf quantization_config that save_pretrained refuses:
     # rebuild a plain model from the config without it and move the weights over.
     config = src.config
@@ -58,10 +70,22 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
         del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(src.state_dict())
-    with atomic_dir(target, replace=True) as tmp:
+    # Another process converting the same file waits here and then replaces it with an equal copy.
+    with atomic_dir(target, replace=True, wait=True) as tmp:
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
     return target
+
+
+def _check_gguf_magic(gguf: Path) -> None:
+    """Refuse a file that does not start with the GGUF magic bytes before any parser sees it."""
+    try:
+        with open(gguf, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise InputError(f"model file {str(gguf)!r} cannot be read: {e.strerror or e}") from None
+    if magic != b"GGUF":
+        raise InputError(f"model file {str(gguf)!r} is not a GGUF file (it does not start with the GGUF magic bytes)")
 
 
 def _gguf_cache_dir(gguf: Path) -> Path:
@@ -94,12 +118,82 @@ def resolve_model_path(spec: str | os.PathLike | None) -> str:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise InputError(f"model directory {str(spec)!r} has no config.json")
+        _refuse_requant_checkpoint(path, spec)
         return str(path)
     if path.exists():
         raise InputError(f"model {str(spec)!r} is a file but not a .gguf file; give a model directory")
     if re.fullmatch(r"[\w.-]+/[\w.-]+|[\w.-]+", str(spec)) and not str(spec).startswith("."):
         return str(spec)  # a hub id; from_pretrained checks the local cache only
     raise InputError(f"model {str(spec)!r} does not exist (not a directory, .gguf file or cached hub id)")
+
+
+def _refuse_requant_checkpoint(path: Path, spec: str | os.PathLike) -> None:
+    """A requant checkpoint is not a full-precision model: transformers alone would load its quantized layers as
+    random weights, so quantizing or evaluating it that way gives garbage. Refuse it, naming what to do."""
+    qc = _read_config(path).get("quantization_config")
+    if not (path / "requant.json").is_file() and not (isinstance(qc, dict) and qc.get("quant_method") == "requant"):
+        return
+    source = None
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        source = json.loads((path / "requant.json").read_text())["metadata"]["model"]
+    what = f"its source model {source!r}" if isinstance(source, str) and source else "its source model"
+    raise InputError(
+        f"model {str(spec)!r} is a requant checkpoint (already quantized), not a full-precision model: quantize "
+        f"{what} instead, or dequantize it first with `requant export --dequantize`"
+    )
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def max_context(spec: str | os.PathLike | None) -> int | None:
+    """The longest input, in tokens, the model (or requant checkpoint) at `spec` was built for, from its config
+    (max_position_embeddings or a synonym); None when the config does not say."""
+    if spec is not None and Path(spec).is_dir():
+        cfg = _read_config(Path(spec))
+    else:
+        path = Path(resolve_model_path(spec))
+        if path.is_dir():
+            cfg = _read_config(path)
+        else:  # a cached hub id
+            _offline_env()
+            from transformers import AutoConfig
+
+            try:
+                cfg = AutoConfig.from_pretrained(str(path), local_files_only=True).to_dict()
+            except (OSError, ValueError):
+                return None
+    return context_of(cfg)
+
+
+def context_of(cfg: dict) -> int | None:
+    """The context length, in tokens, that a transformers config (as a dict) states; None when it states none."""
+    for c in (cfg, cfg.get("text_config") or {}):
+        for key in _CONTEXT_KEYS:
+            if isinstance(c.get(key), int) and c[key] > 0:
+                return int(c[key])
+    return None
+
+
+def check_seqlen(
+    spec: str | os.PathLike | None, seqlen: int, flag: str = "--seqlen", *, model: nn.Module | None = None
+) -> None:
+    """Refuse, before any work, windows longer than the model's context (its max_position_embeddings); the
+    model is named by `spec` (its config is read, nothing loaded) or given loaded as `model`."""
+    n = context_of(model.config.to_dict()) if model is not None else max_context(spec)
+    if n is not None and seqlen > n:
+        raise ConfigError(
+            f"{flag} {seqlen} is longer than the model's context of {n} tokens (max_position_embeddings); "
+            f"use at most {n}"
+        )
 
 
 def load_model(
@@ -126,6 +220,22 @@ def load_model(
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
         raise InputError(f"cannot load model {str(spec)!r}: {str(e).splitlines()[0]}") from None
+    except pickle.UnpicklingError as e:
+        # torch's weights-only loader refused a pickled checkpoint (the payload did not run); say why in one line.
+        m = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
+        detail = m.group(1).split(" was not an allowed")[0].split(". Please")[0].strip() if m else "not plain tensors"
+        raise InputError(
+            f"cannot load model {str(spec)!r}: torch's safe weights-only loader refuses its pickled weights "
+            f"(pytorch_model.bin: {detail}); requant never runs pickled code: convert the model to safetensors "
+            "where you trust it"
+        ) from None
+    except RuntimeError as e:
+        if "PytorchStreamReader" not in str(e):
+            raise
+        raise InputError(
+            f"cannot load model {str(spec)!r}: its pickled weights are not a readable PyTorch file (corrupt or "
+            "truncated?)"
+        ) from None
     model.to(device)
     model.eval()
     return model, tok

@@ -12,13 +12,15 @@ block in non-reentrant activation checkpointing (torch.utils.checkpoint), so a b
 states between blocks plus one block's internals, at the price of recomputing each block's forward once.
 
 The folder is rebuilt on every load: the path writes interpolated weights into the files, and a killed run
-must not leave a later run starting from them.
+must not leave a later run starting from them. Only a folder requant made (it holds a marker) is ever replaced
+or deleted; a folder of the user's files is refused.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -28,11 +30,12 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, OutputError
 from .io import atomic_dir
 from .model import find_blocks
 
 INDEX = "index.json"
+MARKER = ".requant-offload"  # written into every offload folder: only marked folders are replaced or deleted
 
 
 def offload_checkpoint(model_dir: str | os.PathLike, folder: str | os.PathLike, dtype: torch.dtype) -> Path:
@@ -48,7 +51,9 @@ def offload_checkpoint(model_dir: str | os.PathLike, folder: str | os.PathLike, 
             "(save the model with save_pretrained, or give a .gguf file, which is converted once)"
         )
     folder = Path(folder)
+    check_offload_folder(folder)
     with atomic_dir(folder, replace=True) as tmp:
+        (tmp / MARKER).write_text("requant offload folder\n")
         index: dict[str, dict] = {}
         for f in files:
             with safe_open(str(f), framework="pt") as h:
@@ -60,6 +65,26 @@ def offload_checkpoint(model_dir: str | os.PathLike, folder: str | os.PathLike, 
                     del t
         save_offload_index(index, str(tmp))
     return folder
+
+
+def check_offload_folder(folder: str | os.PathLike) -> None:
+    """Refuse an offload folder that requant would replace but did not make: a file, or a non-empty directory
+    without the marker (a user's files)."""
+    folder = Path(folder)
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise OutputError(f"offload folder {str(folder)!r} exists and is not a directory; choose another --offload")
+    if folder.is_dir() and not (folder / MARKER).is_file() and any(folder.iterdir()):
+        raise OutputError(
+            f"offload folder {str(folder)!r} holds files that requant did not create (no {MARKER} marker); "
+            "choose an empty or new folder for --offload"
+        )
+
+
+def remove_offload_folder(folder: str | os.PathLike) -> None:
+    """Delete an offload folder requant made (it holds the marker); anything else is left alone."""
+    folder = Path(folder)
+    if folder.is_dir() and not folder.is_symlink() and (folder / MARKER).is_file():
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _memmap(folder: Path, name: str, info: dict) -> torch.Tensor:

@@ -12,9 +12,12 @@ its results equal the uninterrupted run's within fp32 summation order, not bit f
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +26,11 @@ from safetensors.torch import load_file, save_file
 
 from . import distributed
 from .config import QuantConfig
-from .errors import InputError
-from .io import read_json, write_json_atomic
+from .errors import InputError, OutputError
+from .io import check_output, file_mode, output_lock, read_json, remove_stale, write_json_atomic, writing
 
 CONFIG = "config.json"
+MARKER = ".requant-work"  # written when requant creates a work directory: only marked directories are deleted
 
 
 class WorkDir:
@@ -73,13 +77,25 @@ class WorkDir:
             stored = int(old.get("world_size", 1))
             if stored != world:
                 self.world_size_change = (stored, world)
+            if distributed.is_main():
+                # It holds this run's own record, so it is requant's (one made before markers existed gets one).
+                mark_work_dir(self.path)
+                self._remove_partial_files()
             return
         if not distributed.is_main():
             return
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        self.path.mkdir(parents=True)
-        write_json_atomic(self.path / CONFIG, record)
+        remove_work_dir(self.path)
+        with writing(self.path):
+            make_work_dir(self.path)
+            write_json_atomic(self.path / CONFIG, record)
+
+    def _remove_partial_files(self) -> None:
+        """Temporaries of a killed stage write (ours `.STAGE.*`, safetensors' `.tmp*`): every dot file but the
+        marker; a stage is only ever read through its complete files."""
+        assert self.path is not None
+        for p in self.path.iterdir():
+            if p.name.startswith(".") and p.name != MARKER and p.is_file():
+                p.unlink(missing_ok=True)
 
     def _not_shared(self) -> str:
         return (
@@ -99,20 +115,18 @@ class WorkDir:
             return
         sidecar = self.path / f"{stage}.json"
         tmp = None
+        hint = f"the stages finished before {stage!r} are kept: make room and run again with --resume"
         try:
-            # A stage saved again (the detach steps) is invalid until both files are new: sidecar off first.
-            sidecar.unlink(missing_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{stage}.", suffix=".safetensors", dir=self.path)
-            os.close(fd)
-            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-            os.replace(tmp, self.path / f"{stage}.safetensors")
-            tmp = None
-            write_json_atomic(sidecar, meta or {})
-        except OSError as e:
-            raise InputError(
-                f"cannot store stage {stage!r} in {str(self.path)!r}: {e.strerror or e}; the stages finished "
-                "before it are kept: make room and run again with --resume"
-            ) from None
+            with writing(self.path / f"{stage}.safetensors", hint):
+                # A stage saved again (the detach steps) is invalid until both files are new: sidecar off first.
+                sidecar.unlink(missing_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=f".{stage}.", suffix=".safetensors", dir=self.path)
+                os.close(fd)
+                save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+                os.chmod(tmp, file_mode())  # mkstemp and safetensors make it private
+                os.replace(tmp, self.path / f"{stage}.safetensors")
+                tmp = None
+                write_json_atomic(sidecar, meta or {})
         finally:
             if tmp is not None:
                 Path(tmp).unlink(missing_ok=True)
@@ -125,5 +139,95 @@ class WorkDir:
         return load_file(str(self.path / f"{stage}.safetensors")), read_json(self.path / f"{stage}.json")
 
     def remove(self) -> None:
-        if self.path is not None and distributed.is_main() and self.path.exists():
-            shutil.rmtree(self.path)
+        if self.path is not None and distributed.is_main():
+            remove_work_dir(self.path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ownership and one writer per output
+
+
+def work_dir_for(out: str | os.PathLike) -> Path:
+    """The work directory of output `out`: OUTPUT.work beside it."""
+    out = Path(os.path.abspath(out))
+    return out.with_name(out.name + ".work")
+
+
+def make_work_dir(path: Path) -> None:
+    """Create a work directory and its ownership marker."""
+    path.mkdir(parents=True)
+    mark_work_dir(path)
+
+
+def mark_work_dir(path: Path) -> None:
+    with open(path / MARKER, "w") as f:
+        json.dump({"created_by": "requant", "pid": os.getpid()}, f)
+        f.write("\n")
+
+
+def is_work_dir(path: Path) -> bool:
+    """Whether `path` is a directory that requant made (it holds the marker)."""
+    return path.is_dir() and not path.is_symlink() and (path / MARKER).is_file()
+
+
+def check_work_dir(path: str | os.PathLike, *, resume: bool = False) -> None:
+    """Refuse a work-directory path that requant may not write or delete: a file, a link, or a non-empty
+    directory without requant's marker (a user's files). With `resume`, an unmarked directory holding a run
+    record (made before markers existed) is accepted: resuming only reads it, and marks it when it matches."""
+    path = Path(path)
+    if resume and _has_run_record(path):
+        return
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise OutputError(
+            f"work directory {str(path)!r} exists and is not a directory; move it away or choose another output"
+        )
+    if path.is_dir() and not is_work_dir(path) and any(path.iterdir()):
+        raise OutputError(
+            f"work directory {str(path)!r} holds files that requant did not create (no {MARKER} marker); "
+            "move them away or choose another output"
+        )
+
+
+def _has_run_record(path: Path) -> bool:
+    try:
+        record = read_json(path / CONFIG)
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and {"config", "fingerprint"} <= set(record)
+
+
+def remove_work_dir(path: str | os.PathLike) -> None:
+    """Delete a work directory, but only one that requant made (or an empty one); otherwise refuse."""
+    path = Path(path)
+    if not (path.exists() or path.is_symlink()):
+        return
+    check_work_dir(path)
+    shutil.rmtree(path)
+
+
+@contextlib.contextmanager
+def claim_output(
+    out: str | os.PathLike, *, source: str | os.PathLike | None = None, resume: bool = False
+) -> Iterator[Path]:
+    """Check output `out` and hold its lock (which also covers OUTPUT.work) for the block; yields the work dir.
+
+    Refuses up front what would fail or destroy something later: an output that is the current directory or
+    the source model, a work directory that is a file or holds a user's files, an output another run is
+    writing ("another requant run (pid N) is writing OUT"). Stale temporaries of dead runs are removed. Under
+    torchrun rank 0 checks and locks; every rank raises when it fails."""
+    check_output(out, source=source)
+    work = work_dir_for(out)
+    error: OutputError | None = None
+    with contextlib.ExitStack() as stack:
+        if distributed.is_main():
+            try:
+                with writing(out):
+                    Path(os.path.abspath(out)).parent.mkdir(parents=True, exist_ok=True)
+                stack.enter_context(output_lock(out))
+                check_work_dir(work, resume=resume)
+                remove_stale(out)
+            except OutputError as e:
+                error = e
+        if not distributed.broadcast_flag(error is None):
+            raise error or OutputError(f"rank 0 cannot write output {str(out)!r}; see its error")
+        yield work

@@ -85,7 +85,7 @@ def test_bad_input_is_one_line_and_exit_2(capsys, base_args, extra, message):
 
 def test_missing_matplotlib_stops_before_the_work(capsys, base_args, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    code, _, err = run(capsys, *base_args, "--report", "coverage", "--plot", str(tmp_path))
+    code, _, err = run(capsys, *base_args, "--report", "coverage", "--seqlen", "32", "--plot", str(tmp_path))
     assert code == 2 and "pip install 'requant[plot]'" in err
 
 

@@ -29,12 +29,14 @@ def run(args: argparse.Namespace) -> int:
     from ..eval import evaluate
     from ..format import is_checkpoint
     from ..io import read_json
+    from ..loading import check_seqlen
 
     names = [d.strip() for d in args.data.split(",") if d.strip()]
     if not names:
         raise ConfigError(f"--data {args.data!r} names no text")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size} must be at least 1")
+    check_seqlen(args.model, args.seqlen)
     model, tok = load(args.model, device=args.device, verify=args.verify)
     reference = None
     if args.kl_to is not None:

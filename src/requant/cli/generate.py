@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 from ..errors import ConfigError
@@ -16,6 +17,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    p.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest token set of this mass (0, 1]"
+    )
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -23,15 +27,22 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    """Refuse settings that would decode wrongly in silence (a NaN temperature used to mean greedy)."""
+    if max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens {max_new_tokens} must be at least 1")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ConfigError(f"--temperature {temperature} is not allowed; use a finite number ≥ 0 (0: greedy)")
+    if not (math.isfinite(top_p) and 0 < top_p <= 1):
+        raise ConfigError(f"--top-p {top_p} is not allowed; use a number in (0, 1]")
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from .. import load
 
-    if args.max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
-    if args.temperature < 0:
-        raise ConfigError(f"--temperature {args.temperature} must be ≥ 0")
+    check_sampling(args.max_new_tokens, args.temperature, args.top_p)
     model, tok = load(args.checkpoint, device=args.device, verify=args.verify)
     if args.chat:
         if not getattr(tok, "chat_template", None):
@@ -47,7 +58,9 @@ def run(args: argparse.Namespace) -> int:
     ids = ids.to(args.device)
     sample = args.temperature > 0
     torch.manual_seed(args.seed)
-    kwargs = {"do_sample": True, "temperature": args.temperature} if sample else {"do_sample": False}
+    kwargs = (
+        {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if sample else {"do_sample": False}
+    )
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(

@@ -137,8 +137,10 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     from .. import distributed
+    from ..loading import check_seqlen
 
     config = config_from_args(args)
+    check_seqlen(args.model, config.seqlen)  # before minutes of work on windows the model cannot take
     if args.dry_run:
         return dry_run(args, config)
     # Under torchrun (WORLD_SIZE > 1) every rank runs this command; the windows are split between them.
@@ -183,28 +185,36 @@ def dry_run(args: argparse.Namespace, config: Any) -> int:
 
 
 def _quantize(args: argparse.Namespace, config: Any) -> int:
+    from ..workdir import claim_output
+
+    out = Path(args.output)
+    # Refuse a bad or busy output before hours of work; hold its lock (it covers OUTPUT.work) until the end.
+    with claim_output(out, source=args.model, resume=args.resume) as work:
+        return _quantize_claimed(args, config, out, work)
+
+
+def _quantize_claimed(args: argparse.Namespace, config: Any, out: Path, work: Path) -> int:
     from .. import distributed
     from ..format import save_checkpoint
     from ..format.checkpoint import _check_replace
+    from ..io import writing
     from ..loading import load_model, resolve_model_path
     from ..memory import PeakAnon
     from ..pipeline import quantize
+    from ..workdir import remove_work_dir
 
-    out = Path(args.output)
     if out.exists():
         _check_replace(out, config, args.force)  # refuse before hours of work, not after
-    work = out.with_name(out.name + ".work")
     t0 = time.perf_counter()
     with PeakAnon() as anon:
         model, tok = load_model(args.model, device=distributed.local_device(args.device), offload=offload_folder(args))
         result = quantize(model, tok, config, workdir=work, resume=args.resume)
     meta = {"model": resolve_model_path(args.model), "argv": sys.argv[1:], "wall_s": time.perf_counter() - t0}
     if distributed.is_main():  # every rank holds the same result; one writes it
-        save_checkpoint(out, model, tok, result, metadata=meta, force=args.force, dense=args.dense_dtype)
+        with writing(out, f"the finished stages in {str(work)!r} are kept: make room and run again with --resume"):
+            save_checkpoint(out, model, tok, result, metadata=meta, force=args.force, dense=args.dense_dtype)
         if not args.keep_work:
-            import shutil
-
-            shutil.rmtree(work, ignore_errors=True)
+            remove_work_dir(work)
     if args.offload is not None and not args.keep_work:
         _remove_offload(offload_folder(args))
     # Every rank joins (the largest process counts); this also keeps the others until the checkpoint is complete.
@@ -237,10 +247,10 @@ def _quantize(args: argparse.Namespace, config: Any) -> int:
 def _remove_offload(folder: str | None) -> None:
     """Drop this process's memory-mapped weight files once the checkpoint is written: they are as large as the
     model (on Linux, open mappings keep the data until the process ends)."""
-    import shutil
+    from ..offload import remove_offload_folder
 
     if folder is not None:
-        shutil.rmtree(folder, ignore_errors=True)
+        remove_offload_folder(folder)
 
 
 def _peak_memory_gb(anon: int) -> tuple[float, float, float]:

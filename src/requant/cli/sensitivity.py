@@ -63,7 +63,7 @@ def _list(text: str, cast: Callable[[str], T], what: str) -> list[T]:
 
 def run(args: argparse.Namespace) -> int:
     from ..config import QuantConfig
-    from ..loading import load_model, resolve_model_path
+    from ..loading import check_seqlen, load_model, resolve_model_path
     from ..sensitivity.plots import pyplot, write_plots
     from ..sensitivity.report import check_report, prepare_problem, run_report
 
@@ -96,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         include=tuple(args.include),
         exclude=tuple(args.exclude),
     )
+    check_seqlen(args.model, config.seqlen)
     if args.plot:
         pyplot()  # a missing matplotlib should stop us before the long work, not after
     t0 = time.perf_counter()

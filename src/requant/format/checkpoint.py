@@ -224,31 +224,26 @@ def save_checkpoint(
         check_replace(out, result.config, force)
     dtype = dense_dtype(model, dense, set(result.layers))
     tensors, table, stored = checkpoint_tensors(model, result, dtype)
-    try:
-        with atomic_dir(out, replace=True) as tmp:
-            write_tensors(tmp, tensors, table, max_shard_bytes)
-            _write_config(tmp, model, quantization_config(result, table, dtype))
-            gen = getattr(model, "generation_config", None)
-            if gen is not None:
-                gen.save_pretrained(tmp)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)  # type: ignore[attr-defined]
-            write_json_atomic(
-                tmp / REPORT_FILE,
-                {
-                    "format_version": FORMAT_VERSION,
-                    "bits": result.bit_count().to_dict(),
-                    "stored_bytes": stored,
-                    "report": result.report,
-                    "metadata": metadata or {},
-                },
-            )
-    except (OSError, SafetensorError) as e:  # e.g. out of disk: atomic_dir has removed the partial copy
-        reason = getattr(e, "strerror", None) or str(e)
-        raise CheckpointError(
-            f"cannot write checkpoint {str(out)!r}: {reason}; nothing was written (a work directory, if any, is "
-            "kept: make room and run again with --resume)"
-        ) from None
+    # atomic_dir: the output lock, stale temporaries removed, one OutputError line for an I/O failure
+    # (no space left ...), nothing left behind on failure.
+    with atomic_dir(out, replace=True) as tmp:
+        write_tensors(tmp, tensors, table, max_shard_bytes)
+        _write_config(tmp, model, quantization_config(result, table, dtype))
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)  # type: ignore[attr-defined]
+        write_json_atomic(
+            tmp / REPORT_FILE,
+            {
+                "format_version": FORMAT_VERSION,
+                "bits": result.bit_count().to_dict(),
+                "stored_bytes": stored,
+                "report": result.report,
+                "metadata": metadata or {},
+            },
+        )
     return out
 
 
