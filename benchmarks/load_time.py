@@ -34,7 +34,8 @@ else:
 t2 = time.perf_counter()
 with torch.no_grad():
     model(torch.tensor([[1, 2, 3]]))
-print(json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}))
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+print(json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "peak_rss_gb": rss}))
 """
 
 

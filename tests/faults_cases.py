@@ -255,7 +255,7 @@ def _stages_kept_and_resumable(*stages: str) -> Callable[[Ctx], None]:
         ctx.mp.chdir(ctx.dir)
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             assert main(_quantize(ctx, "-o", "o", *_SQ, "--resume")) == 0
-        assert (ctx.dir / "o" / "requant.json").is_file() and not work.exists()
+        assert (ctx.dir / "o" / "model.safetensors").is_file() and not work.exists()
 
     return check
 
@@ -299,7 +299,7 @@ def _stale_temporaries(ctx: Ctx) -> list[str]:
 
 def _stale_removed(ctx: Ctx) -> None:
     assert not list(ctx.dir.glob(".o.*")), "stale temporaries were not removed"
-    assert (ctx.dir / "o" / "requant.json").is_file()
+    assert (ctx.dir / "o" / "model.safetensors").is_file()
 
 
 def _not_a_checkpoint(ctx: Ctx) -> list[str]:

@@ -134,8 +134,9 @@ def _refuse_requant_checkpoint(path: Path, spec: str | os.PathLike) -> None:
     if not (path / "requant.json").is_file() and not (isinstance(qc, dict) and qc.get("quant_method") == "requant"):
         return
     source = None
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        source = json.loads((path / "requant.json").read_text())["metadata"]["model"]
+    for sidecar in ("requant_report.json", "requant.json"):  # format v2, v1: the run's metadata names its source
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            source = source or json.loads((path / sidecar).read_text())["metadata"]["model"]
     what = f"its source model {source!r}" if isinstance(source, str) and source else "its source model"
     raise InputError(
         f"model {str(spec)!r} is a requant checkpoint (already quantized), not a full-precision model: quantize "
