@@ -313,6 +313,42 @@ def _file_parent(ctx: Ctx) -> list[str]:
     return _quantize(ctx, "-o", "afile/o")
 
 
+def _tampered(edit: Callable[[Path], None]) -> Callable[[Ctx], list[str]]:
+    """A copy of the checkpoint with one edit, evaluated."""
+
+    def setup(ctx: Ctx) -> list[str]:
+        import shutil
+
+        ckpt = ctx.dir / "ckpt"
+        shutil.copytree(ctx.env.checkpoint, ckpt)
+        edit(ckpt)
+        return ["eval", str(ckpt), "--data", str(ctx.env.text), "--seqlen", "32"]
+
+    return setup
+
+
+def _flip_code_byte(ckpt: Path) -> None:
+    import json
+
+    f = ckpt / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    begin = json.loads(data[8 : 8 + n])["model.layers.0.self_attn.q_proj.weight"]["data_offsets"][0]
+    data[8 + n + begin] ^= 0x01
+    f.write_bytes(bytes(data))
+
+
+def _edit_config(change: Callable[[dict], None]) -> Callable[[Path], None]:
+    def edit(ckpt: Path) -> None:
+        import json
+
+        cfg = json.loads((ckpt / "config.json").read_text())
+        change(cfg["quantization_config"])
+        (ckpt / "config.json").write_text(json.dumps(cfg))
+
+    return edit
+
+
 def _generate(*flags: str) -> Callable[[Ctx], list[str]]:
     return lambda ctx: ["generate", str(ctx.env.checkpoint), "hello", "--max-new-tokens", "2", *flags]
 
@@ -533,6 +569,30 @@ CASES: list[Case] = [
         _generate("--temperature", "0.7", "--top-p", "1.5"),
         2,
         "--top-p 1.5 is not allowed",
+        "refused",
+    ),
+    Case(
+        "tampered-codes",
+        "one flipped byte in a checkpoint's packed codes",
+        _tampered(_flip_code_byte),
+        2,
+        "does not match its recorded sha256",
+        "refused (`--no-verify` loads it anyway)",
+    ),
+    Case(
+        "tampered-bits",
+        "`config.json` edited from 3 to 2 bits",
+        _tampered(_edit_config(lambda qc: qc.update(bits=2))),
+        2,
+        "quantization_config.bits = 2, but layer",
+        "refused",
+    ),
+    Case(
+        "tampered-table",
+        "a layer's entry in `config.json` edited (a setting no tensor shape shows)",
+        _tampered(_edit_config(lambda qc: qc["layers"][next(iter(qc["layers"]))].update(kind_in_block="x"))),
+        2,
+        "written with another layer table than config.json",
         "refused",
     ),
     Case(

@@ -144,7 +144,7 @@ def verify_files(files: Iterable[str | Path], layers: Mapping[str, Any]) -> None
                         what = "has no recorded hash" if name not in digests else "does not match its recorded sha256"
                         raise CheckpointError(
                             f"{str(file)!r}: tensor {name} {what} (the file was modified or corrupted); "
-                            "re-create or re-download the checkpoint"
+                            "re-create or re-download the checkpoint (--no-verify loads it anyway)"
                         )
             finally:
                 view.release()
