@@ -119,6 +119,6 @@ def test_a_rank_owning_every_layer_still_joins_the_gather(monkeypatch):
     monkeypatch.setattr(distributed, "shard", lambda n: range(0, n, 2))
     monkeypatch.setattr(distributed, "all_reduce_", lambda t: joined.append(sorted(t)) or t)
     w = {"only": torch.distributions.StudentT(3.0).sample((16, 32)) * 0.02}
-    alone = allocate_outliers(w, make_quantizer("rtn", 3), 1.0)
-    assert joined == [["algorithm1"]]
+    alone = allocate_outliers(w, make_quantizer("rtn", 3), 1.0, map_layers=distributed.map_layers)
+    assert joined == [["layer_map"]]
     assert alone.counts["only"] > 0
