@@ -62,10 +62,10 @@ def _list(text: str, cast: Callable[[str], T], what: str) -> list[T]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..analysis.plots import pyplot, write_plots
+    from ..analysis.reports import check_report, prepare_problem, run_report
     from ..config import QuantConfig
     from ..loading import load_model, resolve_model_path
-    from ..sensitivity.plots import pyplot, write_plots
-    from ..sensitivity.report import check_report, prepare_problem, run_report
 
     if args.dtype not in ("fp32", "bf16"):
         raise ConfigError(f"--dtype {args.dtype!r} is not allowed; use fp32 or bf16")
