@@ -169,3 +169,30 @@ def test_recipe_follows_the_width_and_flags_still_win():
     assert (cfg("--bits", "2").pqi_rule, cfg("--bits", "2").pqi_nodes) == ("gauss", 2)
     c = cfg("--bits", "2", "--pqi-rule", "right", "--pqi-nodes", "1")
     assert (c.pqi_rule, c.pqi_nodes, c.bits) == ("right", 1, 2)
+
+
+def test_quantize_flags_are_generated_from_every_config_setting():
+    """Every QuantConfig setting but base_options has a quantize flag; no flags at all give QuantConfig()."""
+    import dataclasses
+
+    from requant.cli import build_parser
+    from requant.cli.quantize import config_from_args
+    from requant.config import QuantConfig
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices["quantize"]
+    dests = {a.dest for a in sub._actions}
+    assert {f.name for f in dataclasses.fields(QuantConfig)} - {"base_options"} <= dests
+    assert config_from_args(parser.parse_args(["quantize", "-o", "x"])) == QuantConfig()
+    # the allowed values are structured (the metavar), and the same list QuantConfig checks
+    base = next(a for a in sub._actions if a.dest == "base")
+    assert base.metavar == "{" + ",".join(QuantConfig.field_info("base").metadata["choices"]) + "}"
+
+
+def test_sensitivity_flags_keep_their_names_and_defaults():
+    from requant.cli import build_parser
+    from requant.cli.common import build_config
+
+    args = build_parser().parse_args(["sensitivity", "--report", "nodes", "--dtype", "bf16", "--include", "q_proj"])
+    c = build_config(args)
+    assert (c.bits, c.nsamples, c.grad_dtype, c.include) == (4, 8, "bf16", ("q_proj",))

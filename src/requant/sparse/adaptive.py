@@ -21,6 +21,9 @@ from ..quantizers import BaseQuantizer, LayerInputs
 from .allocation import ALLOCATORS, candidate_percents, topk_mask
 from .outliers import budget as budget_entries
 
+OBJECTIVES = ("base", "pqi")  # J_l: the base method's own error, or Σ |ḡ|·|w − D| of a PQI pass
+CRITERIA = ("magnitude", "pqi_pre")  # which entries become outliers first
+
 # Applies a per-layer function to every name and returns {name: its row of numbers}, wherever it runs them.
 LayerMap = Callable[[Sequence[str], Callable[[str], list[float]]], dict[str, list[float]]]
 
@@ -69,7 +72,7 @@ def row_objective(
     if kind == "pqi":
         assert gbar is not None
         return (gbar.double().abs() * err.abs()).sum(1)
-    raise ConfigError(f"Algorithm 1 objective {kind!r} is not allowed; use base or pqi")
+    raise ConfigError(f"Algorithm 1 objective {kind!r} is not allowed; use one of {', '.join(OBJECTIVES)}")
 
 
 def layer_objective(weight: torch.Tensor, recon: torch.Tensor, keep: torch.Tensor, **kw: Any) -> float:
@@ -130,7 +133,7 @@ def criterion_scores(weight: torch.Tensor, criterion: str, pre_scores: torch.Ten
     if criterion == "pqi_pre":
         assert pre_scores is not None
         return pre_scores.float().abs()
-    raise ConfigError(f"outlier criterion {criterion!r} is not allowed; use magnitude or pqi_pre")
+    raise ConfigError(f"outlier criterion {criterion!r} is not allowed; use one of {', '.join(CRITERIA)}")
 
 
 def outlier_masks(
