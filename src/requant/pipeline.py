@@ -385,13 +385,21 @@ def start_run(
     )
 
 
-def pqi_pass(run: Run, current: Mapping[str, torch.Tensor], what: str) -> PQIResult:
-    """One PQI integral from the masters w to `current` (the model in the gradient dtype), recorded in the report."""
+def pqi_pass(run: Run, current: Mapping[str, torch.Tensor], what: str, *, label: str | None = None) -> PQIResult:
+    """One PQI integral from the masters w to `current` (the model in the gradient dtype), recorded in the report
+    as `what`; `label` names it in progress output (default: `what`)."""
     windows = run.calibration.pqi_windows()
     c = run.config
     with run.timings("pqi_s"), _GradDtype(run.model, c.grad_dtype, run.weights):
         res = post_quantization_integral(
-            run.model, run.names, run.weights, current, windows, nodes=c.pqi_nodes, rule=c.pqi_rule
+            run.model,
+            run.names,
+            run.weights,
+            current,
+            windows,
+            nodes=c.pqi_nodes,
+            rule=c.pqi_rule,
+            desc=f"PQI {c.pqi_rule} ({label or what})",
         )
     run.report.pqi_passes.append({"what": what, "predicted_dF": res.predicted, "grad_evals": res.grad_evals})
     return res
@@ -568,8 +576,12 @@ def algorithm2(run: Run, dense: Mapping[str, QuantizedTensor], exclude: Masks, c
         start = (meta["step"], decode_masks(tensors, run.shapes))
         run.report.pqi_passes.extend(meta.get("pqi_passes", []))
 
+    steps = step_counts(count, step)
+    done = [start[0] if start is not None else 0]
+
     def score(cur: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return pqi_pass(run, cur, "detach").scores
+        done[0] += 1
+        return pqi_pass(run, cur, "detach", label=f"detach step {done[0]}/{len(steps)}").scores
 
     def checkpoint(k: int, chosen: Masks, _cur: Masks) -> None:
         work.save("detach", encode_masks(chosen), {"step": k, "pqi_passes": run.report.pqi_passes})
@@ -587,7 +599,7 @@ def algorithm2(run: Run, dense: Mapping[str, QuantizedTensor], exclude: Masks, c
         start=start,
         copy=False,  # `current` was built here for the loop alone
     )
-    run.report.detach_steps = step_counts(count, step)
+    run.report.detach_steps = steps
     return chosen
 
 
