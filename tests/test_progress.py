@@ -59,3 +59,8 @@ def test_on_a_terminal_the_bar_draws_with_an_eta(monkeypatch):
     assert not b.disable and b.total == 5  # a known total: tqdm shows the ETA
     b.close()
     assert not progress._OPEN
+
+
+def test_progress_bars_only_on_rank_0(monkeypatch):
+    monkeypatch.setattr(progress, "is_main", lambda: False)
+    assert progress.bar(range(3), desc="x").disable is True
