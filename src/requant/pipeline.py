@@ -309,6 +309,7 @@ class Run:
     """One quantization run: what every stage reads and writes."""
 
     model: nn.Module
+    tokenizer: object
     config: QuantConfig  # as given; `group_size` below is the resolved one
     group_size: int | None
     quantizer: BaseQuantizer
@@ -373,6 +374,7 @@ def start_run(
     timings = Timings()
     return Run(
         model=model,
+        tokenizer=tokenizer,
         config=config,
         group_size=group_size,  # type: ignore[arg-type]
         quantizer=quantizer,
@@ -444,7 +446,7 @@ def base_sensitivity(run: Run, fisher: Mapping[str, torch.Tensor] | None) -> Non
         with run.timings("fisher_s"):
 
             def compute() -> dict[str, torch.Tensor]:
-                return compute_fisher(run.model, run.calibration.tokenizer, run.config, run.names, run.weights)
+                return compute_fisher(run.model, run.tokenizer, run.config, run.names, run.weights)
 
             fisher = spill(run.model, "fisher", run.work.cached("fisher", compute, TENSORS).items())
     run.fisher = fisher
