@@ -2,7 +2,8 @@
 sha256 verification. Each load runs in a fresh process (so the peak RSS is the load's own); methods alternate,
 repeats give medians. Writes benchmarks/results/load_time.{json,md}.
 
-    python benchmarks/load_time.py out/rq3 [--repeats 5] [--src PATH_TO_OTHER_REQUANT_SRC --label v1]
+    python benchmarks/load_time.py "v2 from_pretrained=from_pretrained:out/rq3" "v2 no verify=no-verify:out/rq3" \\
+        "v1 requant.load (0.1)=requant.load:out/rq3-v1:/path/to/requant-0.1/src" [--repeats 5]
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ if method == "from_pretrained":
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 elif method == "requant.load":
     model, _ = requant.load(path)
-else:
+elif method == "no-verify":
     model, _ = requant.load(path, verify=False)
+else:
+    raise SystemExit(f"unknown method {method}")
 t2 = time.perf_counter()
 with torch.no_grad():
     model(torch.tensor([[1, 2, 3]]))
@@ -51,32 +54,40 @@ def run_once(method: str, path: str, src: str | None) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a requant checkpoint directory")
-    p.add_argument("--methods", default="from_pretrained,requant.load,requant.load --no-verify")
+    p.add_argument(
+        "case",
+        nargs="+",
+        help="LABEL=METHOD:CHECKPOINT[:SRC]; METHOD from_pretrained | requant.load | no-verify; SRC: PYTHONPATH of "
+        "another requant source tree (e.g. an older commit)",
+    )
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--src", default=None, help="PYTHONPATH of another requant source tree (e.g. an older commit)")
-    p.add_argument("--label", default=None, help="row label prefix (default: the checkpoint's name)")
     p.add_argument("--out", default=str(HERE / "results" / "load_time.json"))
     args = p.parse_args()
-    methods = args.methods.split(",")
-    runs: dict[str, list[dict]] = {m: [] for m in methods}
+    cases = {}
+    for c in args.case:
+        label, _, rest = c.partition("=")
+        method, path, *src = rest.split(":")
+        cases[label] = (method, path, src[0] if src else None)
+    runs: dict[str, list[dict]] = {k: [] for k in cases}
     for _ in range(args.repeats):
-        for m in methods:  # alternate, so drift in machine load hits every method alike
-            runs[m].append(run_once(m, args.checkpoint, args.src))
-    label = args.label or Path(args.checkpoint).name
+        for label, (method, path, src) in cases.items():  # interleaved: drift in machine load hits all alike
+            runs[label].append(run_once(method, path, src))
     out = Path(args.out)
     table = json.loads(out.read_text()) if out.is_file() else {}
-    for m, rs in runs.items():
-        table[f"{label}: {m}"] = {
-            "checkpoint": args.checkpoint,
+    for label, rs in runs.items():
+        method, path, src = cases[label]
+        table[label] = {
+            "method": method,
+            "checkpoint": path,
+            "src": src,
             "repeats": args.repeats,
             "load_s": statistics.median(r["load_s"] for r in rs),
-            "load_s_runs": [r["load_s"] for r in rs],
+            "load_s_runs": [round(r["load_s"], 3) for r in rs],
             "peak_rss_gb": statistics.median(r["peak_rss_gb"] for r in rs),
         }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
-    lines = ["| checkpoint: method | load s (median) | peak RSS GB (median) |", "|---|---|---|"]
+    lines = ["| case | load s (median) | peak RSS GB (median) |", "|---|---|---|"]
     lines += [f"| {k} | {v['load_s']:.2f} | {v['peak_rss_gb']:.2f} |" for k, v in table.items()]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

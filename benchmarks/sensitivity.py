@@ -28,27 +28,24 @@ from typing import Any
 
 import torch
 
+from requant.analysis.plots import write_plots
+from requant.analysis.reports import (
+    Problem,
+    Report,
+    blocks_report,
+    coverage_report,
+    lambda_report,
+    nodes_report,
+    prepare_problem,
+    sublayers_report,
+)
 from requant.assets import cache_dir
 from requant.config import QuantConfig
 from requant.io import write_json_atomic
 from requant.loading import load_model
 from requant.memory import peak_rss
 from requant.progress import quiet_transformers
-from requant.sensitivity import (
-    Problem,
-    post_quantization_integral,
-    prepare_problem,
-    window_gradients,
-)
-from requant.sensitivity.plots import write_plots
-from requant.sensitivity.report import (
-    Report,
-    blocks_report,
-    coverage_report,
-    lambda_report,
-    nodes_report,
-    sublayers_report,
-)
+from requant.sensitivity import post_quantization_integral, window_gradients
 
 RESULTS = Path(__file__).parent / "results"
 COMPOSITE = [1, 2, 4, 8, 16, 32]

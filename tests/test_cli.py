@@ -13,7 +13,7 @@ def run(capsys, *argv):
 
 def test_quantize_then_eval_json(capsys, model_dir, text_file, tmp_path):
     out = tmp_path / "q"
-    code, stdout, _ = run(
+    code, stdout, err = run(
         capsys,
         "quantize",
         str(model_dir),
@@ -35,7 +35,7 @@ def test_quantize_then_eval_json(capsys, model_dir, text_file, tmp_path):
         "32",
         "--json",
     )
-    assert code == 0
+    assert code == 0 and " in " not in err  # --json: no progress lines or bars
     rep = json.loads(stdout)
     assert 3 < rep["bits_per_weight"] < 6 and rep["sparse_percent"] == pytest.approx(0.6, abs=0.1)
     code, stdout, _ = run(
@@ -206,3 +206,47 @@ def test_generate_samples_with_top_p(capsys, model_dir):
     greedy = json.loads(run(capsys, *base[:-2], "--json")[1])["continuation"]
     # The tiniest nucleus holds only the most likely token: sampling from it is greedy decoding.
     assert json.loads(run(capsys, *base, "--top-p", "1e-9")[1])["continuation"] == greedy and len(outs) >= 1
+
+
+def test_quantize_flags_are_generated_from_every_config_setting():
+    """Every QuantConfig setting but base_options has a quantize flag; no flags at all give QuantConfig()."""
+    import dataclasses
+
+    from requant.cli import build_parser
+    from requant.cli.quantize import config_from_args
+    from requant.config import QuantConfig
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices["quantize"]
+    dests = {a.dest for a in sub._actions}
+    assert {f.name for f in dataclasses.fields(QuantConfig)} - {"base_options"} <= dests
+    assert config_from_args(parser.parse_args(["quantize", "-o", "x"])) == QuantConfig()
+    # the allowed values are structured (the metavar), and the same list QuantConfig checks
+    base = next(a for a in sub._actions if a.dest == "base")
+    assert base.metavar == "{" + ",".join(QuantConfig.field_info("base").metadata["choices"]) + "}"
+
+
+def test_sensitivity_flags_keep_their_names_and_defaults():
+    from requant.cli import build_parser
+    from requant.cli.common import build_config
+
+    args = build_parser().parse_args(["sensitivity", "--report", "nodes", "--dtype", "bf16", "--include", "q_proj"])
+    c = build_config(args)
+    assert (c.bits, c.nsamples, c.grad_dtype, c.include) == (4, 8, "bf16", ("q_proj",))
+
+
+def test_without_json_each_stage_reports_one_line_on_stderr(capsys, model_dir, text_file, tmp_path, monkeypatch):
+    import requant.progress as progress
+
+    monkeypatch.setattr(progress, "_terminal", lambda: False)
+    flags = ["--base", "squeezellm", "--outliers", "0.5", "--significant", "0.1", "--calib", str(text_file)]
+    code, stdout, err = run(
+        capsys, "quantize", str(model_dir), "-o", str(tmp_path / "q"), *flags, "--nsamples", "2", "--seqlen", "32"
+    )
+    assert code == 0 and stdout.startswith("wrote ")
+    import re
+
+    # (transformers' own "Writing model shards" bar, drawn while the checkpoint is saved, is not ours)
+    lines = [x for x in re.split(r"[\r\n]", err) if x.strip() and not x.startswith("Writing model shards")]
+    assert all(re.fullmatch(r"[^:]+: \d+/\d+ \w+ in \d+\.\d s", x) for x in lines), lines
+    assert [x.split(":")[0] for x in lines] == ["fisher", "quantize squeezellm"]

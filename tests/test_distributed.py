@@ -21,8 +21,6 @@ from safetensors.torch import load_file
 
 import dist_workers
 from requant import distributed
-from requant.config import QuantConfig
-from requant.cost import estimate_cost, model_info
 from requant.format.checkpoint import WEIGHTS_FILE as QUANT_FILE
 
 REL = 1e-6
@@ -128,103 +126,20 @@ def test_gpu_ranks_need_one_gpu_each(monkeypatch):
     assert not distributed.is_initialized()
 
 
-def test_progress_bars_only_on_rank_0(monkeypatch):
-    import requant.progress as progress
-
-    monkeypatch.setattr(progress, "is_main", lambda: False)
-    assert progress.bar(range(3), desc="x").disable is True
-
-
-def _info(**over):
-    info = {
-        "params": 1000,
-        "linear_params": 900,
-        "quantized_params": 800,
-        "layers": 7,
-        "blocks": 2,
-        "hidden": 16,
-        "intermediate": 32,
-        "vocab": 50,
-        "input_stat_floats": 2000,
-        "input_stat_floats_block": 1000,
-        "dtype_bytes": 4,
-    }
-    info.update(over)
-    return info
+def test_a_rank_owning_every_layer_still_joins_the_gather(monkeypatch):
+    # One layer, two ranks: rank 0 maps it alone, but rank 1 waits in the all-reduce, so rank 0 must join too.
+    joined = []
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "shard", lambda n: range(0, n, 2))
+    monkeypatch.setattr(distributed, "all_reduce_", lambda t: joined.append(sorted(t)) or t)
+    rows = distributed.map_layers(["only"], lambda n: [1.0, 2.5])
+    assert joined == [["layer_map"]] and rows == {"only": [1.0, 2.5]}
 
 
-def test_estimate_cost_counts_passes_flops_and_memory():
-    # ReQuant on SqueezeLLM: Fisher (32 windows) + PQI before each of 2 detach steps (8 nodes × 10 windows).
-    config = QuantConfig(significant=0.5, significant_select="pqi", step=0.25, pqi_nodes=8, pqi_nsamples=10)
-    one = estimate_cost(config, _info(), world_size=1)
-    assert one["estimate"] is True and one["pqi_passes"] == 2
-    assert one["passes"] == {
-        "fisher_fwd_bwd": 32,
-        "pqi_fwd_bwd": 160,
-        "calibration_fwd": 0,
-        "fwd_bwd": 192,
-        "fwd": 0,
-    }
-    attn = 2 * 2 * 512 * 16
-    per_token = 4 * 900 + 2 * 800 + 3 * attn
-    assert one["flops"]["fwd_bwd_per_token"] == per_token
-    assert one["flops"]["total"] == 192 * per_token * 512
-    two = estimate_cost(config, _info(), world_size=3)
-    # Each sum is split on its own: ceil(32/3) + 2 · 8 · ceil(10/3).
-    assert two["per_rank_passes"] == {"fwd_bwd": 11 + 2 * 8 * 4, "fwd": 0}
-    assert two["flops"]["total"] == one["flops"]["total"] and two["flops"]["per_rank"] < one["flops"]["total"] / 2
-    mem = one["memory_bytes_per_rank"]
-    assert mem["weights"] == 4000 and mem["gradient_work"] == 4 * 800 * 9 and mem["input_statistics"] == 0
-    assert mem["peak"] == mem["runtime"] + mem["weights"] + mem["gradient_work"] + mem["activations"]
-    fisher_only = estimate_cost(QuantConfig(), _info())["memory_bytes_per_rank"]
-    assert fisher_only["gradient_work"] == 4 * 800 * 4 and fisher_only["peak"] < mem["peak"]
-
-
-def test_estimate_cost_with_offload():
-    config = QuantConfig(significant=0.5, significant_select="pqi", step=0.25, pqi_nodes=8, pqi_nsamples=10)
-    plain = estimate_cost(config, _info())
-    off = estimate_cost(config, _info(), offload=True)
-    assert off["offload"] and off["passes"] == plain["passes"]
-    fwd_token = 2 * 900 + 2 * 2 * 512 * 16
-    assert off["flops"]["fwd_bwd_per_token"] == plain["flops"]["fwd_bwd_per_token"] + fwd_token  # recompute
-    m, p = off["memory_bytes_per_rank"], plain["memory_bytes_per_rank"]
-    assert m["weights"] == 0 and m["file_backed_weights"] == p["weights"] == 4000
-    assert m["activations"] < p["activations"] and m["gradient_work"] == p["gradient_work"]
-    assert m["peak"] == m["runtime"] + m["gradient_work"] + m["activations"]
-
-
-def test_estimate_cost_calibration_passes_for_input_methods():
-    gptq = estimate_cost(QuantConfig(base="gptq", nsamples=16), _info(), world_size=2)
-    assert gptq["passes"]["fisher_fwd_bwd"] == 0 and gptq["passes"]["calibration_fwd"] == 16
-    assert gptq["per_rank_passes"] == {"fwd_bwd": 0, "fwd": 8}
-    awq = estimate_cost(QuantConfig(base="awq", nsamples=16), _info(), world_size=1)
-    assert awq["memory_bytes_per_rank"]["input_statistics"] == 4 * 2000
-    rtn = estimate_cost(QuantConfig(base="rtn"), _info())
-    assert rtn["passes"]["fwd_bwd"] == 0 and rtn["passes"]["fwd"] == 0 and rtn["flops"]["total"] == 0
-
-
-def test_model_info_from_meta_model(model):
-    info = model_info(model, QuantConfig())
-    assert info["layers"] == 14 and info["blocks"] == 2 and info["hidden"] == 64 and info["vocab"] == 257
-    assert info["quantized_params"] == sum(
-        p.numel() for n, p in model.named_parameters() if "layers." in n and p.dim() == 2
-    )
-
-
-def test_dry_run_prints_estimate_and_writes_nothing(capsys, model_dir, tmp_path):
-    from requant.cli import main
-
-    out = tmp_path / "q"
-    dry = ["quantize", str(model_dir), "-o", str(out), "--dry-run", "--seqlen", "64"]  # the tiny model's context: 256
-    assert main([*dry, "--nproc", "2", "--nsamples", "4"]) == 0
-    text = capsys.readouterr().out
-    assert "ESTIMATED" in text and "4 forward+backward passes" in text and "per rank" in text
-    assert not out.exists() and not out.with_name("q.work").exists()
-    assert main([*dry, "--json"]) == 0
-    cost = json.loads(capsys.readouterr().out)
-    assert cost["passes"]["fisher_fwd_bwd"] == 32 and cost["world_size"] == 1
-    assert main([*dry, "--offload", str(tmp_path / "off")]) == 0
-    assert "memory-mapped from disk" in capsys.readouterr().out and not (tmp_path / "off").exists()
+def test_map_layers_in_one_process_runs_each_layer_once_in_order():
+    calls = []
+    rows = distributed.map_layers(["a", "b"], lambda n: calls.append(n) or [float(len(calls))])
+    assert calls == ["a", "b"] and rows == {"a": [1.0], "b": [2.0]}
 
 
 # ----------------------------------------------------------------------------------------------------------

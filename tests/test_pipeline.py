@@ -1,16 +1,20 @@
+"""The pipeline end to end on tiny models: the D&S baseline and ReQuant (Algorithms 1 and 2), budgets, the report,
+gradient dtypes, resume."""
+
 import pytest
 import torch
 
-from helpers import requant_config
+import requant.pipeline as pipeline
+from helpers import requant_config, tiny_llama, trained_tiny_llama
 from requant.config import QuantConfig
-from requant.errors import ConfigError, NumericalError
+from requant.errors import ConfigError, InputError, NumericalError, OutputError
 from requant.eval import evaluate
 from requant.loading import load_model
 from requant.model import quantizable_layers
 from requant.pipeline import compute_fisher, quantize
 
 
-def test_budgets_are_met_and_disjoint(model, tokenizer, text_file):
+def test_dns_budgets_are_met_and_sparse_sets_disjoint(model, tokenizer, text_file):
     cfg = QuantConfig(
         base="squeezellm",
         bits=3,
@@ -28,13 +32,13 @@ def test_budgets_are_met_and_disjoint(model, tokenizer, text_file):
     assert r.bit_count().sparse_entries == info["outlier_entries"] + info["sensitive_entries"]
 
 
-def test_weights_in_model_equal_reconstruction(model, tokenizer, text_file):
+def test_weights_in_the_model_equal_the_reconstruction(model, tokenizer, text_file):
     r = quantize(model, tokenizer, QuantConfig(base="rtn", bits=4, group_size=32, calib=str(text_file)))
     for name, q in r.layers.items():
         assert torch.equal(model.get_submodule(name).weight, q.weight())
 
 
-def test_more_bits_lower_perplexity(tokenizer, text_file, windows):
+def test_more_bits_give_lower_perplexity(tokenizer, text_file, windows):
     from helpers import tiny_llama
 
     ppl = {}
@@ -46,7 +50,7 @@ def test_more_bits_lower_perplexity(tokenizer, text_file, windows):
     assert ppl[2] > ppl[4] > ppl[8] and abs(ppl[8] - fp) / fp < 0.01
 
 
-def test_bad_inputs(model, tokenizer):
+def test_bad_models_are_refused_by_name(model, tokenizer):
     with pytest.raises(ConfigError, match="leaves no dense weights"):
         QuantConfig(outliers=60, significant=40)
     with pytest.raises(ConfigError, match="group size 48 does not divide the input width 64"):
@@ -98,3 +102,160 @@ def test_bf16_gradient_passes_refused_when_offloaded(model_dir, text_file, tmp_p
     model, tok = load_model(model_dir, offload=tmp_path / "off")
     with pytest.raises(ConfigError, match="--grad-dtype bf16 is not supported with --offload"):
         quantize(model, tok, requant_config(text_file, grad_dtype="bf16"))
+
+
+# ReQuant: Algorithm 1 outliers, Algorithm 2 detach, resume
+
+
+def _weights(result):
+    return {n: q.weight() for n, q in result.layers.items()}
+
+
+def test_requant_budgets_are_met_and_sets_disjoint(tokenizer, text_file):
+    model = tiny_llama()
+    r = quantize(model, tokenizer, requant_config(text_file))
+    total = sum(q.info.numel for q in r.layers.values())
+    sp = r.report["sparse"]
+    assert sp["outlier_entries"] <= round(0.01 * total)
+    assert sp["significant_entries"] == round(0.005 * total)
+    assert r.bit_count().sparse_entries == sp["outlier_entries"] + sp["significant_entries"]
+    assert r.report["detach_steps"] == [round(0.0025 * total), round(0.005 * total) - round(0.0025 * total)]
+    assert len(r.report["pqi_passes"]) == 2
+    # significant entries hold the original weights (fp16 residual): detaching lowered the PQI-predicted loss
+    assert r.report["pqi_passes"][1]["predicted_dF"] < r.report["pqi_passes"][0]["predicted_dF"]
+    percents = r.report["algorithm1"]["percent_per_layer"]
+    assert len(set(percents.values())) > 1  # ratios differ per layer
+
+
+def test_block_granularity_shares_a_ratio(tokenizer, text_file):
+    cfg = requant_config(text_file, significant=0.0, step=None, alg1_granularity="block")
+    r = quantize(tiny_llama(), tokenizer, cfg)
+    pct = r.report["algorithm1"]["candidate_per_layer"]
+    for block in (0, 1):
+        vals = {round(v, 6) for n, v in pct.items() if f"layers.{block}." in n}
+        assert len(vals) == 1
+
+
+def test_requant_beats_random_on_calibration_loss(tokenizer, text_file):
+    from requant.data import text_windows
+    from requant.eval import evaluate
+
+    win = text_windows(tokenizer, str(text_file), 32, nsamples=2, seed=0)
+    ppl = {}
+    for sel in ("adaptive", "random"):
+        m = trained_tiny_llama(text_file.read_text())
+        sig = "pqi" if sel == "adaptive" else "random"
+        quantize(m, tokenizer, requant_config(text_file, outlier_select=sel, significant_select=sig, bits=2))
+        ppl[sel] = evaluate(m, win).perplexity
+    assert ppl["adaptive"] < ppl["random"]
+
+
+def test_resume_after_interruption_is_bit_identical(tokenizer, text_file, tmp_path, monkeypatch):
+    cfg = requant_config(text_file)
+    ref = _weights(quantize(tiny_llama(), tokenizer, cfg))
+    real = pipeline.post_quantization_integral
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # killed during the second detach step
+        return real(*a, **k)
+
+    monkeypatch.setattr(pipeline, "post_quantization_integral", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        quantize(tiny_llama(), tokenizer, cfg, workdir=tmp_path / "w")
+    monkeypatch.setattr(pipeline, "post_quantization_integral", real)
+    r = quantize(tiny_llama(), tokenizer, cfg, workdir=tmp_path / "w", resume=True)
+    assert set(r.report["resumed_stages"]) >= {"fisher", "alg1", "dense", "detach"}
+    got = _weights(r)
+    assert all(torch.equal(got[n], ref[n]) for n in ref)
+
+
+def test_out_of_disk_leaves_no_corrupt_stage_and_resume_works(tokenizer, text_file, tmp_path, monkeypatch):
+    """ENOSPC while storing the second detach step: one clear error, the stale step-1 stage is not kept as if
+    it were step 2, and --resume finishes bit-identical to an uninterrupted run."""
+    import errno
+
+    import requant.workdir as workdir
+
+    cfg = requant_config(text_file)
+    ref = _weights(quantize(tiny_llama(), tokenizer, cfg))
+    real = workdir.save_file
+    calls = {"detach": 0}
+
+    def full_disk(tensors, path):
+        if ".detach." in str(path):
+            calls["detach"] += 1
+            if calls["detach"] == 2:
+                real(tensors, path)  # a partial file is on disk when the error comes
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, path)
+
+    monkeypatch.setattr(workdir, "save_file", full_disk)
+    with pytest.raises(OutputError, match=r"no space left on .* while writing '.*detach.safetensors'.*--resume"):
+        quantize(tiny_llama(), tokenizer, cfg, workdir=tmp_path / "w")
+    w = tmp_path / "w"
+    assert not (w / "detach.json").exists() and not list(w.glob(".detach.*"))  # no stage, no temporary
+    assert (w / "dense.json").exists()
+    monkeypatch.setattr(workdir, "save_file", real)
+    r = quantize(tiny_llama(), tokenizer, cfg, workdir=w, resume=True)
+    assert "dense" in r.report["resumed_stages"] and "detach" not in r.report["resumed_stages"]
+    got = _weights(r)
+    assert all(torch.equal(got[n], ref[n]) for n in ref)
+
+
+def test_resume_with_another_config_is_refused(tokenizer, text_file, tmp_path):
+    quantize(tiny_llama(), tokenizer, requant_config(text_file, significant=0.0, step=None), workdir=tmp_path / "w")
+    with pytest.raises(InputError, match=r"different settings.*bits"):
+        quantize(
+            tiny_llama(),
+            tokenizer,
+            requant_config(text_file, bits=4, significant=0.0, step=None),
+            workdir=tmp_path / "w",
+            resume=True,
+        )
+
+
+@pytest.mark.parametrize(
+    ("kw", "msg"),
+    [
+        ({"significant": 0.05, "step": 0.1}, "detach step 0.1 must be in"),
+        ({"significant": 0.05, "step": 0.0}, "detach step 0.0 must be in"),
+        ({"outliers": 99.0, "significant": 1.0}, "leaves no dense weights"),
+        ({"pqi_rule": "simpson"}, "PQI rule 'simpson'"),
+        ({"pqi_nodes": 0}, "PQI nodes 0"),
+        ({"alg1_objective": "hessian"}, "Algorithm 1 objective 'hessian'"),
+    ],
+)
+def test_bad_budgets_are_refused_by_name(text_file, kw, msg):
+    with pytest.raises(ConfigError, match=msg):
+        requant_config(text_file, **kw)
+
+
+def test_the_report_keeps_its_json_keys(tokenizer, text_file):
+    """Checkpoints store the report and --json prints it: its keys are a contract."""
+    r = quantize(tiny_llama(), tokenizer, requant_config(text_file))
+    assert list(r.report) == [
+        "pqi_passes",
+        "algorithm1",
+        "detach_steps",
+        "timings",
+        "bits",
+        "sparse",
+        "layers",
+        "quantizer",
+        "calibration_inputs",
+        "resumed_stages",
+        "world_size",
+    ]
+    assert {"fisher_s", "outliers_s", "dense_fit_s", "significant_s", "pqi_s", "total_s"} <= set(r.report["timings"])
+    assert [p["what"] for p in r.report["pqi_passes"]] == ["detach"] * len(r.report["detach_steps"])
+    plain = quantize(tiny_llama(), tokenizer, QuantConfig(base="rtn", bits=4, calib=str(text_file)))
+    assert "pqi_passes" not in plain.report and "algorithm1" not in plain.report
+    assert plain.report["sparse"] == {
+        "sensitive_entries": 0,
+        "outlier_entries": 0,
+        "significant_entries": 0,
+        "sparse_percent": 0.0,
+    }

@@ -49,14 +49,3 @@ def cache_dir() -> Path:
     """Root of requant's cache: $REQUANT_CACHE, else ~/.cache/requant."""
     root = os.environ.get("REQUANT_CACHE")
     return Path(root) if root else Path.home() / ".cache" / "requant"
-
-
-def default_model_dir() -> Path:
-    """The embedded model as a plain safetensors checkpoint, converted from GGUF on first use."""
-    from .loading import convert_gguf  # loading.py imports transformers; keep this module light
-
-    gguf = default_gguf()
-    target = cache_dir() / "models" / gguf.stem
-    if not (target / "config.json").is_file():
-        convert_gguf(gguf, target)
-    return target

@@ -1,4 +1,8 @@
-"""User intent as small validated dataclasses; every check names the bad value and what is allowed."""
+"""User intent as small validated dataclasses; every check names the bad value and what is allowed.
+
+Each field of QuantConfig carries its own help text and allowed values (`option(...)` metadata); the CLI
+generates its flags from them (requant.cli.options) and validation reads the same choices.
+"""
 
 from __future__ import annotations
 
@@ -10,20 +14,37 @@ from typing import Any
 from .errors import ConfigError
 from .quantizers import ALLOWED_BITS, QUANTIZERS
 from .sensitivity.quadrature import RULES
+from .sparse.adaptive import CRITERIA, OBJECTIVES
+from .sparse.allocation import ALLOCATORS
+from .sparse.detach import RANKINGS, SCOPES
 
+# Allowed values; each list lives in the module that implements the choice, named here once.
+BASES = tuple(QUANTIZERS)
 OUTLIER_SELECT = ("iqr", "adaptive", "random")
 SIGNIFICANT_SELECT = ("fisher", "pqi", "random")
 DTYPES = ("fp32", "bf16")
-PQI_RULES = RULES  # one list: the quadrature module owns it
-ALG1_OBJECTIVES = ("base", "pqi")
-ALG1_CRITERIA = ("magnitude", "pqi_pre")
+PQI_RULES = RULES
+ALG1_OBJECTIVES = OBJECTIVES
+ALG1_CRITERIA = CRITERIA
 ALG1_GRANULARITY = ("module", "block")
-ALG1_ALLOCATORS = ("greedy", "lagrange")
-DETACH_SCOPES = ("global", "module")
-DETACH_RANKINGS = ("abs", "positive")
+ALG1_ALLOCATORS = tuple(ALLOCATORS)
+DETACH_SCOPES = SCOPES
+DETACH_RANKINGS = RANKINGS
 # group_size value: the recipe picks the group size at which the outliers cost no more bits than the base
 # method's tables at g128 (requant.recipes.equal_bits_group_size); resolved by the pipeline from the widths.
 EQUAL_BITS = "equal-bits"
+
+
+def option(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str,
+    what: str = "",
+    choices: tuple[Any, ...] | None = None,
+) -> Any:
+    """A config field with its help text, its allowed values (checked in __post_init__) and how an error
+    names it (`what`)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "what": what})
 
 
 def _choice(value: Any, allowed: tuple[Any, ...], what: str) -> None:
@@ -40,41 +61,95 @@ def _positive(value: int, what: str) -> None:
 class QuantConfig:
     """What to quantize and how. Percentages are percent of all quantized weights."""
 
-    base: str = "squeezellm"
-    bits: int = 3
-    group_size: int | str | None = None  # inputs per group; None = per row; EQUAL_BITS = chosen by the recipe
-    sym: bool = False
-    outliers: float = 0.0
-    outlier_select: str = "iqr"
-    significant: float = 0.0
-    significant_select: str = "fisher"
-    step: float | None = None  # β of Algorithm 2, percent per detach step; None = a single step
-    pqi_nodes: int = 32
-    pqi_rule: str = "midpoint"
-    pqi_nsamples: int | None = None  # calibration windows for PQI; None = nsamples
-    alg1_objective: str = "base"
-    alg1_criterion: str = "magnitude"
-    alg1_granularity: str = "module"
-    alg1_steps: int = 8  # candidate ratios {0, 1/steps, ..., max_factor} × budget
-    alg1_max_factor: float = 4.0
-    alg1_allocator: str = "greedy"
-    detach_scope: str = "global"
-    detach_ranking: str = "abs"
-    calib: str = "wiki:train"
-    nsamples: int = 32
-    seqlen: int = 512
-    seed: int = 0
-    grad_dtype: str = "fp32"
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    base_options: dict[str, Any] = field(default_factory=dict)
+    base: str = option(
+        "squeezellm",
+        help="base method (awq, gptq and qtip use the calibration inputs)",
+        what="base method",
+        choices=BASES,
+    )
+    bits: int = option(3, help="bits per dense weight", what="bits", choices=ALLOWED_BITS)
+    # inputs per group; None = per row; EQUAL_BITS = chosen by the recipe from the layers' widths
+    group_size: int | str | None = option(None, help="inputs per scale group")
+    sym: bool = option(False, help="symmetric uniform grid (rtn)")
+    outliers: float = option(0.0, help="outlier percent of quantized weights (r_o)")
+    outlier_select: str = option(
+        "iqr",
+        help="how outliers are chosen: iqr (SqueezeLLM), adaptive (Algorithm 1), random",
+        what="outlier selection",
+        choices=OUTLIER_SELECT,
+    )
+    significant: float = option(0.0, help="significant-weight percent (r_s)")
+    significant_select: str = option(
+        "fisher",
+        help="how significant weights are chosen: fisher (SqueezeLLM), pqi (Algorithm 2), random",
+        what="significant selection",
+        choices=SIGNIFICANT_SELECT,
+    )
+    step: float | None = option(None, help="Algorithm 2 step β in percent (unset: one step of r_s)")
+    pqi_nodes: int = option(32, help="PQI quadrature nodes N")
+    pqi_rule: str = option("midpoint", help="PQI quadrature rule", what="PQI rule", choices=PQI_RULES)
+    pqi_nsamples: int | None = option(None, help="calibration windows for PQI (unset: nsamples)")
+    alg1_objective: str = option(
+        "base",
+        help="Algorithm 1 objective: base (the base method's own error) or pqi",
+        what="Algorithm 1 objective",
+        choices=ALG1_OBJECTIVES,
+    )
+    alg1_criterion: str = option(
+        "magnitude",
+        help="Algorithm 1: which entries become outliers first",
+        what="Algorithm 1 outlier criterion",
+        choices=ALG1_CRITERIA,
+    )
+    alg1_granularity: str = option(
+        "module",
+        help="Algorithm 1: one outlier ratio per module or per block",
+        what="Algorithm 1 granularity",
+        choices=ALG1_GRANULARITY,
+    )
+    alg1_steps: int = option(8, help="Algorithm 1 candidate ratios {0, 1/steps, ..., max_factor} × budget")
+    alg1_max_factor: float = option(4.0, help="Algorithm 1 largest candidate ratio / budget")
+    alg1_allocator: str = option(
+        "greedy",
+        help="Algorithm 1 knapsack solver",
+        what="Algorithm 1 allocator",
+        choices=ALG1_ALLOCATORS,
+    )
+    detach_scope: str = option(
+        "global",
+        help="Algorithm 2 top-k over all layers (global) or per module",
+        what="detach scope",
+        choices=DETACH_SCOPES,
+    )
+    detach_ranking: str = option(
+        "abs",
+        help="Algorithm 2 ranking: abs (|ΔF_PQI|) or positive (ΔF_PQI > 0 only)",
+        what="detach ranking",
+        choices=DETACH_RANKINGS,
+    )
+    calib: str = option("wiki:train", help="calibration text (wiki:train, c4:train, ... or a file)")
+    nsamples: int = option(32, help="calibration windows")
+    seqlen: int = option(512, help="tokens per window")
+    seed: int = option(0, help="seed of the window sampling")
+    grad_dtype: str = option("fp32", help="model dtype for gradient passes", what="gradient dtype", choices=DTYPES)
+    include: tuple[str, ...] = option((), help="regex of layer names to quantize (repeat)")
+    exclude: tuple[str, ...] = option((), help="regex of layer names to skip (repeat)")
+    base_options: dict[str, Any] = field(default_factory=dict, metadata={"help": "base quantizer keyword options"})
+
+    @staticmethod
+    def field_info(name: str) -> dataclasses.Field:
+        """The dataclass field of a setting (its default, help text and choices)."""
+        for f in dataclasses.fields(QuantConfig):
+            if f.name == name:
+                return f
+        raise ConfigError(f"unknown config setting {name!r}")
 
     def quantizer_options(self) -> dict[str, Any]:
         """Keyword options of the base quantizer: `base_options` plus the flags that have their own field."""
         return {**self.base_options, **({"sym": True} if self.sym else {})}
 
     def __post_init__(self) -> None:
-        _choice(self.base, tuple(QUANTIZERS), "base method")
+        _choice(self.base, BASES, "base method")
         _choice(self.bits, ALLOWED_BITS, "bits")
         if self.group_size is not None and self.group_size != EQUAL_BITS:
             _positive(self.group_size, "group size")
@@ -86,23 +161,17 @@ class QuantConfig:
                 f"outliers + significant = {self.outliers + self.significant}% leaves no dense weights; "
                 "the sum must be below 100"
             )
-        _choice(self.outlier_select, OUTLIER_SELECT, "outlier selection")
-        _choice(self.significant_select, SIGNIFICANT_SELECT, "significant selection")
+        for f in dataclasses.fields(self):  # every setting with a list of allowed values, in field order
+            if f.metadata.get("choices") and f.name not in ("base", "bits"):
+                _choice(getattr(self, f.name), f.metadata["choices"], f.metadata["what"])
         if self.step is not None and not 0 < self.step <= max(self.significant, 0):
             raise ConfigError(f"detach step {self.step} must be in (0, significant={self.significant}] percent")
         _positive(self.pqi_nodes, "PQI nodes")
-        _choice(self.pqi_rule, PQI_RULES, "PQI rule")
         if self.pqi_nsamples is not None:
             _positive(self.pqi_nsamples, "PQI nsamples")
-        _choice(self.alg1_objective, ALG1_OBJECTIVES, "Algorithm 1 objective")
-        _choice(self.alg1_criterion, ALG1_CRITERIA, "Algorithm 1 outlier criterion")
-        _choice(self.alg1_granularity, ALG1_GRANULARITY, "Algorithm 1 granularity")
-        _choice(self.alg1_allocator, ALG1_ALLOCATORS, "Algorithm 1 allocator")
         _positive(self.alg1_steps, "Algorithm 1 grid steps")
         if not self.alg1_max_factor >= 1:
             raise ConfigError(f"Algorithm 1 max factor {self.alg1_max_factor} must be at least 1")
-        _choice(self.detach_scope, DETACH_SCOPES, "detach scope")
-        _choice(self.detach_ranking, DETACH_RANKINGS, "detach ranking")
         if (self.outliers > 0 or self.significant > 0) and not QUANTIZERS[self.base].supports_exclude:
             raise ConfigError(
                 f"base method {self.base!r} cannot leave entries out of its fit; "
@@ -112,7 +181,6 @@ class QuantConfig:
         _positive(self.seqlen, "seqlen")
         if self.seqlen < 2:
             raise ConfigError(f"seqlen {self.seqlen} must be at least 2")
-        _choice(self.grad_dtype, DTYPES, "gradient dtype")
         if self.sym and "sym" not in inspect.signature(QUANTIZERS[self.base].__init__).parameters:
             with_sym = [n for n, q in QUANTIZERS.items() if "sym" in inspect.signature(q.__init__).parameters]
             raise ConfigError(f"--sym has no meaning for base {self.base!r}; it applies to {', '.join(with_sym)}")

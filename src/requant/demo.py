@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = replace(cfg, nsamples=args.nsamples, seqlen=args.seqlen)
         with quiet_transformers():
             model, tok = load_model()
+        # Each stage shows a bar on a terminal and one line on stderr otherwise (requant.progress).
+        print(f"  {label}: quantizing ...", flush=True)
         t = time.perf_counter()
         if cfg.needs_fisher and fisher is None:
             fisher = compute_fisher(model, tok, cfg, [i.name for i in quantizable_layers(model)])
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         q_time = time.perf_counter() - t
         r = evaluate(model, windows, data="wiki:test")
         rows.append((label, r.perplexity, res.bit_count().bits_per_weight, q_time, time.perf_counter() - t))
-        print(f"  {label}: ppl {r.perplexity:.2f}", flush=True)
+        print(f"  {label}: ppl {r.perplexity:.2f} ({q_time:.0f} s to quantize)", flush=True)
     print(f"\n| variant | wiki:test ppl ({fp.tokens} tokens) | bits/weight | quantize s | total s |")
     print("|---|---|---|---|---|")
     for label, ppl, bits, qs, ts in rows:

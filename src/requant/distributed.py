@@ -16,7 +16,7 @@ import datetime
 import math
 import os
 import sys
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, MutableMapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -44,6 +44,7 @@ __all__ = [
     "is_initialized",
     "is_main",
     "local_device",
+    "map_layers",
     "rank",
     "shard",
     "world_size",
@@ -195,6 +196,31 @@ def shard(n: int, *, rank_: int | None = None, world: int | None = None) -> rang
     if not 0 <= r < k:
         raise ConfigError(f"rank {r} is outside a world of {k} processes")
     return range(r, n, k)
+
+
+def map_layers(
+    names: Sequence[str],
+    fn: Callable[[str], list[float]],
+    *,
+    progress: Callable[[list[str]], Iterable[str]] = iter,
+) -> dict[str, list[float]]:
+    """{name: fn(name)} for every name, each computed by one rank (`shard`) and shared with all of them.
+
+    Every fn(name) returns the same number of floats; the rows are summed over ranks in fp64 with one
+    non-zero term each, so every rank ends with the exact values its owner computed. `progress` wraps this
+    rank's share (e.g. a progress bar). Every rank must call it, also one that owns no name.
+    """
+    mine = [names[i] for i in shard(len(names))]
+    rows = {n: fn(n) for n in progress(mine)}
+    if world_size() == 1:
+        return rows
+    width = int(all_reduce_max(max((len(r) for r in rows.values()), default=0))[0])
+    gathered = torch.zeros(len(names), width, dtype=torch.float64)
+    for i, n in enumerate(names):
+        if n in rows:
+            gathered[i] = torch.tensor(rows[n], dtype=torch.float64)
+    all_reduce_({"layer_map": gathered})
+    return {n: gathered[i].tolist() for i, n in enumerate(names)}
 
 
 def _reduce_device(t: torch.Tensor) -> torch.device:

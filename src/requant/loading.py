@@ -96,12 +96,23 @@ def _gguf_cache_dir(gguf: Path) -> Path:
     return cache_dir() / "models" / f"{gguf.stem}-{key}"
 
 
+def default_model_dir() -> Path:
+    """The embedded model as a plain safetensors checkpoint, converted from GGUF on first use."""
+    from .assets import cache_dir, default_gguf
+
+    gguf = default_gguf()
+    target = cache_dir() / "models" / gguf.stem
+    if not (target / "config.json").is_file():
+        convert_gguf(gguf, target)
+    return target
+
+
 def resolve_model_path(spec: str | os.PathLike | None) -> str:
     """Turn a user's model argument into a loadable directory or a cached hub id.
 
     None means the embedded SmolLM2 model; a `.gguf` file is converted once into the cache.
     """
-    from .assets import default_gguf, default_model_dir
+    from .assets import default_gguf
 
     if spec is None or str(spec) in ("", "default"):
         return str(default_model_dir())

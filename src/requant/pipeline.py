@@ -1,22 +1,28 @@
 """ReQuant orchestration (docs/method.md, the paper's Figure 1) over any base quantizer, with resumable stages.
 
-  1. pre-quantize with the base method and its own sensitivity (Fisher for SqueezeLLM)
-  2. Algorithm 1: per-layer outlier ratios under the global budget   (--outlier-select adaptive)
-  3. select the outliers                                              (or SqueezeLLM's IQR rule, or random)
-  4. re-quantize the rest with the outliers left out of the fit
-  5. Algorithm 2: step-wise significant-weight detach by PQI          (or Fisher top-k first, or random)
-  6. ŵ = dense + sparse outliers + sparse significant weights
+`quantize` is the method's steps in order, each a function of one `Run` (the model, its fp32 master weights,
+the work directory, the typed report, timings and the lazily drawn calibration data):
+
+  base_sensitivity     the base method's own sensitivity (Fisher Σg² for SqueezeLLM)           stage `fisher`
+  sensitive_values     SqueezeLLM's top Fisher values, kept sparse first (the D&S baseline)
+  select_outliers      Algorithm 1 (pre_quantize + algorithm1), SqueezeLLM's IQR rule or random
+                                                                                  stages `pqi_pre`, `alg1`
+  dense_fit            re-quantize with the sparse entries left out of the fit                 stage `dense`
+  detach_significant   Algorithm 2: step-wise detach by PQI (or random)                        stage `detach`
+  assemble             ŵ = dense + sparse outliers + sparse significant weights, into the model
 
 The algorithms are pure functions in quantizers/, sparse/ and sensitivity/; this module walks the model,
-stores each finished stage in the work directory, times stages and reports.
+stores each finished stage in the work directory (WorkDir.cached), times stages and reports.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import replace
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -34,14 +40,15 @@ from .progress import bar
 from .quantizers import BaseQuantizer, LayerInputs, QuantizedTensor, make_quantizer
 from .recipes import equal_bits_group_size
 from .results import QuantizationResult, QuantizedLayer
-from .sensitivity import fisher_information, post_quantization_integral
+from .sensitivity import PQIResult, fisher_information, post_quantization_integral
 from .sparse import SparseResidual, iqr_outlier_masks, topk_masks_per_module
-from .sparse.adaptive import allocate_outliers, outlier_masks
+from .sparse.adaptive import LayerMap, allocate_outliers, outlier_masks
 from .sparse.detach import select_top, step_counts, stepwise_detach
 from .sparse.outliers import budget
-from .workdir import WorkDir
+from .workdir import DENSE, META, TENSORS, WorkDir, decode_masks, encode_masks
 
 Masks = dict[str, torch.Tensor]
+Progress = Callable[[list[str]], Iterable[str]]  # wraps a list of layer names, e.g. in a progress bar
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -129,7 +136,7 @@ def fit_dense(
     importance: Mapping[str, torch.Tensor] | None = None,
     exclude: Mapping[str, torch.Tensor] | None = None,
     inputs: Mapping[str, LayerInputs] | None = None,
-    desc: str = "quantize",
+    progress: Progress = iter,
 ) -> dict[str, QuantizedTensor]:
     """Fit the base quantizer on every layer, each with its excluded entries left out of the fit."""
     return {
@@ -139,7 +146,7 @@ def fit_dense(
             exclude=exclude.get(n) if exclude else None,
             inputs=inputs.get(n) if inputs else None,
         )
-        for n in bar(list(weights), desc=f"{desc} {quantizer.name}", unit="layer")
+        for n in progress(list(weights))
     }
 
 
@@ -192,38 +199,212 @@ def _count(masks: Mapping[str, torch.Tensor] | None) -> int:
     return int(sum(int(m.sum()) for m in masks.values())) if masks else 0
 
 
+def _layer_bar(desc: str) -> Progress:
+    return functools.partial(bar, desc=desc, unit="layer")
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Stage storage
+# The state of one run
 
 
-def _masks_state(masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {f"{n}.index": m.flatten().nonzero().squeeze(1) for n, m in masks.items()}
+class Timings:
+    """Wall seconds per stage key (`fisher_s`, `pqi_s`, ...), summed over every time the stage runs."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, key: str) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - t
 
 
-def _masks_from_state(tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, int]]) -> Masks:
-    out = {}
-    for n, shape in shapes.items():
-        m = torch.zeros(shape[0] * shape[1], dtype=torch.bool)
-        m[tensors[f"{n}.index"]] = True
-        out[n] = m.view(shape)
-    return out
+@dataclass
+class QuantReport:
+    """What a run reports; `to_dict` gives the JSON stored in checkpoints and printed by `--json`."""
+
+    pqi_passes: list[dict[str, Any]] = field(default_factory=list)  # one per PQI integral: what, ΔF, grad evals
+    iqr_range_factor: float | None = None  # SqueezeLLM's IQR rule: the range factor that met the budget
+    algorithm1: dict[str, Any] | None = None  # OutlierAllocation.report()
+    detach_steps: list[int] | None = None  # entries detached by each step of Algorithm 2
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, and total_s
+    bits: dict[str, Any] = field(default_factory=dict)  # accounting.BitCount.to_dict()
+    sparse: dict[str, Any] = field(default_factory=dict)  # entries per sparse kind and sparse_percent
+    layers: int = 0
+    quantizer: dict[str, Any] = field(default_factory=dict)  # BaseQuantizer.describe()
+    calibration_inputs: str | None = None  # "sequential", "one pass" or None (the method reads no inputs)
+    resumed_stages: list[str] = field(default_factory=list)
+    world_size: int = 1
+    resumed_from_world_size: int | None = None  # set when a resume changed the number of processes
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.pqi_passes:
+            out["pqi_passes"] = self.pqi_passes
+        optional = {
+            "iqr_range_factor": self.iqr_range_factor,
+            "algorithm1": self.algorithm1,
+            "detach_steps": self.detach_steps,
+        }
+        out.update({k: v for k, v in optional.items() if v is not None})
+        out.update(
+            {
+                "timings": self.timings,
+                "bits": self.bits,
+                "sparse": self.sparse,
+                "layers": self.layers,
+                "quantizer": self.quantizer,
+                "calibration_inputs": self.calibration_inputs,
+                "resumed_stages": self.resumed_stages,
+                "world_size": self.world_size,
+            }
+        )
+        if self.resumed_from_world_size is not None:
+            out["resumed_from_world_size"] = self.resumed_from_world_size
+        return out
 
 
-def _dense_state(dense: Mapping[str, QuantizedTensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors, meta = {}, {}
-    for n, q in dense.items():
-        m, ts = q.to_state()
-        meta[n] = m
-        tensors.update({f"{n}.{k}": t for k, t in ts.items()})
-    return tensors, meta
+class Calibration:
+    """The run's calibration data, drawn on first use: windows, the fp model's layer-input statistics (one
+    pass, for base methods that read inputs) and the PQI windows (`pqi_nsamples` of them)."""
+
+    def __init__(
+        self, model: nn.Module, tokenizer: object, config: QuantConfig, names: list[str], timings: Timings
+    ) -> None:
+        self.model, self.tokenizer, self.config, self.names, self.timings = model, tokenizer, config, names, timings
+        self._windows: torch.Tensor | None = None
+        self._stats: dict[str, LayerInputs] | None = None
+        self._pqi_windows: torch.Tensor | None = None
+
+    def _draw(self, nsamples: int) -> torch.Tensor:
+        c = self.config
+        return text_windows(self.tokenizer, c.calib, c.seqlen, nsamples=nsamples, seed=c.seed)
+
+    def windows(self) -> torch.Tensor:
+        """`nsamples` token windows of the calibration text (nsamples × seqlen)."""
+        if self._windows is None:
+            self._windows = self._draw(self.config.nsamples)
+        return self._windows
+
+    def layer_inputs(self) -> dict[str, LayerInputs]:
+        """Σ x xᵀ, Σ|x| and token counts of every layer's input, from the model as it was at the first call."""
+        if self._stats is None:
+            windows = self.windows()
+            with self.timings("calibration_s"):
+                self._stats = layer_inputs(self.model, self.names, windows)
+        return self._stats
+
+    def pqi_windows(self) -> torch.Tensor:
+        """The windows every PQI integral is taken over (`pqi_nsamples`, default `nsamples`)."""
+        if self._pqi_windows is None:
+            self._pqi_windows = self._draw(self.config.pqi_nsamples or self.config.nsamples)
+        return self._pqi_windows
 
 
-def _dense_from_state(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> dict[str, QuantizedTensor]:
-    out = {}
-    for n, m in meta.items():
-        own = {k[len(n) + 1 :]: v for k, v in tensors.items() if k.startswith(n + ".")}
-        out[n] = QuantizedTensor.from_state(m, own)
-    return out
+@dataclass
+class Run:
+    """One quantization run: what every stage reads and writes."""
+
+    model: nn.Module
+    tokenizer: object
+    config: QuantConfig  # as given; `group_size` below is the resolved one
+    group_size: int | None
+    quantizer: BaseQuantizer
+    layers: dict[str, LayerInfo]
+    weights: Mapping[str, torch.Tensor]  # fp32 master copy of every layer's weight (memory-mapped when offloaded)
+    work: WorkDir
+    calibration: Calibration
+    timings: Timings
+    started: float  # time.perf_counter() at the start
+    report: QuantReport = field(default_factory=QuantReport)
+    fisher: Mapping[str, torch.Tensor] | None = None  # the base method's sensitivity, until the dense fit
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.layers)
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        return {n: (i.out_features, i.in_features) for n, i in self.layers.items()}
+
+    @property
+    def total(self) -> int:
+        """Quantized weights in all layers."""
+        return sum(w.numel() for w in self.weights.values())
+
+    @property
+    def importance(self) -> Mapping[str, torch.Tensor] | None:
+        """The Fisher, for base methods that weight their fit by it."""
+        return self.fisher if self.quantizer.uses_importance else None
+
+    def inputs(self) -> dict[str, LayerInputs] | None:
+        """Layer-input statistics for base methods that use them, else None."""
+        return self.calibration.layer_inputs() if self.quantizer.uses_inputs else None
+
+
+def start_run(
+    model: nn.Module,
+    tokenizer: object,
+    config: QuantConfig,
+    workdir: str | os.PathLike | None,
+    resume: bool,
+) -> Run:
+    """Resolve the quantizer and layers, check the weights, copy the fp32 masters and open the work dir."""
+    started = time.perf_counter()
+    layers = quantizable_layers(model, config.include, config.exclude)
+    group_size = config.group_size
+    if group_size == EQUAL_BITS:  # the recipe's choice, from the layers' widths
+        group_size = equal_bits_group_size((i.in_features for i in layers), config.outliers)
+    quantizer = make_quantizer(config.base, config.bits, group_size, **config.quantizer_options())  # type: ignore[arg-type]
+    for info in layers:
+        quantizer.check_shape(info.name, (info.out_features, info.in_features))
+    check_finite_weights(model, layers)
+    names = [i.name for i in layers]
+    # The fp32 master copy; memory-mapped when the model is offloaded (requant.offload), one layer at a time.
+    if is_offloaded(model):
+        weights = spill(model, "weights", ((n, get_linear(model, n).weight.detach().float().cpu()) for n in names))
+    else:
+        weights = {n: get_linear(model, n).weight.detach().float().cpu().clone() for n in names}
+    # The fingerprint ties stored stages to these exact weights: resuming on another model is refused.
+    checksum = f"{sum(float(w.double().abs().sum()) for w in weights.values()):.17g}"
+    work = WorkDir(workdir, config, resume=resume, fingerprint={"layers": names, "weights": checksum})
+    timings = Timings()
+    return Run(
+        model=model,
+        tokenizer=tokenizer,
+        config=config,
+        group_size=group_size,  # type: ignore[arg-type]
+        quantizer=quantizer,
+        layers={i.name: i for i in layers},
+        weights=weights,
+        work=work,
+        calibration=Calibration(model, tokenizer, config, names, timings),
+        timings=timings,
+        started=started,
+    )
+
+
+def pqi_pass(run: Run, current: Mapping[str, torch.Tensor], what: str, *, label: str | None = None) -> PQIResult:
+    """One PQI integral from the masters w to `current` (the model in the gradient dtype), recorded in the report
+    as `what`; `label` names it in progress output (default: `what`)."""
+    windows = run.calibration.pqi_windows()
+    c = run.config
+    with run.timings("pqi_s"), _GradDtype(run.model, c.grad_dtype, run.weights):
+        res = post_quantization_integral(
+            run.model,
+            run.names,
+            run.weights,
+            current,
+            windows,
+            nodes=c.pqi_nodes,
+            rule=c.pqi_rule,
+            desc=f"PQI {c.pqi_rule} ({label or what})",
+        )
+    run.report.pqi_passes.append({"what": what, "predicted_dF": res.predicted, "grad_evals": res.grad_evals})
+    return res
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -244,279 +425,168 @@ def quantize(
     `fisher` may carry a precomputed Fisher for the same calibration settings. With `workdir`, each
     finished stage is stored there and `resume=True` continues an interrupted run bit-identically.
     """
-    t0 = time.perf_counter()
-    timings: dict[str, float] = {}
-    report: dict[str, Any] = {}
-    layers = quantizable_layers(model, config.include, config.exclude)
-    group_size = config.group_size
-    if group_size == EQUAL_BITS:  # the recipe's choice, from the layers' widths
-        group_size = equal_bits_group_size((i.in_features for i in layers), config.outliers)
-    quantizer = make_quantizer(config.base, config.bits, group_size, **config.quantizer_options())  # type: ignore[arg-type]
-    for info in layers:
-        quantizer.check_shape(info.name, (info.out_features, info.in_features))
-    check_finite_weights(model, layers)
-    infos = {i.name: i for i in layers}
-    names = list(infos)
-    shapes = {i.name: (i.out_features, i.in_features) for i in layers}
-    # The fp32 master copy; memory-mapped when the model is offloaded (requant.offload), one layer at a time.
-    if is_offloaded(model):
-        weights = spill(model, "weights", ((n, get_linear(model, n).weight.detach().float().cpu()) for n in names))
-    else:
-        weights = {n: get_linear(model, n).weight.detach().float().cpu().clone() for n in names}
-    total = sum(w.numel() for w in weights.values())
-    # The fingerprint ties stored stages to these exact weights: resuming on another model is refused.
-    checksum = f"{sum(float(w.double().abs().sum()) for w in weights.values()):.17g}"
-    work = WorkDir(workdir, config, resume=resume, fingerprint={"layers": names, "weights": checksum})
-
-    def timed(key: str, start: float) -> None:
-        timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
-
-    # Sensitivity of the base method (SqueezeLLM: Fisher Σg²).
-    if config.needs_fisher and fisher is None:
-        t = time.perf_counter()
-        if work.has("fisher"):
-            fisher, _ = work.load("fisher")
-        else:
-            fisher = compute_fisher(model, tokenizer, config, names, weights)
-            work.save("fisher", dict(fisher))
-        fisher = spill(model, "fisher", fisher.items())
-        timed("fisher_s", t)
-    importance = fisher if quantizer.uses_importance else None
-
-    # Calibration inputs for methods that use them: windows drawn once; one-pass statistics of the fp model
-    # on demand (Algorithm 1, pre-quantization, and the dense fit of non-sequential methods).
-    calib_windows: torch.Tensor | None = None
-    stats: dict[str, LayerInputs] | None = None
-
-    def calibration() -> torch.Tensor:
-        nonlocal calib_windows
-        if calib_windows is None:
-            calib_windows = text_windows(
-                tokenizer, config.calib, config.seqlen, nsamples=config.nsamples, seed=config.seed
-            )
-        return calib_windows
-
-    def inputs() -> dict[str, LayerInputs] | None:
-        nonlocal stats
-        if not quantizer.uses_inputs:
-            return None
-        if stats is None:
-            t = time.perf_counter()
-            stats = layer_inputs(model, names, calibration())
-            timed("calibration_s", t)
-        return stats
-
-    pqi_windows: torch.Tensor | None = None
-
-    def pqi(current: Mapping[str, torch.Tensor], what: str) -> Any:
-        nonlocal pqi_windows
-        if pqi_windows is None:
-            pqi_windows = text_windows(
-                tokenizer,
-                config.calib,
-                config.seqlen,
-                nsamples=config.pqi_nsamples or config.nsamples,
-                seed=config.seed,
-            )
-        t = time.perf_counter()
-        with _GradDtype(model, config.grad_dtype, weights):
-            res = post_quantization_integral(
-                model, names, weights, current, pqi_windows, nodes=config.pqi_nodes, rule=config.pqi_rule
-            )
-        timed("pqi_s", t)
-        report.setdefault("pqi_passes", []).append(
-            {"what": what, "predicted_dF": res.predicted, "grad_evals": res.grad_evals}
-        )
-        return res
-
-    # SqueezeLLM's sensitive values come first and leave the fit (the D&S baseline).
-    sensitive = None
-    if config.significant > 0 and config.significant_select == "fisher":
-        assert fisher is not None
-        sensitive = topk_masks_per_module(fisher, config.significant)
-    empty = {n: torch.zeros(s, dtype=torch.bool) for n, s in shapes.items()}
-    skip = sensitive or empty
-
-    # Steps 1-3: outliers.
-    outliers = None
-    t = time.perf_counter()
-    if config.outliers > 0:
-        if config.outlier_select == "iqr":
-            outliers, r = iqr_outlier_masks(weights, config.outliers, skip=skip)
-            report["iqr_range_factor"] = r
-        elif config.outlier_select == "random":
-            outliers = random_masks(weights, budget(config.outliers, total), skip, config.seed)
-        else:
-            outliers = _adaptive_outliers(
-                config,
-                {n: i.block for n, i in infos.items()},
-                quantizer,
-                weights,
-                importance,
-                skip,
-                work,
-                pqi,
-                report,
-                inputs,
-            )
-    timed("outliers_s", t)
-
-    # Step 4: (re-)quantize with the sparse entries left out of the fit.
-    t = time.perf_counter()
+    run = start_run(model, tokenizer, config, workdir, resume)
+    base_sensitivity(run, fisher)
+    sensitive = sensitive_values(run)
+    skip = sensitive or {n: torch.zeros(s, dtype=torch.bool) for n, s in run.shapes.items()}
+    with run.timings("outliers_s"):
+        outliers = select_outliers(run, skip)
     exclude = _union(skip, outliers)
-    if work.has("dense"):
-        tensors, meta = work.load("dense")
-        dense = _dense_from_state(tensors, meta)
-    elif quantizer.uses_inputs and quantizer.sequential:
-        dense = fit_sequential(model, quantizer, weights, calibration(), importance=importance, exclude=exclude)
-        work.save("dense", *_dense_state(dense))
-    else:
-        dense = fit_dense(quantizer, weights, importance=importance, exclude=exclude, inputs=inputs())
-        work.save("dense", *_dense_state(dense))
-    timed("dense_fit_s", t)
-    fisher = importance = None  # used up (the sensitive values were chosen before the fit): free it for PQI
-
-    # Step 5: significant weights, chosen on the re-quantized model.
-    significant = None
-    if config.significant > 0 and config.significant_select != "fisher":
-        t = time.perf_counter()
-        count = budget(config.significant, total)
-        if config.significant_select == "random":
-            significant = random_masks(weights, count, exclude, config.seed + 1)
-        else:
-            significant = _detach(config, weights, dense, exclude, count, total, work, pqi, report)
-        timed("significant_s", t)
-
-    # Step 6: ŵ = D + outliers + significant, stored as one fp16 residual per layer.
-    sparse_all = _union(exclude, significant)
-    result_layers = {}
-    for n in names:
-        d = dense[n]
-        m = sparse_all[n]
-        sp = SparseResidual.restore(weights[n], d.dequantize(), m) if m.any() else SparseResidual.empty(shapes[n])
-        result_layers[n] = QuantizedLayer(infos[n], d, sp)
-    apply_to_model(model, result_layers)
-    # Ranks decide independently from identical all-reduced sums; a cheap cross-check of the outcome.
-    distributed.check_same(
-        sum(float(get_linear(model, n).weight.detach().double().sum()) for n in names), "the quantized weights"
-    )
-    result = QuantizationResult(replace(config, group_size=group_size), result_layers)
-    bits = result.bit_count()
-    timings["total_s"] = time.perf_counter() - t0
-    report.update(
-        {
-            "timings": timings,
-            "bits": bits.to_dict(),
-            "sparse": {
-                "sensitive_entries": _count(sensitive),
-                "outlier_entries": _count(outliers),
-                "significant_entries": _count(significant),
-                "sparse_percent": bits.sparse_percent,
-            },
-            "layers": len(result_layers),
-            "quantizer": quantizer.describe(),
-            "calibration_inputs": (
-                ("sequential" if quantizer.sequential else "one pass") if quantizer.uses_inputs else None
-            ),
-            "resumed_stages": work.resumed,
-            "world_size": distributed.world_size(),
-        }
-    )
-    if work.world_size_change is not None:
-        # Stored stages are all-reduced totals: valid for any number of processes, equal within fp32 rounding.
-        report["resumed_from_world_size"] = work.world_size_change[0]
-    result.report = report
-    return result
+    with run.timings("dense_fit_s"):
+        dense = dense_fit(run, exclude)
+    run.fisher = None  # used up (the sensitive values were chosen before the fit): free it for PQI
+    significant = detach_significant(run, dense, exclude)
+    return assemble(run, dense, exclude, sensitive=sensitive, outliers=outliers, significant=significant)
 
 
-def _adaptive_outliers(
-    config: QuantConfig,
-    blocks: Mapping[str, int | None],
-    quantizer: BaseQuantizer,
-    weights: Mapping[str, torch.Tensor],
-    importance: Mapping[str, torch.Tensor] | None,
-    skip: Masks,
-    work: WorkDir,
-    pqi: Any,
-    report: dict[str, Any],
-    inputs: Callable[[], Mapping[str, LayerInputs] | None],
-) -> Masks:
-    """Algorithm 1 and the outlier selection it implies (stage `alg1`); `inputs()` gives the layers'
-    calibration statistics (of the fp model) to methods that use them."""
-    gbar = pre_scores = None
-    if config.needs_pqi_pre:
-        if work.has("pqi_pre"):
-            tensors, _ = work.load("pqi_pre")
-            gbar = {n: tensors[f"{n}.gbar"] for n in weights}
-            pre_scores = {n: tensors[f"{n}.score"] for n in weights}
-        else:
-            pre = fit_dense(
-                quantizer, weights, importance=importance, exclude=skip, inputs=inputs(), desc="pre-quantize"
-            )
-            res = pqi({n: q.dequantize() for n, q in pre.items()}, "pre-quantized")
-            gbar, pre_scores = res.gbar, res.scores
-            work.save(
-                "pqi_pre",
-                {**{f"{n}.gbar": g for n, g in gbar.items()}, **{f"{n}.score": s for n, s in pre_scores.items()}},
-            )
-    if work.has("alg1"):
-        _, meta = work.load("alg1")
-        counts = meta["counts"]
-        report["algorithm1"] = meta["report"]
-    else:
-        groups = blocks if config.alg1_granularity == "block" else None
+def base_sensitivity(run: Run, fisher: Mapping[str, torch.Tensor] | None) -> None:
+    """The base method's sensitivity (Fisher Σg² over the calibration windows) when it or the D&S baseline
+    needs one and none was given (stage `fisher`)."""
+    if fisher is None and run.config.needs_fisher:
+        with run.timings("fisher_s"):
+
+            def compute() -> dict[str, torch.Tensor]:
+                return compute_fisher(run.model, run.tokenizer, run.config, run.names, run.weights)
+
+            fisher = spill(run.model, "fisher", run.work.cached("fisher", compute, TENSORS).items())
+    run.fisher = fisher
+
+
+def sensitive_values(run: Run) -> Masks | None:
+    """SqueezeLLM's sensitive values: the top Fisher entries of each layer, kept sparse and out of every fit."""
+    c = run.config
+    if not (c.significant > 0 and c.significant_select == "fisher"):
+        return None
+    assert run.fisher is not None
+    return topk_masks_per_module(run.fisher, c.significant)
+
+
+def select_outliers(run: Run, skip: Masks) -> Masks | None:
+    """The outliers, outside `skip`: Algorithm 1's per-layer ratios, SqueezeLLM's IQR rule, or random."""
+    c = run.config
+    if c.outliers <= 0:
+        return None
+    if c.outlier_select == "iqr":
+        outliers, run.report.iqr_range_factor = iqr_outlier_masks(run.weights, c.outliers, skip=skip)
+        return outliers
+    if c.outlier_select == "random":
+        return random_masks(run.weights, budget(c.outliers, run.total), skip, c.seed)
+    gbar, pre_scores = pre_quantize(run, skip)
+    return algorithm1(run, skip, gbar=gbar, pre_scores=pre_scores)
+
+
+def pre_quantize(run: Run, skip: Masks) -> tuple[Masks | None, Masks | None]:
+    """(ḡ, ΔF_PQI scores) of one PQI pass from w to the pre-quantized w̃_pre, for the Algorithm 1 variants that
+    use them (stage `pqi_pre`); (None, None) otherwise."""
+    if not run.config.needs_pqi_pre:
+        return None, None
+
+    def compute() -> dict[str, torch.Tensor]:
+        pre = fit_dense(
+            run.quantizer,
+            run.weights,
+            importance=run.importance,
+            exclude=skip,
+            inputs=run.inputs(),
+            progress=_layer_bar(f"pre-quantize {run.quantizer.name}"),
+        )
+        res = pqi_pass(run, {n: q.dequantize() for n, q in pre.items()}, "pre-quantized")
+        return {**{f"{n}.gbar": g for n, g in res.gbar.items()}, **{f"{n}.score": s for n, s in res.scores.items()}}
+
+    tensors = run.work.cached("pqi_pre", compute, TENSORS)
+    return {n: tensors[f"{n}.gbar"] for n in run.weights}, {n: tensors[f"{n}.score"] for n in run.weights}
+
+
+def algorithm1(run: Run, skip: Masks, *, gbar: Masks | None, pre_scores: Masks | None) -> Masks:
+    """Algorithm 1's per-layer outlier counts (stage `alg1`) and the outliers they imply."""
+    c = run.config
+
+    def compute() -> dict[str, Any]:
+        blocks = {n: i.block for n, i in run.layers.items()}
+        progress_map: LayerMap = functools.partial(distributed.map_layers, progress=_layer_bar("algorithm 1"))
         alloc = allocate_outliers(
-            weights,
-            quantizer,
-            config.outliers,
-            importance=importance,
+            run.weights,
+            run.quantizer,
+            c.outliers,
+            importance=run.importance,
             skip=skip,
-            objective=config.alg1_objective,
-            criterion=config.alg1_criterion,
-            groups=groups,
-            steps=config.alg1_steps,
-            max_factor=config.alg1_max_factor,
-            allocator=config.alg1_allocator,
+            objective=c.alg1_objective,
+            criterion=c.alg1_criterion,
+            groups=blocks if c.alg1_granularity == "block" else None,
+            steps=c.alg1_steps,
+            max_factor=c.alg1_max_factor,
+            allocator=c.alg1_allocator,
             gbar=gbar,
             pre_scores=pre_scores,
-            inputs=inputs(),
+            inputs=run.inputs(),
+            map_layers=progress_map,
         )
-        counts = alloc.counts
-        report["algorithm1"] = alloc.report()
-        work.save("alg1", {}, {"counts": counts, "report": alloc.report()})
-    return outlier_masks(weights, counts, criterion=config.alg1_criterion, pre_scores=pre_scores, skip=skip)
+        return {"counts": alloc.counts, "report": alloc.report()}
+
+    stored = run.work.cached("alg1", compute, META)
+    run.report.algorithm1 = stored["report"]
+    return outlier_masks(run.weights, stored["counts"], criterion=c.alg1_criterion, pre_scores=pre_scores, skip=skip)
 
 
-def _detach(
-    config: QuantConfig,
-    weights: Mapping[str, torch.Tensor],
-    dense: Mapping[str, QuantizedTensor],
-    exclude: Masks,
-    count: int,
-    total: int,
-    work: WorkDir,
-    pqi: Any,
-    report: dict[str, Any],
-) -> Masks:
-    """Algorithm 2 with a fresh PQI before every step; each step is a stage (`detach`)."""
-    shapes = {n: tuple(w.shape) for n, w in weights.items()}
+def dense_fit(run: Run, exclude: Masks) -> dict[str, QuantizedTensor]:
+    """(Re-)quantize every layer with the sparse entries left out of the fit (stage `dense`); sequential
+    methods (GPTQ) fit block by block on the inputs of the blocks already quantized."""
+    q = run.quantizer
+
+    def compute() -> dict[str, QuantizedTensor]:
+        if q.uses_inputs and q.sequential:
+            return fit_sequential(
+                run.model, q, run.weights, run.calibration.windows(), importance=run.importance, exclude=exclude
+            )
+        return fit_dense(
+            q,
+            run.weights,
+            importance=run.importance,
+            exclude=exclude,
+            inputs=run.inputs(),
+            progress=_layer_bar(f"quantize {q.name}"),
+        )
+
+    return run.work.cached("dense", compute, DENSE)
+
+
+def detach_significant(run: Run, dense: Mapping[str, QuantizedTensor], exclude: Masks) -> Masks | None:
+    """The significant weights, chosen on the re-quantized model: Algorithm 2 by PQI, or random."""
+    c = run.config
+    if not (c.significant > 0 and c.significant_select != "fisher"):
+        return None
+    with run.timings("significant_s"):
+        count = budget(c.significant, run.total)
+        if c.significant_select == "random":
+            return random_masks(run.weights, count, exclude, c.seed + 1)
+        return algorithm2(run, dense, exclude, count)
+
+
+def algorithm2(run: Run, dense: Mapping[str, QuantizedTensor], exclude: Masks, count: int) -> Masks:
+    """Algorithm 2 with a fresh PQI before every step; the chosen entries so far are stored after each step
+    (stage `detach`), and a resume continues from the last stored step."""
+    c, weights, work = run.config, run.weights, run.work
     current = {
         n: SparseResidual.restore(weights[n], q.dequantize(), exclude[n]).add_to(q.dequantize())
         for n, q in dense.items()
     }
-    step = budget(config.step, total) if config.step is not None else count
-    step = max(step, 1)
+    step = max(budget(c.step, run.total) if c.step is not None else count, 1)
     start = None
-    if work.has("detach"):
-        tensors, meta = work.load("detach")
-        start = (meta["step"], _masks_from_state(tensors, shapes))
-        report.setdefault("pqi_passes", []).extend(meta.get("pqi_passes", []))
+    stored = work.stored("detach")
+    if stored is not None:
+        tensors, meta = stored
+        start = (meta["step"], decode_masks(tensors, run.shapes))
+        run.report.pqi_passes.extend(meta.get("pqi_passes", []))
+
+    steps = step_counts(count, step)
+    done = [start[0] if start is not None else 0]
 
     def score(cur: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return pqi(cur, "detach").scores
+        done[0] += 1
+        return pqi_pass(run, cur, "detach", label=f"detach step {done[0]}/{len(steps)}").scores
 
     def checkpoint(k: int, chosen: Masks, _cur: Masks) -> None:
-        work.save("detach", _masks_state(chosen), {"step": k, "pqi_passes": report.get("pqi_passes", [])})
+        work.save("detach", encode_masks(chosen), {"step": k, "pqi_passes": run.report.pqi_passes})
 
     chosen = stepwise_detach(
         weights,
@@ -525,11 +595,61 @@ def _detach(
         score,
         count,
         step,
-        scope=config.detach_scope,
-        ranking=config.detach_ranking,
+        scope=c.detach_scope,
+        ranking=c.detach_ranking,
         on_step=checkpoint,
         start=start,
         copy=False,  # `current` was built here for the loop alone
     )
-    report["detach_steps"] = step_counts(count, step)
+    run.report.detach_steps = steps
     return chosen
+
+
+def assemble(
+    run: Run,
+    dense: Mapping[str, QuantizedTensor],
+    exclude: Masks,
+    *,
+    sensitive: Masks | None,
+    outliers: Masks | None,
+    significant: Masks | None,
+) -> QuantizationResult:
+    """ŵ = D + outliers + significant, stored as one fp16 residual per layer, written into the model; the result
+    with its report."""
+    sparse_all = _union(exclude, significant)
+    layers = {}
+    for n, info in run.layers.items():
+        d, m = dense[n], sparse_all[n]
+        if m.any():
+            sp = SparseResidual.restore(run.weights[n], d.dequantize(), m)
+        else:
+            sp = SparseResidual.empty((info.out_features, info.in_features))
+        layers[n] = QuantizedLayer(info, d, sp)
+    apply_to_model(run.model, layers)
+    # Ranks decide independently from identical all-reduced sums; a cheap cross-check of the outcome.
+    distributed.check_same(
+        sum(float(get_linear(run.model, n).weight.detach().double().sum()) for n in run.names), "the quantized weights"
+    )
+    result = QuantizationResult(replace(run.config, group_size=run.group_size), layers)
+    bits = result.bit_count()
+    run.timings.seconds["total_s"] = time.perf_counter() - run.started
+    q = run.quantizer
+    r = run.report
+    r.timings = run.timings.seconds
+    r.bits = bits.to_dict()
+    r.sparse = {
+        "sensitive_entries": _count(sensitive),
+        "outlier_entries": _count(outliers),
+        "significant_entries": _count(significant),
+        "sparse_percent": bits.sparse_percent,
+    }
+    r.layers = len(layers)
+    r.quantizer = q.describe()
+    r.calibration_inputs = ("sequential" if q.sequential else "one pass") if q.uses_inputs else None
+    r.resumed_stages = run.work.resumed
+    r.world_size = distributed.world_size()
+    if run.work.world_size_change is not None:
+        # Stored stages are all-reduced totals: valid for any number of processes, equal within fp32 rounding.
+        r.resumed_from_world_size = run.work.world_size_change[0]
+    result.report = r.to_dict()
+    return result

@@ -58,6 +58,15 @@ WIDTH_CHANGES: dict[tuple[str, str, int], dict[str, Any]] = {
 }
 
 
+# The settings some recipe sets: their CLI flags default to "unset" so a recipe can fill them.
+RECIPE_SETTINGS = tuple(
+    sorted(
+        {k for per_base in RECIPES.values() for s in per_base.values() for k in s}
+        | {k for s in WIDTH_CHANGES.values() for k in s}
+    )
+)
+
+
 def recipe_settings(recipe: str, base: str, bits: int | None = None) -> dict[str, Any]:
     """The settings a recipe implies for a base method (at `bits`, where the recipe depends on the width)."""
     if recipe not in RECIPES:

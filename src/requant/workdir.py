@@ -17,9 +17,10 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -28,9 +29,62 @@ from . import distributed
 from .config import QuantConfig
 from .errors import InputError, OutputError
 from .io import check_output, file_mode, output_lock, read_json, remove_stale, write_json_atomic, writing
+from .quantizers import QuantizedTensor
 
 CONFIG = "config.json"
 MARKER = ".requant-work"  # written when requant creates a work directory: only marked directories are deleted
+T = TypeVar("T")
+Stored = tuple[dict[str, torch.Tensor], dict[str, Any]]  # a stage on disk: (tensors, JSON sidecar)
+
+
+@dataclass(frozen=True)
+class Codec(Generic[T]):
+    """How one stage's value is stored: `encode` to (tensors, JSON metadata), `decode` back, exactly."""
+
+    encode: Callable[[T], Stored]
+    decode: Callable[[dict[str, torch.Tensor], dict[str, Any]], T]
+
+
+# Tensors by name (the Fisher, per-layer PQI tables).
+TENSORS: Codec[dict[str, torch.Tensor]] = Codec(lambda t: (dict(t), {}), lambda t, _m: t)
+# JSON only (Algorithm 1's counts and report).
+META: Codec[dict[str, Any]] = Codec(lambda m: ({}, dict(m)), lambda _t, m: m)
+
+
+def _encode_dense(dense: Mapping[str, QuantizedTensor]) -> Stored:
+    tensors, meta = {}, {}
+    for n, q in dense.items():
+        m, ts = q.to_state()
+        meta[n] = m
+        tensors.update({f"{n}.{k}": t for k, t in ts.items()})
+    return tensors, meta
+
+
+def _decode_dense(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> dict[str, QuantizedTensor]:
+    out = {}
+    for n, m in meta.items():
+        own = {k[len(n) + 1 :]: v for k, v in tensors.items() if k.startswith(n + ".")}
+        out[n] = QuantizedTensor.from_state(m, own)
+    return out
+
+
+# Fitted quantized tensors by layer name (the dense fit).
+DENSE: Codec[dict[str, QuantizedTensor]] = Codec(_encode_dense, _decode_dense)
+
+
+def encode_masks(masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Boolean masks as the flat indices of their True entries (int64), `NAME.index`."""
+    return {f"{n}.index": m.flatten().nonzero().squeeze(1) for n, m in masks.items()}
+
+
+def decode_masks(tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
+    """The masks `encode_masks` stored, given each layer's (rows, columns)."""
+    out = {}
+    for n, shape in shapes.items():
+        m = torch.zeros(shape[0] * shape[1], dtype=torch.bool)
+        m[tensors[f"{n}.index"]] = True
+        out[n] = m.view(shape)
+    return out
 
 
 class WorkDir:
@@ -102,6 +156,19 @@ class WorkDir:
             f"work directory {str(self.path)!r} is not visible on rank {distributed.rank()}; with several "
             "machines put --output on a filesystem that all of them share"
         )
+
+    def cached(self, stage: str, compute: Callable[[], T], codec: Codec[T]) -> T:
+        """The stage's stored value when there is one (a resume), else `compute()`, stored before it is returned."""
+        stored = self.stored(stage)
+        if stored is not None:
+            return codec.decode(*stored)
+        value = compute()
+        self.save(stage, *codec.encode(value))
+        return value
+
+    def stored(self, stage: str) -> Stored | None:
+        """The stage as stored (tensors, metadata), or None when it is not (yet) stored."""
+        return self.load(stage) if self.has(stage) else None
 
     def has(self, stage: str) -> bool:
         """Whether the stage is stored (rank 0's answer on every rank)."""

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from requant.errors import ConfigError
-from requant.sparse import SparseResidual, iqr_outlier_masks, topk_masks_per_module
+from requant.sparse import iqr_outlier_masks, topk_masks_per_module
 from requant.sparse.outliers import _quartiles, iqr_thresholds
 
 
@@ -54,20 +54,3 @@ def test_topk_per_module_counts_and_order():
     m = topk_masks_per_module(s, 1.0)
     assert int(m["a"].sum()) == 10 and int(m["b"].sum()) == 2
     assert m["a"].flatten()[-10:].all() and not m["a"].flatten()[:-10].any()
-
-
-def test_residual_restores_masked_entries():
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(8, 16, generator=g)
-    dense = (w * 4).round() / 4
-    mask = torch.rand(8, 16, generator=g) < 0.2
-    s = SparseResidual.restore(w, dense, mask)
-    rec = s.add_to(dense)
-    assert torch.equal(rec[~mask], dense[~mask])
-    assert torch.allclose(rec[mask], w[mask], atol=1e-3)  # fp16 residual
-    assert torch.equal(s.mask(), mask)
-    other = SparseResidual.restore(w, dense, ~mask & (torch.rand(8, 16, generator=g) < 0.1))
-    merged = s.merge(other)
-    assert merged.nnz == s.nnz + other.nnz and bool((merged.index[1:] > merged.index[:-1]).all())
-    with pytest.raises(ValueError):
-        s.merge(s)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +17,85 @@ def percent(s: str) -> float:
         raise argparse.ArgumentTypeError(f"{s!r} is not a number (percent of quantized weights)") from None
 
 
-def add_calib(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("calibration")
-    g.add_argument("--calib", default="wiki:train", help="calibration text (default: wiki:train)")
-    g.add_argument("--nsamples", type=int, default=32, help="calibration windows (default: 32)")
-    g.add_argument("--seqlen", type=int, default=512, help="tokens per window (default: 512)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the window sampling (default: 0)")
+# Settings given in percent of the quantized weights (parsed with `percent` for a clearer error).
+PERCENT_SETTINGS = ("outliers", "significant", "step")
+
+
+def _parser_of(name: str, annotation: str) -> Callable[[str], Any]:
+    if name in PERCENT_SETTINGS:
+        return percent
+    kinds = {k.strip() for k in str(annotation).split("|")} - {"None"}
+    if "int" in kinds:
+        return int
+    if "float" in kinds:
+        return float
+    return str
+
+
+def add_config_options(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    names: Iterable[str],
+    *,
+    defaults: Mapping[str, Any] | None = None,
+    unset: Iterable[str] = (),
+    flags: Mapping[str, str] | None = None,
+    notes: Mapping[str, str] | None = None,
+) -> None:
+    """One flag per QuantConfig setting, generated from its field: --NAME-WITH-DASHES (or `flags[name]`), the
+    type, the default (the config's or `defaults[name]`), the help text and the allowed values.
+
+    Settings in `unset` default to None (a --recipe may fill them); `notes` add a command's own words to the help.
+    """
+    from ..config import QuantConfig
+
+    unset = set(unset)
+    for name in names:
+        f = QuantConfig.field_info(name)
+        default = (defaults or {}).get(name, f.default)
+        flag = (flags or {}).get(name, "--" + name.replace("_", "-"))
+        choices = f.metadata.get("choices")  # shown by the metavar {a,b,c}; checked by QuantConfig
+        text = f.metadata["help"]
+        if notes and name in notes:
+            text += f" ({notes[name]})"
+        elif name in unset:
+            text += " (or the recipe's)" if default is None else f" (default: {default}, or the recipe's)"
+        elif default not in (None, (), False):
+            text += f" (default: {default})"
+        text = text.replace("%", "%%")  # argparse formats help with %
+        if f.type == "bool":
+            parser.add_argument(flag, dest=name, action="store_true", help=text)
+        elif str(f.type).startswith("tuple"):
+            parser.add_argument(flag, dest=name, action="append", default=[], help=text)
+        else:
+            parser.add_argument(
+                flag,
+                dest=name,
+                type=_parser_of(name, str(f.type)),
+                default=None if name in unset else default,
+                metavar="{" + ",".join(map(str, choices)) + "}" if choices else None,
+                help=text,
+            )
+
+
+def build_config(args: argparse.Namespace, settings: Mapping[str, Any] | None = None) -> Any:
+    """The QuantConfig of the parsed flags: its defaults, then `settings` (e.g. a recipe's), then every setting
+    the command has a flag for and the user gave (or whose flag has its own default)."""
+    from ..config import QuantConfig
+
+    values = dict(settings or {})
+    for f in dataclasses.fields(QuantConfig):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            values[f.name] = tuple(v) if str(f.type).startswith("tuple") else v
+    return QuantConfig(**values)
+
+
+CALIBRATION = ("calib", "nsamples", "seqlen", "seed")
+
+
+def add_calib(p: argparse.ArgumentParser, **kw: Any) -> None:
+    """The calibration flags (--calib, --nsamples, --seqlen, --seed); keywords as add_config_options."""
+    add_config_options(p.add_argument_group("calibration"), CALIBRATION, **kw)
 
 
 def add_offload(p: argparse.ArgumentParser) -> None:

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from .common import add_calib, add_offload, emit, offload_folder, percent
+from .common import add_calib, add_config_options, add_offload, build_config, emit, offload_folder
 
-# Flags whose default is "unset", so a --recipe value can fill them and an explicit flag still wins.
-_RECIPE_FLAGS = (
+# QuantConfig settings with a flag, by argument group (the flags, types, defaults and help come from the fields).
+GENERAL = ("base", "bits", "group_size", "sym")
+DENSE_AND_SPARSE = (
     "outliers",
     "outlier_select",
     "significant",
@@ -20,35 +20,42 @@ _RECIPE_FLAGS = (
     "step",
     "pqi_nodes",
     "pqi_rule",
-    "group_size",
+    "pqi_nsamples",
 )
+VARIANTS = (
+    "alg1_objective",
+    "alg1_criterion",
+    "alg1_granularity",
+    "alg1_allocator",
+    "alg1_steps",
+    "alg1_max_factor",
+    "detach_scope",
+    "detach_ranking",
+)
+LAYERS = ("include", "exclude", "grad_dtype")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from ..recipes import RECIPE_SETTINGS, RECIPES
+
     q = sub.add_parser("quantize", help="quantize a model and write a checkpoint")
     q.add_argument("model", nargs="?", default=None, help="model dir, .gguf or cached hub id (default: SmolLM2)")
     q.add_argument("-o", "--output", required=True, help="output checkpoint directory")
     q.add_argument(
-        "--base",
-        default="squeezellm",
-        help="base method: rtn, squeezellm, awq, gptq, qtip (awq/gptq/qtip use the calibration inputs; "
-        "default: squeezellm)",
-    )
-    q.add_argument("--bits", type=int, default=3, help="bits per dense weight: 2, 3, 4 or 8 (default: 3)")
-    q.add_argument(
         "--recipe",
         default=None,
+        metavar="{" + ",".join(RECIPES) + "}",
         help="preset: requant (the paper's settings per base) or dns "
         "(SqueezeLLM's IQR outliers + Fisher values); explicit flags override it",
     )
-    q.add_argument(
-        "--group-size",
-        type=int,
-        default=None,
-        help="inputs per scale group (default: per row; with --recipe requant, awq and gptq get the group size "
-        "at which the outliers cost no more bits than g128)",
-    )
-    q.add_argument("--sym", action="store_true", help="symmetric uniform grid (rtn)")
+    notes = {
+        "group_size": "default: per row; with --recipe requant, awq and gptq get the group size at which the "
+        "outliers cost no more bits than g128"
+    }
+    add_config_options(q, GENERAL, unset=RECIPE_SETTINGS, notes=notes)
+    add_config_options(q.add_argument_group("dense-and-sparse"), DENSE_AND_SPARSE, unset=RECIPE_SETTINGS)
+    add_config_options(q.add_argument_group("algorithm 1 / 2 variants (docs/method.md)"), VARIANTS)
+    add_config_options(q, LAYERS)
     q.add_argument(
         "--dense-dtype",
         default="auto",
@@ -56,27 +63,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="dtype the checkpoint stores unquantized tensors in (embeddings, norms, lm_head); default auto: "
         "the source's 16-bit dtype, or fp16 (bf16 if a value exceeds its range) for a wider source",
     )
-    g = q.add_argument_group("dense-and-sparse")
-    g.add_argument("--outliers", type=percent, default=None, help="outlier percent of quantized weights (r_o)")
-    g.add_argument("--outlier-select", default=None, help="iqr (SqueezeLLM), adaptive (Algorithm 1), random")
-    g.add_argument("--significant", type=percent, default=None, help="significant-weight percent (r_s)")
-    g.add_argument("--significant-select", default=None, help="fisher (SqueezeLLM), pqi (Algorithm 2), random")
-    g.add_argument("--step", type=percent, default=None, help="Algorithm 2 step β in percent (default: r_s)")
-    g.add_argument("--pqi-nodes", type=int, default=None, help="PQI quadrature nodes N (default 32)")
-    g.add_argument("--pqi-rule", default=None, help="PQI rule: midpoint, trapezoid, left, right, gauss")
-    g.add_argument("--pqi-nsamples", type=int, default=None, help="calibration windows for PQI (default: nsamples)")
-    a = q.add_argument_group("algorithm 1 / 2 variants (docs/method.md)")
-    a.add_argument("--alg1-objective", default="base", help="base (the base method's own error) or pqi")
-    a.add_argument("--alg1-criterion", default="magnitude", help="outliers by magnitude or pqi_pre")
-    a.add_argument("--alg1-granularity", default="module", help="module or block")
-    a.add_argument("--alg1-allocator", default="greedy", help="greedy or lagrange")
-    a.add_argument("--alg1-steps", type=int, default=8, help="candidate grid steps per budget (default 8)")
-    a.add_argument("--alg1-max-factor", type=float, default=4.0, help="largest candidate / budget (default 4)")
-    a.add_argument("--detach-scope", default="global", help="global or module top-k in Algorithm 2")
-    a.add_argument("--detach-ranking", default="abs", help="abs (|ΔF_PQI|) or positive (ΔF_PQI > 0 only)")
-    q.add_argument("--include", action="append", default=[], help="regex of layer names to quantize (repeat)")
-    q.add_argument("--exclude", action="append", default=[], help="regex of layer names to skip (repeat)")
-    q.add_argument("--grad-dtype", default="fp32", help="model dtype for gradient passes: fp32 or bf16")
     q.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     q.add_argument("--resume", action="store_true", help="continue an interrupted run from OUTPUT.work")
     q.add_argument("--keep-work", action="store_true", help="keep OUTPUT.work (stage results) after success")
@@ -100,39 +86,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> Any:
     """QuantConfig from the flags: built-in defaults, then the recipe, then every flag given explicitly."""
-    from ..config import QuantConfig
     from ..recipes import recipe_settings
 
-    settings: dict[str, Any] = {}
-    if args.recipe:
-        settings.update(recipe_settings(args.recipe, args.base, args.bits))
-    for key in _RECIPE_FLAGS:
-        value = getattr(args, key)
-        if value is not None:
-            settings[key] = value
-    defaults = {f.name: f.default for f in dataclasses.fields(QuantConfig)}
-    return QuantConfig(
-        base=args.base,
-        bits=args.bits,
-        sym=args.sym,
-        calib=args.calib,
-        nsamples=args.nsamples,
-        seqlen=args.seqlen,
-        seed=args.seed,
-        grad_dtype=args.grad_dtype,
-        include=tuple(args.include),
-        exclude=tuple(args.exclude),
-        pqi_nsamples=args.pqi_nsamples,
-        alg1_objective=args.alg1_objective,
-        alg1_criterion=args.alg1_criterion,
-        alg1_granularity=args.alg1_granularity,
-        alg1_allocator=args.alg1_allocator,
-        alg1_steps=args.alg1_steps,
-        alg1_max_factor=args.alg1_max_factor,
-        detach_scope=args.detach_scope,
-        detach_ranking=args.detach_ranking,
-        **{k: settings.get(k, defaults[k]) for k in _RECIPE_FLAGS},
-    )
+    return build_config(args, recipe_settings(args.recipe, args.base, args.bits) if args.recipe else None)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,20 +6,15 @@ from .gradients import GradientSums, gradient_sums, grads_only_for, mean_loss_gr
 from .path import weight_delta, weights_on_path
 from .pqi import PathNode, PQIResult, path_gradients, post_quantization_integral
 from .quadrature import RULES, exact_degree, quadrature
-from .report import REPORTS, Problem, Report, check_report, prepare_problem, run_report
 from .taylor import first_order, fisher_second_order, second_order_hvp
 
 __all__ = ["fisher_information", "gradient_sums", "grads_only_for", "mean_loss_gradient", "window_gradients"]
 __all__ += [
-    "REPORTS",
     "RULES",
     "GradientSums",
     "PQIResult",
     "PathNode",
-    "Problem",
-    "Report",
     "actual_delta_f",
-    "check_report",
     "exact_degree",
     "first_order",
     "fisher_second_order",
@@ -27,9 +22,7 @@ __all__ += [
     "path_gradients",
     "path_losses",
     "post_quantization_integral",
-    "prepare_problem",
     "quadrature",
-    "run_report",
     "second_order_hvp",
     "weight_delta",
     "weights_on_path",

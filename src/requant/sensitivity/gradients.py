@@ -63,25 +63,25 @@ def window_gradients(
         starts = [starts[i] for i in distributed.shard(len(starts))]
     with grads_only_for(model, names) as weights:
         pbar = bar(total=sum(len(windows[s : s + batch_size]) for s in starts), desc=desc, unit="win")
-        for start in starts:
-            batch = windows[start : start + batch_size]
-            for w in weights.values():
-                w.grad = None
-            nll, count = loss_fn(model, batch)
-            if not math.isfinite(nll.item()):
-                raise NumericalError(f"loss is not finite on calibration window {start}")
-            nll.backward()
-            grads = {}
-            for n, w in weights.items():
-                g = w.grad.float()
-                # A finite sum implies finite entries (inf/NaN propagate); the full check runs only when the
-                # sum is not finite, which an fp32 overflow of finite entries could also cause.
-                if not torch.isfinite(g.sum()) and not torch.isfinite(g).all():
-                    raise NumericalError(f"gradient of {n} is not finite on calibration window {start}")
-                grads[n] = g
-            yield start, nll.item(), count, grads
-            pbar.update(len(batch))
-        pbar.close()
+        with contextlib.closing(pbar):  # also when the caller stops early: the stage's line must still end
+            for start in starts:
+                batch = windows[start : start + batch_size]
+                for w in weights.values():
+                    w.grad = None
+                nll, count = loss_fn(model, batch)
+                if not math.isfinite(nll.item()):
+                    raise NumericalError(f"loss is not finite on calibration window {start}")
+                nll.backward()
+                grads = {}
+                for n, w in weights.items():
+                    g = w.grad.float()
+                    # A finite sum implies finite entries (inf/NaN propagate); the full check runs only when the
+                    # sum is not finite, which an fp32 overflow of finite entries could also cause.
+                    if not torch.isfinite(g.sum()) and not torch.isfinite(g).all():
+                        raise NumericalError(f"gradient of {n} is not finite on calibration window {start}")
+                    grads[n] = g
+                yield start, nll.item(), count, grads
+                pbar.update(len(batch))
 
 
 @dataclass

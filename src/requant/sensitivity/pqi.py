@@ -157,12 +157,14 @@ def post_quantization_integral(
     batch_size: int = 1,
     subset: Sequence[str] | None = None,
     loss_fn: LossFn = token_nll,
+    desc: str | None = None,
 ) -> PQIResult:
     """PQI between w (original) and w̃ (quantized) over the same calibration windows at every node.
 
     The named layers' weights are set in place to w + t·Δw (formed in fp32, cast to the model dtype) for
     each node and restored to `original` at the end (also on error). Cost: nodes × windows fwd+bwd.
-    With `subset`, only those layers move (the others stay at w) and only they get scores.
+    With `subset`, only those layers move (the others stay at w) and only they get scores. `desc` names the
+    pass in progress output (default: the rule).
     """
     ts, cs = quadrature(rule, nodes)
     integral = PathIntegral(ts.tolist(), cs.tolist())
@@ -176,7 +178,7 @@ def post_quantization_integral(
         subset=subset,
         batch_size=batch_size,
         loss_fn=loss_fn,
-        desc=f"pqi {rule}",
+        desc=desc or f"pqi {rule}",
     )
     # closing(): an error here must still run the generator's restore, not wait for garbage collection.
     with contextlib.closing(nodes_iter):

@@ -3,22 +3,34 @@
 For every layer and candidate ratio r: take the top r·n entries by a criterion (|w| by default) as
 outliers, fit the base quantizer with them left out, and score the base method's own objective on the
 rest. A multiple-choice knapsack then picks one ratio per layer (or per block) within the budget.
+
+The per-layer fits are independent; `map_layers` decides where they run (in this process by default, or
+split over torch.distributed ranks by `requant.distributed.map_layers`) and draws any progress.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .. import distributed
 from ..errors import ConfigError
-from ..progress import bar
 from ..quantizers import BaseQuantizer, LayerInputs
 from .allocation import ALLOCATORS, candidate_percents, topk_mask
 from .outliers import budget as budget_entries
+
+OBJECTIVES = ("base", "pqi")  # J_l: the base method's own error, or Σ |ḡ|·|w − D| of a PQI pass
+CRITERIA = ("magnitude", "pqi_pre")  # which entries become outliers first
+
+# Applies a per-layer function to every name and returns {name: its row of numbers}, wherever it runs them.
+LayerMap = Callable[[Sequence[str], Callable[[str], list[float]]], dict[str, list[float]]]
+
+
+def local_map(names: Sequence[str], fn: Callable[[str], list[float]]) -> dict[str, list[float]]:
+    """Every layer in this process, in order."""
+    return {n: fn(n) for n in names}
 
 
 @dataclass
@@ -60,7 +72,7 @@ def row_objective(
     if kind == "pqi":
         assert gbar is not None
         return (gbar.double().abs() * err.abs()).sum(1)
-    raise ConfigError(f"Algorithm 1 objective {kind!r} is not allowed; use base or pqi")
+    raise ConfigError(f"Algorithm 1 objective {kind!r} is not allowed; use one of {', '.join(OBJECTIVES)}")
 
 
 def layer_objective(weight: torch.Tensor, recon: torch.Tensor, keep: torch.Tensor, **kw: Any) -> float:
@@ -121,7 +133,7 @@ def criterion_scores(weight: torch.Tensor, criterion: str, pre_scores: torch.Ten
     if criterion == "pqi_pre":
         assert pre_scores is not None
         return pre_scores.float().abs()
-    raise ConfigError(f"outlier criterion {criterion!r} is not allowed; use magnitude or pqi_pre")
+    raise ConfigError(f"outlier criterion {criterion!r} is not allowed; use one of {', '.join(CRITERIA)}")
 
 
 def outlier_masks(
@@ -157,47 +169,39 @@ def allocate_outliers(
     gbar: Mapping[str, torch.Tensor] | None = None,
     pre_scores: Mapping[str, torch.Tensor] | None = None,
     inputs: Mapping[str, LayerInputs] | None = None,
+    map_layers: LayerMap = local_map,
 ) -> OutlierAllocation:
     """Per-layer outlier counts minimising Σ_l J_l subject to Σ_l count_l ≤ budget_pct % of all weights.
 
     `groups` maps each layer to a unit that shares one ratio (e.g. its block); default: every layer alone.
-    `inputs` carries each layer's calibration statistics for base methods that use them.
+    `inputs` carries each layer's calibration statistics for base methods that use them. `map_layers` runs
+    the per-layer candidate fits (a layer's table does not depend on where it is computed).
     """
     if allocator not in ALLOCATORS:
         raise ConfigError(f"allocator {allocator!r} is not allowed; use one of {', '.join(ALLOCATORS)}")
     cands = candidate_percents(budget_pct, steps, max_factor)
-    table: dict[str, list[float]] = {}
     counts = {n: [budget_entries(p, w.numel()) for p in cands] for n, w in weights.items()}
-    names = list(weights)
-    # Under torch.distributed each rank fits its share of the layers (a layer's fits do not depend on
-    # where they run); the tables are then summed over ranks, one non-zero term each, so exactly.
-    mine = [names[i] for i in distributed.shard(len(names))]
-    for n in bar(mine, desc="algorithm 1", unit="layer"):
+
+    def layer_table(n: str) -> list[float]:
+        """J_l of layer n at every candidate ratio."""
         w = weights[n]
-        imp = importance.get(n) if importance else None
         sk = skip.get(n) if skip else None
         scores = criterion_scores(w, criterion, pre_scores.get(n) if pre_scores else None)
         excludes = []
         for c in counts[n]:
             mask = topk_mask(scores, c, sk)
             excludes.append(mask if sk is None else mask | sk)
-        table[n] = candidate_objectives(
+        return candidate_objectives(
             quantizer,
             w,
             excludes,
             kind=objective,
-            importance=imp,
+            importance=importance.get(n) if importance else None,
             gbar=gbar.get(n) if gbar else None,
             inputs=inputs.get(n) if inputs else None,
         )
-    # Every rank joins, also one that owns every layer (fewer layers than ranks) or none.
-    if distributed.world_size() > 1:
-        gathered = torch.zeros(len(names), len(cands), dtype=torch.float64)
-        for i, n in enumerate(names):
-            if n in table:
-                gathered[i] = torch.tensor(table[n], dtype=torch.float64)
-        distributed.all_reduce_({"algorithm1": gathered})
-        table = {n: gathered[i].tolist() for i, n in enumerate(names)}
+
+    table = map_layers(list(weights), layer_table)
     unit_of = dict(groups) if groups else {n: n for n in weights}
     units: dict[Any, list[str]] = {}
     for n in weights:

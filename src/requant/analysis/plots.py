@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from .report import Report
+from .reports import Report
 
 RULE_STYLE = {"midpoint": "o-", "trapezoid": "s-", "left": "v-", "right": "^-", "gauss": "D-"}
 

@@ -21,15 +21,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data import text_windows
 from ..errors import ConfigError
-from ..model import LayerInfo
+from ..model import LayerInfo, quantizable_layers
+from ..pipeline import quantize, set_weights
 from ..progress import bar
-from .actual import actual_delta_f, check_fraction, loss, path_losses
-from .fisher import fisher_information
-from .path import weight_delta
-from .pqi import PathIntegral, PQIResult, path_gradients, post_quantization_integral
-from .quadrature import RULES, check_rule, quadrature
-from .taylor import first_order, fisher_second_order, second_order_hvp
+from ..sensitivity.actual import actual_delta_f, check_fraction, loss, path_losses
+from ..sensitivity.fisher import fisher_information
+from ..sensitivity.path import weight_delta
+from ..sensitivity.pqi import PathIntegral, PQIResult, path_gradients, post_quantization_integral
+from ..sensitivity.quadrature import RULES, check_rule, quadrature
+from ..sensitivity.taylor import first_order, fisher_second_order, second_order_hvp
 
 REPORTS = ("blocks", "lambda", "nodes", "sublayers", "coverage")
 DEFAULT_LAMBDAS = (1e-1, 5e-2, 1e-2, 5e-3, 1e-3)
@@ -85,9 +87,6 @@ def prepare_problem(model: nn.Module, tokenizer: object, config: Any, *, batch_s
     `config` is a requant.config.QuantConfig; its calibration windows are also the windows F is measured
     on, and the Fisher computed for the quantizer (if any) is kept for the Fisher term.
     """
-    from ..data import text_windows
-    from ..model import quantizable_layers
-    from ..pipeline import quantize, set_weights
 
     layers = quantizable_layers(model, config.include, config.exclude)
     names = [i.name for i in layers]

@@ -1,10 +1,7 @@
 import pytest
 import torch
 
-from requant.errors import ConfigError
-from requant.model import quantizable_layers
-from requant.sensitivity import actual_delta_f, first_order, post_quantization_integral, second_order_hvp
-from requant.sensitivity.report import (
+from requant.analysis.reports import (
     Problem,
     blocks_report,
     coverage,
@@ -16,6 +13,9 @@ from requant.sensitivity.report import (
     smallest_evals,
     sublayer_means,
 )
+from requant.errors import ConfigError
+from requant.model import quantizable_layers
+from requant.sensitivity import actual_delta_f, first_order, post_quantization_integral, second_order_hvp
 
 
 @pytest.fixture
