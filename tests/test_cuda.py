@@ -15,7 +15,7 @@ from requant.config import QuantConfig
 from requant.data import text_windows
 from requant.eval import evaluate
 from requant.format import save_checkpoint
-from requant.format.checkpoint import load_checkpoint
+from requant.format.loader import load_checkpoint
 from requant.pipeline import quantize
 from requant.sensitivity import fisher_information, post_quantization_integral
 

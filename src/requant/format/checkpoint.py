@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -38,7 +38,6 @@ from . import v1
 from .files import Header, integrity_metadata, read_header, verify_files
 from .layout import FORMAT_VERSION, LayerLayout, check_specs, check_values, decode_layer, encode_layer
 from .names import QWEIGHT
-from .qlinear import QuantLinear
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -455,79 +454,6 @@ def read_layers(path: str | os.PathLike, *, verify: bool = True) -> tuple[dict[s
         for name, (layout, tensors) in stored.items()
     }
     return meta, layers
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Loading a model
-
-
-def load_quantized(
-    path: str | os.PathLike,
-    *,
-    device: str = "cpu",
-    verify: bool = True,
-    dtype: torch.dtype = torch.float32,
-) -> tuple[nn.Module, object]:
-    """A working transformers model whose quantized layers are QuantLinear modules, and its tokenizer.
-
-    v2 loads through transformers' own `from_pretrained` (requant's quantizer, format.hf); v1/v0 are converted.
-    `verify` checks every tensor's recorded sha256 (v2)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint {str(path)!r} is not a directory")
-    if v1.is_v1_checkpoint(path):
-        return v1.load_v1(path, device=device)
-    from transformers import AutoModelForCausalLM
-
-    from ..progress import quiet_transformers
-    from .hf import register, verification
-
-    register()
-    qc = quantization_entry(path)
-    if qc is None:
-        raise CheckpointError(f"{str(path / CONFIG_FILE)!r} has no requant quantization_config")
-    check_quantization_config(str(path / CONFIG_FILE), qc)
-    tensor_files(path)  # safetensors only: a directory with just pytorch_model.bin is refused here
-    with quiet_transformers(), verification(verify):
-        try:
-            model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=dtype, device_map={"": device}, local_files_only=True
-            )
-        except (OSError, ValueError, RuntimeError, SafetensorError) as e:
-            raise CheckpointError(f"cannot load checkpoint {str(path)!r}: {str(e).splitlines()[0]}") from None
-        tokenizer = _tokenizer(path)
-    model.eval()
-    return model, tokenizer
-
-
-def _tokenizer(path: Path) -> object:
-    from transformers import AutoTokenizer
-
-    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        return None
-    try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"tokenizer files in {str(path)!r} are unreadable: {e}") from None
-
-
-def quantized_layers(model: nn.Module, table: Mapping[str, Any]) -> Iterator[tuple[str, QuantizedLayer]]:
-    """The unpacked QuantizedLayer of every QuantLinear of a loaded model."""
-    for name, mod in model.named_modules():
-        if isinstance(mod, QuantLinear):
-            yield name, mod.quantized_layer(_layer_info(name, table.get(name, {}), mod.layout))
-
-
-def load_checkpoint(
-    path: str | os.PathLike, *, device: str = "cpu", verify: bool = True
-) -> tuple[nn.Module, object, QuantizationResult]:
-    """load_quantized plus the unpacked QuantizationResult (for analysis; the model holds packed layers)."""
-    path = Path(path)
-    model, tokenizer = load_quantized(path, device=device, verify=verify)
-    meta = read_meta(path)
-    layers = dict(quantized_layers(model, meta["layers"]))
-    result = QuantizationResult(QuantConfig.from_dict(meta["config"]), layers, meta.get("report", {}))
-    return model, tokenizer, result
 
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, *, force: bool = False, dense: str = "auto") -> Path:

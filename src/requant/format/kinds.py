@@ -16,7 +16,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 
@@ -25,9 +25,30 @@ from ..quantizers.qtip.trellis import Trellis
 from . import kernels
 from .names import COL, IN_SCALE, LUT, ROWPTR, SCALE, SIGN_IN, SIGN_OUT, VALUE, ZERO
 
-if TYPE_CHECKING:
-    from .layout import LayerLayout
-    from .qlinear import QuantLinear
+
+class LayerLayout(Protocol):
+    """What a kind reads of a layout (format.layout.LayerLayout; a protocol, so this module imports nothing
+    above it)."""
+
+    kind: str
+    out_features: int
+    in_features: int
+    bits: int
+    nnz: int
+    params: dict[str, Any]
+
+
+class QuantLinear(Protocol):
+    """What a runner reads of a packed layer (format.qlinear.QuantLinear)."""
+
+    layout: LayerLayout
+    in_features: int
+    bias: torch.Tensor | None
+
+    def packed(self) -> torch.Tensor: ...
+    def float_tables(self) -> dict[str, torch.Tensor]: ...
+    def sparse_f32(self) -> tuple[torch.Tensor, torch.Tensor] | None: ...
+    def dequantize(self) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
