@@ -51,13 +51,16 @@ metadata:
 
 
 @pytest.fixture(autouse=True)
-def _no_environment_report(monkeypatch):
-    # simple_evaluate also collects an environment report (torch's collect_env, git): seconds of subprocesses
-    # per call that the scores do not depend on.
+def _harness_setup(monkeypatch, tmp_path):
+    import datasets.config
     import lm_eval.evaluator
 
+    # simple_evaluate also collects an environment report (torch's collect_env, git): seconds of subprocesses
+    # per call that the scores do not depend on.
     monkeypatch.setattr(lm_eval.evaluator, "add_env_info", lambda results: None)
     monkeypatch.setattr(lm_eval.evaluator, "get_git_commit_hash", lambda: None)
+    # datasets caches each task's prepared split; keep the tests' out of the user's cache.
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
 
 
 def write_task(d, items=ITEMS) -> None:
@@ -160,6 +163,18 @@ def test_cli_reports_tasks_beside_perplexity(capsys, model, model_dir, task_dir,
 def test_bad_task_arguments_give_one_line(capsys, model_dir, task_dir, extra, message):
     code, out, err = run(capsys, "eval", str(model_dir), "--task-path", str(task_dir), *extra)
     assert code == 2 and out == "" and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_unknown_task_is_named(task_dir):
+    from lm_eval.tasks import TaskManager
+
+    from requant.errors import ConfigError
+    from requant.eval.lmeval import _build_tasks
+
+    # The CLI looks names up in the built-in index too (tens of seconds to build); the message is the same.
+    local = TaskManager(include_path=str(task_dir), include_defaults=False)
+    with pytest.raises(ConfigError, match=r"task 'no_such_task' is not an lm-eval task nor a YAML task under"):
+        _build_tasks(local, [TASK, "no_such_task"], task_dir)
 
 
 def test_missing_task_data_and_missing_lm_eval_give_one_line(capsys, model_dir, task_dir, monkeypatch):
