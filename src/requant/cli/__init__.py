@@ -16,7 +16,7 @@ from ..errors import RequantError
 from ..progress import quiet_transformers, set_quiet
 
 # Each module defines add_parser(subparsers) and run(args) -> int.
-COMMAND_MODULES = ("quantize", "eval", "sensitivity", "inspect", "generate", "bench", "convert")
+COMMAND_MODULES = ("quantize", "eval", "sensitivity", "inspect", "generate", "bench", "export", "convert")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -46,7 +46,10 @@ def run(args: argparse.Namespace) -> int:
     model, tok = load(args.checkpoint, device=args.device, verify=args.verify)
     if args.chat:
         if not getattr(tok, "chat_template", None):
-            raise ConfigError("--chat: this tokenizer has no chat template")
+            raise ConfigError(
+                f"--chat: the tokenizer of {args.checkpoint!r} has no chat template (drop --chat to continue the "
+                "prompt as plain text)"
+            )
         ids = tok.apply_chat_template(
             [{"role": "user", "content": args.prompt}], add_generation_prompt=True, return_tensors="pt"
         )
