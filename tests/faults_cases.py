@@ -104,9 +104,17 @@ def normalize(text: str, case_dir: Path, env: Env) -> str:
     return re.sub(r"\bpid \d+", "pid N", text)
 
 
+PROGRESS_LINE = re.compile(r"[^:\n]+: \d+(/\d+)? \S+ in \d+\.\d s")  # a stage's summary line (requant.progress)
+
+
+def error_lines(stderr: str) -> list[str]:
+    """What stderr says besides the stages' progress summaries (printed when stderr is not a terminal)."""
+    return [x for x in stderr.strip().splitlines() if x.strip() and not PROGRESS_LINE.fullmatch(x)]
+
+
 def message(stderr: str) -> str:
-    """The line a user reads: the last one (argparse prints its usage block above it)."""
-    lines = stderr.strip().splitlines()
+    """The line a user reads: the last one (argparse prints its usage block above it), progress summaries aside."""
+    lines = error_lines(stderr)
     return lines[-1] if lines else ""
 
 

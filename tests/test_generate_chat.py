@@ -63,7 +63,7 @@ def test_chat_without_a_template_is_one_error_line(capsys, model_dir):
 def test_chat_with_the_embedded_instruct_tokenizer(capsys, tmp_path):
     from transformers import AutoTokenizer
 
-    from requant.assets import default_model_dir
+    from requant.loading import default_model_dir
 
     tok = AutoTokenizer.from_pretrained(default_model_dir())
     assert tok.chat_template  # the embedded model is an instruct model
