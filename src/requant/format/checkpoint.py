@@ -60,6 +60,14 @@ def quantization_entry(path: str | os.PathLike) -> dict[str, Any] | None:
     return qc if isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD else None
 
 
+def requant_entry(path: str | os.PathLike) -> dict[str, Any]:
+    """config.json's requant quantization_config; CheckpointError when there is none."""
+    qc = quantization_entry(path)
+    if qc is None:
+        raise CheckpointError(f"{str(Path(path) / CONFIG_FILE)!r} has no requant quantization_config")
+    return qc
+
+
 def is_checkpoint(path: str | os.PathLike) -> bool:
     """Whether `path` is a requant checkpoint directory (any format version)."""
     path = Path(path)
@@ -368,9 +376,7 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if v1.is_v1_checkpoint(path):
         return v1.read_meta(path)
-    qc = quantization_entry(path)
-    if qc is None:
-        raise CheckpointError(f"{str(path / CONFIG_FILE)!r} has no requant quantization_config")
+    qc = requant_entry(path)
     report = {}
     if (path / REPORT_FILE).is_file():
         try:
@@ -393,9 +399,7 @@ def read_quantized(path: str | os.PathLike, *, verify: bool = True) -> tuple[dic
     path = Path(path)
     if v1.is_v1_checkpoint(path):
         return v1.read_quantized(path)
-    qc = quantization_entry(path)
-    if qc is None:
-        raise CheckpointError(f"{str(path / CONFIG_FILE)!r} has no requant quantization_config")
+    qc = requant_entry(path)
     layouts = check_quantization_config(str(path / CONFIG_FILE), qc)
     files = tensor_files(path)
     where = check_files(path, layouts, files)

@@ -34,11 +34,10 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..errors import CheckpointError
-from ..model import set_module
 from .checkpoint import QUANT_METHOD, check_files, check_quantization_config
 from .files import DIGESTS_KEY, TABLE_KEY, table_digest, tensor_digest, verify_files
 from .layout import FORMAT_VERSION, LayerLayout, check_values
-from .qlinear import QuantLinear
+from .qlinear import QuantLinear, swap_in
 
 _VERIFY: contextvars.ContextVar[bool] = contextvars.ContextVar("requant_verify", default=True)
 
@@ -98,19 +97,7 @@ class RequantHfQuantizer(HfQuantizer):
                 verify_files(files, self.quantization_config.layers)
             _check_dense_present(model, stored, set(self.layouts), files[0].parent)
         for name, layout in self.layouts.items():
-            try:
-                mod = model.get_submodule(name)
-            except AttributeError:
-                mod = None
-            if not isinstance(mod, nn.Linear) or (mod.out_features, mod.in_features) != (
-                layout.out_features,
-                layout.in_features,
-            ):
-                raise CheckpointError(
-                    f"quantization_config layer {name} ({layout.out_features}×{layout.in_features}) is not a linear "
-                    "layer of that shape in the model config.json describes"
-                )
-            set_module(model, name, QuantLinear(layout, bias=mod.bias is not None, name=name))
+            swap_in(model, name, layout, "config.json quantization_config")
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         for name, layout in self.layouts.items():

@@ -20,8 +20,8 @@ from .checkpoint import (
     CONFIG_FILE,
     _layer_info,
     check_quantization_config,
-    quantization_entry,
     read_meta,
+    requant_entry,
     tensor_files,
 )
 from .hf import register, verification
@@ -49,9 +49,7 @@ def load_quantized(
     from ..progress import quiet_transformers
 
     register()
-    qc = quantization_entry(path)
-    if qc is None:
-        raise CheckpointError(f"{str(path / CONFIG_FILE)!r} has no requant quantization_config")
+    qc = requant_entry(path)
     check_quantization_config(str(path / CONFIG_FILE), qc)
     tensor_files(path)  # safetensors only: a directory with just pytorch_model.bin is refused here
     with quiet_transformers(), verification(verify):

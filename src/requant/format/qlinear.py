@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import CheckpointError
 from ..model import LayerInfo, get_linear, set_module
 from ..results import QuantizedLayer
 from . import kernels
@@ -185,6 +186,26 @@ def set_kernel_mode(model: nn.Module, mode: str) -> None:
         raise ValueError(f"kernel mode {mode!r} is not one of {MODES}")
     for _, mod in quant_linears(model):
         mod.mode = mode
+
+
+def swap_in(model: nn.Module, name: str, layout: LayerLayout, where: str) -> QuantLinear:
+    """Replace the nn.Linear `name` by an empty QuantLinear of `layout` (its buffers to be filled by a loader);
+    `where` names the layer table in the error when the model has no linear layer of that shape there."""
+    try:
+        lin = model.get_submodule(name)
+    except AttributeError:
+        lin = None
+    if not isinstance(lin, nn.Linear) or (lin.out_features, lin.in_features) != (
+        layout.out_features,
+        layout.in_features,
+    ):
+        raise CheckpointError(
+            f"{where}: layer {name} ({layout.out_features}×{layout.in_features}) is not a linear layer of that "
+            "shape in the model that config.json describes"
+        )
+    ql = QuantLinear(layout, bias=lin.bias is not None, name=name)
+    set_module(model, name, ql)
+    return ql
 
 
 def replace_with_quant_linear(model: nn.Module, layers: dict[str, QuantizedLayer]) -> None:

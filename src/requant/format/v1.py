@@ -20,14 +20,14 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..io import read_json
-from ..model import LayerInfo, set_module
+from ..model import LayerInfo
 from ..quantizers import QuantizedTensor
 from ..results import QuantizedLayer
 from ..sparse import SparseResidual
 from .files import Header, read_header
 from .layout import LayerLayout, check_specs, check_values, encode_layer, tensor_name
 from .names import QWEIGHT, V1_QWEIGHT
-from .qlinear import QuantLinear
+from .qlinear import swap_in
 
 META_FILE = "requant.json"
 DENSE_FILE = "model.safetensors"
@@ -256,22 +256,9 @@ def load_v1(path: str | os.PathLike, *, device: str = "cpu") -> tuple[nn.Module,
         if (path / "generation_config.json").is_file():
             model.generation_config = GenerationConfig.from_pretrained(path)
     for name, (layout, tensors) in stored.items():
-        try:
-            lin = model.get_submodule(name)
-        except AttributeError:
-            lin = None
-        if not isinstance(lin, nn.Linear) or (lin.out_features, lin.in_features) != (
-            layout.out_features,
-            layout.in_features,
-        ):
-            raise CheckpointError(
-                f"{str(path / META_FILE)!r}: layer {name} ({layout.out_features}×{layout.in_features}) "
-                f"is not a linear layer of that shape in the model of {CONFIG_FILE}"
-            )
-        ql = QuantLinear(layout, bias=lin.bias is not None, name=name)
+        ql = swap_in(model, name, layout, repr(str(path / META_FILE)))
         for suffix, t in tensors.items():
             setattr(ql, suffix, t)
-        set_module(model, name, ql)
     dense_file = path / DENSE_FILE
     state = _load_tensors(dense_file)
     expected = {k for k, _ in model.state_dict(keep_vars=True).items()}
