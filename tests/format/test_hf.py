@@ -218,3 +218,13 @@ def test_v1_checkpoints_load_and_convert_to_v2(runs, tmp_path):
     assert json.loads((v2 / "config.json").read_text())["quantization_config"]["format_version"] == 2
     assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(v2)), expected)
     assert all(isinstance(m, QuantLinear) for _, m in quant_linears(AutoModelForCausalLM.from_pretrained(v2)))
+
+
+def test_a_model_config_that_disagrees_with_the_layer_table_is_refused(runs, tmp_path):
+    model, tok, result = runs("lut")
+    ckpt = save_checkpoint(tmp_path / "q", model, tok, result)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["intermediate_size"] += 8  # the skeleton's MLP no longer has the stored layers' shape
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"layer model\.layers\.0\.mlp\.\w+_proj \(\d+×\d+\) is not a linear"):
+        AutoModelForCausalLM.from_pretrained(ckpt)
