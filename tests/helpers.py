@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 
 
-def byte_tokenizer():
-    """A byte-level tokenizer with 256 byte tokens plus <s>: deterministic and fully offline."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+def byte_tokenizer(*, add_bos: bool = False, bos: bool = True):
+    """A byte-level tokenizer with 256 byte tokens plus <s>: deterministic and fully offline. `add_bos`: it puts
+    <s> (id 256) before every text, as Llama's does; `bos=False`: it has no BOS token at all."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
@@ -16,7 +17,9 @@ def byte_tokenizer():
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<s>")
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>" if bos else None, eos_token="<s>")
 
 
 def requant_config(text_file, **kw):

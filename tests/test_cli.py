@@ -65,6 +65,8 @@ def test_quantize_then_eval_json(capsys, model_dir, text_file, tmp_path):
         (["quantize", "-o", "X", "--outliers", "-1"], "outlier percent -1.0 is outside"),
         (["quantize", "-o", "X", "--base", "foo"], "base method 'foo' is not allowed"),
         (["eval", "MISSING_DIR/x.gguf"], "does not exist"),
+        (["eval", "MISSING_DIR/x.gguf", "--bos", "first"], "--bos 'first' is not allowed; use one of auto, always"),
+        (["quantize", "-o", "X", "--bos", "first"], "BOS mode 'first' is not allowed; use one of auto, always"),
     ],
 )
 def test_bad_input_gives_one_line_and_exit_2(capsys, argv, message):
@@ -99,6 +101,38 @@ def test_errors_on_model_and_text(capsys, model_dir, text_file, tmp_path):
     code, _, err = run(capsys, "eval", str(model_dir), "--data", str(text_file), "--seqlen", "257")
     assert code == 2 and "--seqlen 257 is longer than the model's context of 256 tokens" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_eval_reports_its_bos_windows(capsys, tmp_path, model, text_file):
+    from helpers import byte_tokenizer
+
+    d = tmp_path / "bos-model"  # the tiny model with a tokenizer that puts <s> before every text, as Llama's
+    model.save_pretrained(d)
+    byte_tokenizer(add_bos=True).save_pretrained(d)
+    base = ["eval", str(d), "--data", str(text_file), "--seqlen", "32", "--limit", "3"]
+    res = {m: json.loads(run(capsys, *base, "--bos", m, "--json")[1])["results"][0] for m in ("auto", "never")}
+    assert res["auto"]["bos"] is True and res["never"]["bos"] is False
+    assert res["auto"]["tokens"] == res["never"]["tokens"] == 3 * 31  # BOS + 31 scored text tokens per window
+    assert res["auto"]["perplexity"] != res["never"]["perplexity"]
+    code, out, _ = run(capsys, *base)
+    assert code == 0 and "| BOS |" in out and f"| {res['auto']['tokens']} | 3 | yes |" in out
+
+
+def test_bos_always_without_a_bos_token_is_refused_in_one_line(capsys, tmp_path, model, text_file):
+    from helpers import byte_tokenizer
+
+    d = tmp_path / "no-bos"
+    model.save_pretrained(d)
+    byte_tokenizer(bos=False).save_pretrained(d)
+    capsys.readouterr()  # the save's progress bar
+    for argv in (
+        ["eval", str(d), "--data", str(text_file), "--seqlen", "32"],
+        ["quantize", str(d), "-o", str(tmp_path / "q"), "--base", "rtn", "--seqlen", "32"],  # reads no windows
+    ):
+        code, out, err = run(capsys, *argv, "--bos", "always")
+        assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+        assert "bos 'always' needs a BOS token and the tokenizer has none; use auto or never" in err
+    assert not (tmp_path / "q").exists()
 
 
 def test_existing_output_refused_before_work(capsys, model_dir, tmp_path):
@@ -232,7 +266,10 @@ def test_sensitivity_flags_keep_their_names_and_defaults():
 
     args = build_parser().parse_args(["sensitivity", "--report", "nodes", "--dtype", "bf16", "--include", "q_proj"])
     c = build_config(args)
-    assert (c.bits, c.nsamples, c.grad_dtype, c.include) == (4, 8, "bf16", ("q_proj",))
+    assert (c.bits, c.nsamples, c.grad_dtype, c.include, c.bos) == (4, 8, "bf16", ("q_proj",), "auto")
+    assert (
+        build_config(build_parser().parse_args(["sensitivity", "--report", "nodes", "--bos", "never"])).bos == "never"
+    )
 
 
 def test_without_json_each_stage_reports_one_line_on_stderr(capsys, model_dir, text_file, tmp_path, monkeypatch):

@@ -37,4 +37,5 @@ def test_dict_round_trip_is_exact_and_unknown_keys_are_refused():
 def test_differences_name_exactly_the_changed_settings():
     a = QuantConfig()
     assert a.differences(dataclasses.replace(a, bits=4, seed=3)) == ["bits", "seed"]
+    assert a.differences(dataclasses.replace(a, bos="never")) == ["bos"]  # a work dir / checkpoint refuses it
     assert a.differences(a) == []

@@ -69,5 +69,7 @@ def test_resume_with_other_settings_or_weights_is_refused_by_name(tmp_path):
         WorkDir(tmp_path / "w", QuantConfig(bits=4), resume=True, fingerprint={"weights": "1"})
     with pytest.raises(InputError, match=r"different settings \(weights\)"):
         WorkDir(tmp_path / "w", QuantConfig(), resume=True, fingerprint={"weights": "2"})
+    with pytest.raises(InputError, match=r"different settings \(bos\)"):  # other calibration windows
+        WorkDir(tmp_path / "w", QuantConfig(bos="always"), resume=True, fingerprint={"weights": "1"})
     fresh = WorkDir(tmp_path / "w", QuantConfig(bits=4))  # without --resume: start over
     assert fresh.stored("anything") is None

@@ -11,6 +11,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
+from .data import BOS_MODES
 from .errors import ConfigError
 from .quantizers import ALLOWED_BITS, QUANTIZERS
 from .sensitivity.quadrature import RULES
@@ -131,6 +132,12 @@ class QuantConfig:
     nsamples: int = option(32, help="calibration windows")
     seqlen: int = option(512, help="tokens per window")
     seed: int = option(0, help="seed of the window sampling")
+    bos: str = option(
+        "auto",
+        help="BOS token at the start of every window: auto (if the tokenizer adds one), always, never",
+        what="BOS mode",
+        choices=BOS_MODES,
+    )
     grad_dtype: str = option("fp32", help="model dtype for gradient passes", what="gradient dtype", choices=DTYPES)
     include: tuple[str, ...] = option((), help="regex of layer names to quantize (repeat)")
     exclude: tuple[str, ...] = option((), help="regex of layer names to skip (repeat)")

@@ -9,6 +9,10 @@ Named texts:
                          WikiText-2 raw / allenai C4 through `datasets`, only if already in the local cache
   any other value        a UTF-8 text file path
 Documents are joined with blank lines ("\\n\\n"), as in the GPTQ perplexity protocol.
+
+BOS: a window cut from the middle of a text has no BOS token, which models trained with one at the start of
+every sequence see out of distribution. `window_bos` decides, from the tokenizer and the mode (auto, always,
+never), whether every window starts with BOS; such a window is BOS + L-1 text tokens, so L stays the length.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from .errors import ConfigError, InputError
 _DOC_TAG = re.compile(r"^</?doc[^>]*>\s*$")
 EMBEDDED = ("wiki", "wiki:train", "wiki:test", "c4")
 HF_TEXTS = ("hf:wikitext2:train", "hf:wikitext2:validation", "hf:wikitext2:test", "hf:c4:validation")
+# auto: BOS when the tokenizer adds one by default; always: whenever it has one; never: the plain token stream.
+BOS_MODES = ("auto", "always", "never")
 
 
 def split_wiki_articles(raw: str) -> list[str]:
@@ -93,40 +99,76 @@ def _load_hf_text(name: str) -> str:
     return "\n\n".join(ds["text"])
 
 
-def tokenize(tokenizer: object, text: str) -> torch.Tensor:
-    """Token ids of `text` as a 1-D int64 tensor (the tokenizer's default special tokens)."""
-    ids = tokenizer(text, return_attention_mask=False, verbose=False)["input_ids"]  # type: ignore[operator]
+def tokenize(tokenizer: object, text: str, *, special_tokens: bool = True) -> torch.Tensor:
+    """Token ids of `text` as a 1-D int64 tensor (with the tokenizer's default special tokens, unless told not)."""
+    kw = {} if special_tokens else {"add_special_tokens": False}  # today's call, unchanged, by default
+    ids = tokenizer(text, return_attention_mask=False, verbose=False, **kw)["input_ids"]  # type: ignore[operator]
     return torch.tensor(ids, dtype=torch.long)
 
 
-def _check_len(ids: torch.Tensor, seqlen: int, name: str) -> None:
+def adds_bos(tokenizer: object) -> bool:
+    """Whether the tokenizer puts its BOS token before a text by default (e.g. Llama, Gemma; SmolLM2 does not)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    # Ask the tokenizer rather than read `add_bos_token`: a post-processor may add BOS without that attribute.
+    ids = tokenize(tokenizer, "x")
+    return ids.numel() > 0 and int(ids[0]) == bos
+
+
+def window_bos(tokenizer: object, mode: str) -> int | None:
+    """The token id every window starts with under BOS mode `mode` (auto, always, never), or None for none."""
+    if mode not in BOS_MODES:
+        raise ConfigError(f"bos {mode!r} is not allowed; use one of {', '.join(BOS_MODES)}")
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if mode == "always" and bos is None:
+        raise ConfigError("bos 'always' needs a BOS token and the tokenizer has none; use auto or never")
+    if mode == "never" or (mode == "auto" and not adds_bos(tokenizer)):
+        return None
+    return int(bos)
+
+
+def _check_len(ids: torch.Tensor, seqlen: int, name: str, bos: int | None = None) -> int:
+    """The number of text tokens per window (seqlen, or seqlen - 1 after a BOS), once the stream is long enough."""
     if seqlen < 2:
         raise ConfigError(f"seqlen {seqlen} is too small; use at least 2 tokens")
-    if ids.numel() < seqlen:
+    body = seqlen - (bos is not None)
+    if ids.numel() < body:
         raise InputError(f"text {name!r} has {ids.numel()} tokens, too short for one window of {seqlen}")
+    return body
+
+
+def _with_bos(windows: torch.Tensor, bos: int | None) -> torch.Tensor:
+    if bos is None:
+        return windows
+    return torch.cat([torch.full((windows.shape[0], 1), bos, dtype=windows.dtype), windows], dim=1)
 
 
 def calibration_windows(
-    ids: torch.Tensor, nsamples: int, seqlen: int, seed: int, *, name: str = "text"
+    ids: torch.Tensor, nsamples: int, seqlen: int, seed: int, *, name: str = "text", bos: int | None = None
 ) -> torch.Tensor:
-    """n random windows (nsamples, seqlen) of the token stream, GPTQ-style, reproducible from `seed`."""
+    """n random windows (nsamples, seqlen) of the token stream, GPTQ-style, reproducible from `seed`; with a
+    `bos` id each window is that token + seqlen-1 stream tokens."""
     if nsamples < 1:
         raise ConfigError(f"nsamples {nsamples} must be at least 1")
-    _check_len(ids, seqlen, name)
+    body = _check_len(ids, seqlen, name, bos)
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seqlen + 1, (nsamples,), generator=gen)
-    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+    starts = torch.randint(0, ids.numel() - body + 1, (nsamples,), generator=gen)
+    return _with_bos(torch.stack([ids[s : s + body] for s in starts.tolist()]), bos)
 
 
-def eval_windows(ids: torch.Tensor, seqlen: int, limit: int | None = None, *, name: str = "text") -> torch.Tensor:
-    """Non-overlapping windows (k, seqlen) from the stream start (GPTQ protocol); `limit` keeps k first."""
-    _check_len(ids, seqlen, name)
-    k = ids.numel() // seqlen
+def eval_windows(
+    ids: torch.Tensor, seqlen: int, limit: int | None = None, *, name: str = "text", bos: int | None = None
+) -> torch.Tensor:
+    """Non-overlapping windows (k, seqlen) from the stream start (GPTQ protocol); `limit` keeps k first; with a
+    `bos` id each window is that token + the next seqlen-1 stream tokens."""
+    body = _check_len(ids, seqlen, name, bos)
+    k = ids.numel() // body
     if limit is not None:
         if limit < 1:
             raise ConfigError(f"limit {limit} must be at least 1")
         k = min(k, limit)
-    return ids[: k * seqlen].view(k, seqlen)
+    return _with_bos(ids[: k * body].view(k, body), bos)
 
 
 def text_windows(
@@ -137,9 +179,14 @@ def text_windows(
     nsamples: int | None = None,
     seed: int = 0,
     limit: int | None = None,
+    bos: str = "auto",
 ) -> torch.Tensor:
-    """Windows of a named text: random calibration windows if `nsamples` is given, else eval windows."""
-    ids = tokenize(tokenizer, load_text(name))
+    """Windows of a named text: random calibration windows if `nsamples` is given, else eval windows; `bos`
+    (auto, always, never) says whether each starts with the tokenizer's BOS token (`window_bos`)."""
+    bos_id = window_bos(tokenizer, bos)
+    # With a BOS per window the stream carries no special tokens (a BOS-adding tokenizer would put one more at
+    # the text start); without, it is today's stream with the tokenizer's defaults.
+    ids = tokenize(tokenizer, load_text(name), special_tokens=bos_id is None)
     if nsamples is not None:
-        return calibration_windows(ids, nsamples, seqlen, seed, name=name)
-    return eval_windows(ids, seqlen, limit, name=name)
+        return calibration_windows(ids, nsamples, seqlen, seed, name=name, bos=bos_id)
+    return eval_windows(ids, seqlen, limit, name=name, bos=bos_id)

@@ -10,7 +10,9 @@ from torch import nn
 def token_nll(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Sum of next-token NLL (nats) over a batch of windows (b, L), and the number of predicted tokens.
 
-    Logits are upcast to fp32 so a bf16 model still gets an fp32 loss. The sum is differentiable.
+    Position t predicts token t+1, so the first token of a window is never a target: a window that starts
+    with BOS (requant.data.window_bos) scores all its L-1 text tokens and never the BOS itself. Logits are
+    upcast to fp32 so a bf16 model still gets an fp32 loss. The sum is differentiable.
     """
     ids = ids.to(next(model.parameters()).device)
     logits = model(input_ids=ids, use_cache=False).logits

@@ -31,7 +31,7 @@ from torch import nn
 from . import distributed
 from .calibration import layer_inputs, sequential_fit
 from .config import EQUAL_BITS, QuantConfig
-from .data import text_windows
+from .data import text_windows, window_bos
 from .errors import ConfigError, NumericalError
 from .loading import parse_dtype
 from .model import LayerInfo, get_linear, quantizable_layers
@@ -120,7 +120,9 @@ def compute_fisher(
 ) -> Masks:
     """Fisher Σg² over the config's calibration windows, with the model temporarily in the gradient dtype
     (`masters`: fp32 copies of linear weights to restore from, instead of copying them first)."""
-    windows = text_windows(tokenizer, config.calib, config.seqlen, nsamples=config.nsamples, seed=config.seed)
+    windows = text_windows(
+        tokenizer, config.calib, config.seqlen, nsamples=config.nsamples, seed=config.seed, bos=config.bos
+    )
     with _GradDtype(model, config.grad_dtype, masters):
         return {n: f.cpu() for n, f in fisher_information(model, names, windows).items()}
 
@@ -281,7 +283,7 @@ class Calibration:
 
     def _draw(self, nsamples: int) -> torch.Tensor:
         c = self.config
-        return text_windows(self.tokenizer, c.calib, c.seqlen, nsamples=nsamples, seed=c.seed)
+        return text_windows(self.tokenizer, c.calib, c.seqlen, nsamples=nsamples, seed=c.seed, bos=c.bos)
 
     def windows(self) -> torch.Tensor:
         """`nsamples` token windows of the calibration text (nsamples × seqlen)."""
@@ -355,6 +357,7 @@ def start_run(
     """Resolve the quantizer and layers, check the weights, copy the fp32 masters and open the work dir."""
     started = time.perf_counter()
     layers = quantizable_layers(model, config.include, config.exclude)
+    window_bos(tokenizer, config.bos)  # a BOS mode this tokenizer cannot follow fails before any work
     group_size = config.group_size
     if group_size == EQUAL_BITS:  # the recipe's choice, from the layers' widths
         group_size = equal_bits_group_size((i.in_features for i in layers), config.outliers)

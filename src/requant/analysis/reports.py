@@ -91,7 +91,9 @@ def prepare_problem(model: nn.Module, tokenizer: object, config: Any, *, batch_s
     layers = quantizable_layers(model, config.include, config.exclude)
     names = [i.name for i in layers]
     original = {n: model.get_submodule(n).weight.detach().float().cpu().clone() for n in names}
-    windows = text_windows(tokenizer, config.calib, config.seqlen, nsamples=config.nsamples, seed=config.seed)
+    windows = text_windows(
+        tokenizer, config.calib, config.seqlen, nsamples=config.nsamples, seed=config.seed, bos=config.bos
+    )
     fisher = None
     if config.needs_fisher:
         fisher = {n: f.cpu() for n, f in fisher_information(model, names, windows).items()}

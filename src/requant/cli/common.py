@@ -90,11 +90,11 @@ def build_config(args: argparse.Namespace, settings: Mapping[str, Any] | None = 
     return QuantConfig(**values)
 
 
-CALIBRATION = ("calib", "nsamples", "seqlen", "seed")
+CALIBRATION = ("calib", "nsamples", "seqlen", "seed", "bos")
 
 
 def add_calib(p: argparse.ArgumentParser, **kw: Any) -> None:
-    """The calibration flags (--calib, --nsamples, --seqlen, --seed); keywords as add_config_options."""
+    """The calibration flags (--calib, --nsamples, --seqlen, --seed, --bos); keywords as add_config_options."""
     add_config_options(p.add_argument_group("calibration"), CALIBRATION, **kw)
 
 

@@ -18,6 +18,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     e.add_argument(
         "--limit", type=int, default=None, help="evaluate only the first N windows of each text / items of each task"
     )
+    e.add_argument(
+        "--bos",
+        default="auto",
+        metavar="{auto,always,never}",
+        help="BOS token at the start of every window: auto (if the tokenizer adds one), always, never (default: auto)",
+    )
     e.add_argument("--batch-size", type=int, default=1, help="windows (task requests) per forward pass (default: 1)")
     g = e.add_argument_group("lm-eval tasks (pip install 'requant[eval]')")
     g.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks, e.g. arc_easy,hellaswag")
@@ -32,7 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from .. import load
-    from ..data import text_windows
+    from ..data import BOS_MODES, text_windows, window_bos
     from ..eval import evaluate
     from ..eval.lmeval import check_task_path, evaluate_tasks, require_lm_eval, task_names
     from ..format import is_checkpoint
@@ -46,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
     tasks = None if args.tasks is None else task_names(args.tasks)
     if tasks is None and (args.task_path is not None or args.num_fewshot is not None):
         raise ConfigError("--task-path and --num-fewshot apply to lm-eval tasks: name them with --tasks")
+    if args.bos not in BOS_MODES:
+        raise ConfigError(f"--bos {args.bos!r} is not allowed; use one of {', '.join(BOS_MODES)}")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size} must be at least 1")
     if args.limit is not None and args.limit < 1:
@@ -68,10 +76,11 @@ def run(args: argparse.Namespace) -> int:
                 raise ConfigError("--kl-to source needs a requant checkpoint as MODEL")
             ref_spec = read_meta(args.model)["metadata"].get("model")
         reference, _ = load(ref_spec, device=args.device)
+    bos = window_bos(tok, args.bos) is not None  # the rule text_windows follows; fails here for an impossible mode
     results = []
     for name in names:
-        windows = text_windows(tok, name, args.seqlen, limit=args.limit)
-        results.append(evaluate(model, windows, data=name, reference=reference, batch_size=args.batch_size))
+        windows = text_windows(tok, name, args.seqlen, limit=args.limit, bos=args.bos)
+        results.append(evaluate(model, windows, data=name, reference=reference, batch_size=args.batch_size, bos=bos))
     scores = None
     if tasks is not None:
         scores = evaluate_tasks(
@@ -87,10 +96,11 @@ def run(args: argparse.Namespace) -> int:
     text = []
     if names:
         obj["results"] = [r.to_dict() for r in results]
-        text += ["| data | perplexity | tokens | windows | KL (nats/token) |", "|---|---|---|---|---|"]
+        text += ["| data | perplexity | tokens | windows | BOS | KL (nats/token) |", "|---|---|---|---|---|---|"]
         for r in results:
             kl = "" if r.kl is None else f"{r.kl:.5f}"
-            text.append(f"| {r.data} | {r.perplexity:.4f} | {r.tokens} | {r.windows} | {kl} |")
+            bos_cell = "yes" if r.bos else "no"
+            text.append(f"| {r.data} | {r.perplexity:.4f} | {r.tokens} | {r.windows} | {bos_cell} | {kl} |")
     if scores is not None:
         obj["tasks"] = scores
         text += ([""] if text else []) + task_table(scores)

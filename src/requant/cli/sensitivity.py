@@ -104,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
         "nsamples": args.nsamples,
         "seqlen": args.seqlen,
         "seed": args.seed,
+        "bos": config.bos,
         "dtype": args.grad_dtype,
         "layers": len(problem.layers),
         "weights": sum(i.numel for i in problem.layers),

@@ -17,7 +17,8 @@ from ..progress import bar
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Perplexity of one text; `kl` is the mean per-token KL(p_ref || p_model) in nats, if requested."""
+    """Perplexity of one text; `kl` is the mean per-token KL(p_ref || p_model) in nats, if requested; `bos`:
+    whether every window starts with a BOS token (requant.data.window_bos), whose position is never scored."""
 
     data: str
     perplexity: float
@@ -26,6 +27,7 @@ class EvalResult:
     windows: int
     seqlen: int
     kl: float | None = None
+    bos: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -46,8 +48,13 @@ def evaluate(
     data: str = "text",
     reference: nn.Module | None = None,
     batch_size: int = 1,
+    bos: bool = False,
 ) -> EvalResult:
-    """Perplexity of `model` over `windows` (k, L); with `reference`, also the mean per-token KL to it."""
+    """Perplexity of `model` over `windows` (k, L); with `reference`, also the mean per-token KL to it.
+
+    Every position but the last predicts the next token, so the first token of a window is never a target:
+    with a BOS first (`bos`, recorded in the result) all L-1 text tokens are scored, else the last L-1.
+    """
     nll_total, count, kl_total = 0.0, 0, 0.0
     k, seqlen = windows.shape
     # Under torchrun each rank takes a share of the batches; the sums are all-reduced below.
@@ -83,4 +90,5 @@ def evaluate(
         windows=k,
         seqlen=seqlen,
         kl=None if reference is None else kl_total / count,
+        bos=bos,
     )
