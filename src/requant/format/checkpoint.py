@@ -36,7 +36,15 @@ from ..model import LayerInfo
 from ..results import QuantizationResult, QuantizedLayer
 from . import v1
 from .files import Header, integrity_metadata, read_header, verify_files
-from .layout import FORMAT_VERSION, LayerLayout, check_specs, check_values, decode_layer, encode_layer
+from .layout import (
+    FORMAT_VERSION,
+    LayerLayout,
+    check_specs,
+    check_table_summary,
+    check_values,
+    decode_layer,
+    encode_layer,
+)
 from .names import QWEIGHT
 
 CONFIG_FILE = "config.json"
@@ -331,18 +339,7 @@ def check_quantization_config(where: str, qc: Mapping[str, Any]) -> dict[str, La
             "(`requant convert` upgrades them)"
         )
     layouts = parse_layers(where, qc)
-    for name, layout in layouts.items():
-        if qc.get("bits") != layout.bits:
-            raise CheckpointError(
-                f"{where}: quantization_config.bits = {qc.get('bits')!r}, but layer {name} is stored with "
-                f"{layout.bits} bits"
-            )
-    nnz = sum(lo.nnz for lo in layouts.values())
-    if qc.get("sparse_entries") != nnz:
-        raise CheckpointError(
-            f"{where}: quantization_config.sparse_entries = {qc.get('sparse_entries')!r}, but the layer table "
-            f"holds {nnz} sparse entries"
-        )
+    check_table_summary(where, qc, layouts)
     return layouts
 
 

@@ -32,6 +32,7 @@ of rows to whole 8-code chunks.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -159,6 +160,22 @@ class LayerLayout:
             raise CheckpointError(f"{where}: {e}") from None
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise CheckpointError(f"{where}: malformed layer metadata ({type(e).__name__}: {e})") from None
+
+
+def check_table_summary(where: str, qc: Mapping[str, Any], layouts: Mapping[str, LayerLayout]) -> None:
+    """A quantization_config's summary (its `bits`, `sparse_entries`) agrees with its per-layer layouts."""
+    for name, layout in layouts.items():
+        if qc.get("bits") != layout.bits:
+            raise CheckpointError(
+                f"{where}: quantization_config.bits = {qc.get('bits')!r}, but layer {name} is stored with "
+                f"{layout.bits} bits"
+            )
+    nnz = sum(lo.nnz for lo in layouts.values())
+    if qc.get("sparse_entries") != nnz:
+        raise CheckpointError(
+            f"{where}: quantization_config.sparse_entries = {qc.get('sparse_entries')!r}, but the layer table "
+            f"holds {nnz} sparse entries"
+        )
 
 
 def tensor_name(layer: str, suffix: str) -> str:

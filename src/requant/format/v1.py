@@ -25,7 +25,7 @@ from ..quantizers import QuantizedTensor
 from ..results import QuantizedLayer
 from ..sparse import SparseResidual
 from .files import Header, read_header
-from .layout import LayerLayout, check_specs, check_values, encode_layer, tensor_name
+from .layout import LayerLayout, check_specs, check_table_summary, check_values, encode_layer, tensor_name
 from .names import QWEIGHT, V1_QWEIGHT
 from .qlinear import swap_in
 
@@ -122,18 +122,7 @@ def _check_config(path: Path, meta: dict[str, Any], layouts: dict[str, LayerLayo
             f"{file!r}: quantization_config.format_version {qc.get('format_version')!r} differs from "
             f"{META_FILE}'s {meta['format_version']!r}"
         )
-    for name, layout in layouts.items():
-        if qc.get("bits") != layout.bits:
-            raise CheckpointError(
-                f"{file!r}: quantization_config.bits = {qc.get('bits')!r}, but tensor "
-                f"{tensor_name(name, QWEIGHT)} is stored with {layout.bits} bits"
-            )
-    nnz = sum(lo.nnz for lo in layouts.values())
-    if qc.get("sparse_entries") != nnz:
-        raise CheckpointError(
-            f"{file!r}: quantization_config.sparse_entries = {qc.get('sparse_entries')!r}, but the "
-            f"stored sparse tensors hold {nnz} entries"
-        )
+    check_table_summary(repr(file), qc, layouts)
 
 
 def read_quantized(
