@@ -259,3 +259,16 @@ def test_the_report_keeps_its_json_keys(tokenizer, text_file):
         "significant_entries": 0,
         "sparse_percent": 0.0,
     }
+
+
+def test_calibration_draws_each_window_set_once_and_as_a_fresh_draw_would(tokenizer, text_file):
+    from requant.data import text_windows
+    from requant.pipeline import Calibration, Timings
+
+    def fresh(n):
+        return text_windows(tokenizer, str(text_file), 32, nsamples=n, seed=0)
+
+    same = Calibration(tiny_llama(), tokenizer, requant_config(text_file, nsamples=3), [], Timings())
+    assert same.pqi_windows() is same.windows() and torch.equal(same.windows(), fresh(3))
+    fewer = Calibration(tiny_llama(), tokenizer, requant_config(text_file, nsamples=3, pqi_nsamples=2), [], Timings())
+    assert torch.equal(fewer.pqi_windows(), fresh(2)) and torch.equal(fewer.windows(), fresh(3))

@@ -117,12 +117,14 @@ def compute_fisher(
     config: QuantConfig,
     names: list[str],
     masters: Mapping[str, torch.Tensor] | None = None,
+    windows: torch.Tensor | None = None,
 ) -> Masks:
-    """Fisher Σg² over the config's calibration windows, with the model temporarily in the gradient dtype
-    (`masters`: fp32 copies of linear weights to restore from, instead of copying them first)."""
-    windows = text_windows(
-        tokenizer, config.calib, config.seqlen, nsamples=config.nsamples, seed=config.seed, bos=config.bos
-    )
+    """Fisher Σg² over the config's calibration windows (drawn here unless given), with the model temporarily
+    in the gradient dtype (`masters`: fp32 copies of linear weights to restore from, instead of copying them)."""
+    if windows is None:
+        windows = text_windows(
+            tokenizer, config.calib, config.seqlen, nsamples=config.nsamples, seed=config.seed, bos=config.bos
+        )
     with _GradDtype(model, config.grad_dtype, masters):
         return {n: f.cpu() for n, f in fisher_information(model, names, windows).items()}
 
@@ -301,8 +303,11 @@ class Calibration:
 
     def pqi_windows(self) -> torch.Tensor:
         """The windows every PQI integral is taken over (`pqi_nsamples`, default `nsamples`)."""
+        n = self.config.pqi_nsamples or self.config.nsamples
+        if n == self.config.nsamples:
+            return self.windows()  # the same draw (same text, seed and count): tokenize the text once
         if self._pqi_windows is None:
-            self._pqi_windows = self._draw(self.config.pqi_nsamples or self.config.nsamples)
+            self._pqi_windows = self._draw(n)
         return self._pqi_windows
 
 
@@ -449,7 +454,8 @@ def base_sensitivity(run: Run, fisher: Mapping[str, torch.Tensor] | None) -> Non
         with run.timings("fisher_s"):
 
             def compute() -> dict[str, torch.Tensor]:
-                return compute_fisher(run.model, run.tokenizer, run.config, run.names, run.weights)
+                windows = run.calibration.windows()
+                return compute_fisher(run.model, run.tokenizer, run.config, run.names, run.weights, windows)
 
             fisher = spill(run.model, "fisher", run.work.cached("fisher", compute, TENSORS).items())
     run.fisher = fisher
