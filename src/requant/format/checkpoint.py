@@ -82,15 +82,6 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
     return path.is_dir() and (v1.is_v1_checkpoint(path) or quantization_entry(path) is not None)
 
 
-def format_version(path: str | os.PathLike) -> int:
-    if v1.is_v1_checkpoint(path):
-        return int(v1.read_meta(path)["format_version"])
-    qc = quantization_entry(path)
-    if qc is None:
-        raise CheckpointError(f"{str(path)!r} is not a requant checkpoint (no requant quantization_config)")
-    return int(qc.get("format_version", -1))
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Writing
 
@@ -345,13 +336,14 @@ def check_quantization_config(where: str, qc: Mapping[str, Any]) -> dict[str, La
 
 def check_files(
     path: str | os.PathLike, layouts: Mapping[str, LayerLayout], files: list[Path] | None = None
-) -> dict[str, Path]:
+) -> tuple[Header, dict[str, Path]]:
     """Every quantized layer's tensors present in the files with the layout's dtypes and shapes, none extra.
 
-    Returns tensor name → file. Raises CheckpointError naming the first missing or mismatched tensor."""
+    Returns the files' merged header and tensor name → file. Raises CheckpointError naming the first missing or
+    mismatched tensor."""
     files = tensor_files(path) if files is None else files
     where: dict[str, Path] = {}
-    header = {}
+    header: Header = {}
     for f in files:
         h = read_header(f)
         header.update(h)
@@ -364,7 +356,7 @@ def check_files(
             if k.startswith(prefix) and "." not in k[len(prefix) :] and k[len(prefix) :] != "bias"
         }
         check_specs(str(Path(path)), name, layout, found)
-    return where
+    return header, where
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
@@ -399,7 +391,7 @@ def read_quantized(path: str | os.PathLike, *, verify: bool = True) -> tuple[dic
     qc = requant_entry(path)
     layouts = check_quantization_config(str(path / CONFIG_FILE), qc)
     files = tensor_files(path)
-    where = check_files(path, layouts, files)
+    _, where = check_files(path, layouts, files)
     if verify:
         verify_files(files, qc["layers"])
     out: Stored = {}
@@ -429,13 +421,8 @@ def stored_headers(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, L
         quant = read_header(path / v1.QUANT_FILE)
         layouts = v1.check_header(path, meta, quant) if meta["format_version"] >= 1 else v1.layouts_of(path, meta)
         return meta, layouts, quant, read_header(path / v1.DENSE_FILE)
-    qc = quantization_entry(path)
-    assert qc is not None
-    layouts = check_quantization_config(str(path / CONFIG_FILE), qc)
-    header: Header = {}
-    for f in tensor_files(path):
-        header.update(read_header(f))
-    check_files(path, layouts)
+    layouts = check_quantization_config(str(path / CONFIG_FILE), requant_entry(path))
+    header, _ = check_files(path, layouts)
     owned = {f"{n}.{s}" for n, lo in layouts.items() for s in lo.tensors()}
     quant = {k: v for k, v in header.items() if k in owned}
     other = {k: v for k, v in header.items() if k not in owned}

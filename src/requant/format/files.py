@@ -63,7 +63,10 @@ def _raw_header(file: Path) -> tuple[dict[str, Any], int, int]:
 def read_header(file: str | Path) -> Header:
     """Tensor names, dtypes, shapes and byte sizes of a safetensors file, checked against the file size."""
     file = Path(file)
-    header, n, size = _raw_header(file)
+    return _parse_header(file, *_raw_header(file))
+
+
+def _parse_header(file: Path, header: dict[str, Any], n: int, size: int) -> Header:
     out: Header = {}
     end = 0
     try:
@@ -116,8 +119,8 @@ def verify_files(files: Iterable[str | Path], layers: Mapping[str, Any]) -> None
     want_table = table_digest(layers)
     for file in files:
         file = Path(file)
-        header, n, _ = _raw_header(file)
-        read_header(file)  # offsets inside the file
+        header, n, size = _raw_header(file)
+        _parse_header(file, header, n, size)  # the offsets lie inside the file
         meta = header.get("__metadata__") or {}
         try:
             digests = json.loads(meta[DIGESTS_KEY])

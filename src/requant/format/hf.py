@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +92,7 @@ class RequantHfQuantizer(HfQuantizer):
                 f"{str(pickled[0])!r}: requant checkpoints are safetensors only; pickle files are refused"
             )
         if files:
-            stored = check_files(files[0].parent, self.layouts, files)
+            stored, _ = check_files(files[0].parent, self.layouts, files)
             if _VERIFY.get():
                 verify_files(files, self.quantization_config.layers)
             _check_dense_present(model, stored, set(self.layouts), files[0].parent)
@@ -130,7 +130,7 @@ class RequantHfQuantizer(HfQuantizer):
         return False
 
 
-def _check_dense_present(model: nn.Module, stored: dict[str, Path], quantized: set[str], where: Path) -> None:
+def _check_dense_present(model: nn.Module, stored: Mapping[str, Any], quantized: set[str], where: Path) -> None:
     """Every parameter and persistent buffer of the model is in the files (tied copies aside): transformers'
     loader would leave a missing one at its random initial value with only a warning."""
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
