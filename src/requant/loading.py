@@ -141,8 +141,7 @@ def resolve_model_path(spec: str | os.PathLike | None) -> str:
 def _refuse_requant_checkpoint(path: Path, spec: str | os.PathLike) -> None:
     """A requant checkpoint is not a full-precision model: transformers alone would load its quantized layers as
     random weights, so quantizing or evaluating it that way gives garbage. Refuse it, naming what to do."""
-    qc = _read_config(path).get("quantization_config")
-    if not (path / "requant.json").is_file() and not (isinstance(qc, dict) and qc.get("quant_method") == "requant"):
+    if not is_requant_checkpoint(path):
         return
     source = None
     for sidecar in ("requant_report.json", "requant.json"):  # format v2, v1: the run's metadata names its source
@@ -153,6 +152,19 @@ def _refuse_requant_checkpoint(path: Path, spec: str | os.PathLike) -> None:
         f"model {str(spec)!r} is a requant checkpoint (already quantized), not a full-precision model: quantize "
         f"{what} instead, or dequantize it first with `requant export --dequantize`"
     )
+
+
+def requant_quantization_config(path: str | os.PathLike) -> dict | None:
+    """config.json's quantization_config when it is requant's (quant_method "requant"), else None."""
+    qc = _read_config(Path(path)).get("quantization_config")
+    return qc if isinstance(qc, dict) and qc.get("quant_method") == "requant" else None
+
+
+def is_requant_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether the directory `path` is a requant checkpoint: format v2 (config.json names requant) or v0/v1
+    (requant.json beside it). The one test of it: format.is_checkpoint asks this too."""
+    path = Path(path)
+    return path.is_dir() and ((path / "requant.json").is_file() or requant_quantization_config(path) is not None)
 
 
 def _read_config(path: Path) -> dict:

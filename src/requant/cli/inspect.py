@@ -25,13 +25,13 @@ def describe(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
     """Everything `inspect` reports, from the layer table checked against the safetensors headers (every
     shape and dtype agrees with the stated kind, bits and nnz) and, with `verify`, the files' sha256s."""
     from ..accounting import SPARSE_ENTRY_BITS, total
-    from ..format.checkpoint import quantization_entry, stored_headers, tensor_files
+    from ..format.checkpoint import stored_headers, tensor_files
     from ..format.files import verify_files
 
     path = Path(path)
     meta, layouts, header, dense_header = stored_headers(path)
     if verify and meta["format_version"] >= 2:
-        verify_files(tensor_files(path), (quantization_entry(path) or {}).get("layers", {}))
+        verify_files(tensor_files(path), meta["layers"])
     layers = []
     for name, layout in layouts.items():
         parts = {"code_bytes": 0, "table_bytes": 0, "sparse_bytes": 0}

@@ -32,6 +32,7 @@ from torch import nn
 from ..config import QuantConfig
 from ..errors import CheckpointError, ConfigError, InputError
 from ..io import atomic_dir, read_json, write_json_atomic
+from ..loading import is_requant_checkpoint, requant_quantization_config
 from ..model import LayerInfo
 from ..results import QuantizationResult, QuantizedLayer
 from . import v1
@@ -59,18 +60,9 @@ FP16_MAX = 65504.0
 Stored = dict[str, tuple[LayerLayout, dict[str, torch.Tensor]]]
 
 
-def quantization_entry(path: str | os.PathLike) -> dict[str, Any] | None:
-    """config.json's quantization_config if it is requant's, else None (also for unreadable files)."""
-    try:
-        qc = read_json(Path(path) / CONFIG_FILE).get("quantization_config")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return qc if isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD else None
-
-
 def requant_entry(path: str | os.PathLike) -> dict[str, Any]:
     """config.json's requant quantization_config; CheckpointError when there is none."""
-    qc = quantization_entry(path)
+    qc = requant_quantization_config(path)
     if qc is None:
         raise CheckpointError(f"{str(Path(path) / CONFIG_FILE)!r} has no requant quantization_config")
     return qc
@@ -78,8 +70,7 @@ def requant_entry(path: str | os.PathLike) -> dict[str, Any]:
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
     """Whether `path` is a requant checkpoint directory (any format version)."""
-    path = Path(path)
-    return path.is_dir() and (v1.is_v1_checkpoint(path) or quantization_entry(path) is not None)
+    return is_requant_checkpoint(path)
 
 
 # ----------------------------------------------------------------------------------------------------------
