@@ -246,7 +246,13 @@ def check_complete(case: Case) -> None:
     for how, m in case.loaded.items():
         left = {n for n, p in m.named_parameters() if p.dim() >= 2 and _in_blocks(n, prefix) and p.is_floating_point()}
         unexpected = sorted(n for n in left if not any(k.search(n) for k in kept))
-        assert not unexpected, f"{how}: block parameters left unquantized: {', '.join(unexpected[:4])}"
+        if unexpected:
+            total = sum(p.numel() for n, p in case.fp.named_parameters() if p.dim() >= 2 and _in_blocks(n, prefix))
+            done = sum(q.info.numel for q in case.result.layers.values())
+            raise AssertionError(
+                f"{how}: {done:,} of {total:,} block weights quantized ({100 * done / total:.0f}%); left in "
+                f"floating point: {', '.join(unexpected[:4])}" + (", ..." if len(unexpected) > 4 else "")
+            )
 
 
 def check_units(case: Case) -> None:
@@ -377,11 +383,11 @@ def check_sequential_inputs(case: Case) -> None:
 
 
 CHECKS: dict[str, Callable[[Case], None]] = {
-    "sequential-inputs": check_sequential_inputs,
     "complete": check_complete,
     "units": check_units,
     "reload": check_reload,
     "perplexity": check_perplexity,
     "generate": check_generate,
     "checkpoint": check_checkpoint,
+    "sequential-inputs": check_sequential_inputs,
 }
