@@ -10,8 +10,8 @@ Two modes:
     blocks before it *as quantized*; its layers' statistics are gathered, the layers fitted, and the windows
     propagated through the quantized block. Activations held: one block's inputs, n × L × hidden.
 
-Architecture-generic: blocks come from `model.find_blocks`, and a block is called again with the positional
-and keyword arguments (masks, rotary tables) the model itself passed to the first block.
+Architecture-generic: blocks come from `model.find_blocks`, and each block is called again with the positional
+and keyword arguments (masks, rotary tables) the model itself passed to that block.
 """
 
 from __future__ import annotations
@@ -201,25 +201,35 @@ def layer_inputs(
 
 
 @torch.no_grad()
-def _block_inputs(model: nn.Module, block: nn.Module, windows: torch.Tensor) -> tuple[list[torch.Tensor], tuple, dict]:
-    """The hidden states entering `block` for every window, and the other args/kwargs of its first call."""
+def _block_inputs(
+    model: nn.Module, blocks: Sequence[nn.Module], first: int, last: int, windows: torch.Tensor
+) -> tuple[list[torch.Tensor], dict[int, tuple[tuple, dict]]]:
+    """The hidden states entering `blocks[first]` for every window, and the other args/kwargs of each block's
+    call from `first` to `last`, as the model itself makes it. Blocks may differ here: a model alternating
+    sliding-window and full attention passes each block its own mask, so one block's call does not fit all.
+    The first window runs through block `last` to see every call; the others stop at block `first`."""
     hidden: list[torch.Tensor] = []
-    call: dict[str, Any] = {}
+    calls: dict[int, tuple[tuple, dict]] = {}
 
-    def hook(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        h = args[0] if args else kwargs["hidden_states"]
-        hidden.append(h.detach())
-        if not call:
-            call["args"], call["kwargs"] = args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        raise _Stop
+    def hook_for(b: int) -> Callable[..., None]:
+        def hook(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if b == first:
+                hidden.append((args[0] if args else kwargs["hidden_states"]).detach())
+            if b not in calls:
+                calls[b] = (args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"})
+            if b == last or (b == first and len(hidden) > 1):
+                raise _Stop
 
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+        return hook
+
+    handles = [blocks[b].register_forward_pre_hook(hook_for(b), with_kwargs=True) for b in range(first, last + 1)]
     try:
         for w in windows:
             _run(model, w)
     finally:
-        handle.remove()
-    return hidden, call["args"], call["kwargs"]
+        for h in handles:
+            h.remove()
+    return hidden, calls
 
 
 def _call_block(block: nn.Module, h: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -273,9 +283,10 @@ def sequential_fit(
         first = min(by_block)
         # Each rank propagates only its windows (its share of the activation memory); the statistics are
         # all-reduced in InputStatistics.result(), so every rank fits the same layers identically.
-        hidden, args, kwargs = _block_inputs(model, blocks[first], _my_windows(windows))
+        hidden, calls = _block_inputs(model, blocks, first, max(by_block), _my_windows(windows))
         for b in bar(range(first, max(by_block) + 1), desc=desc, unit="block"):
             block = blocks[b]
+            args, kwargs = calls[b]
             layer_names = by_block.get(b, [])
             if layer_names:
                 with InputStatistics(model, layer_names) as stats:
