@@ -34,7 +34,7 @@ from .config import EQUAL_BITS, QuantConfig
 from .data import text_windows, window_bos
 from .errors import ConfigError, NumericalError
 from .loading import parse_dtype
-from .model import LayerInfo, get_linear, quantizable_layers
+from .model import LayerInfo, quantizable_layers, unit_parameter_name, unit_weight
 from .offload import is_offloaded, spill
 from .progress import bar
 from .quantizers import BaseQuantizer, LayerInputs, QuantizedTensor, make_quantizer
@@ -57,8 +57,14 @@ Progress = Callable[[list[str]], Iterable[str]]  # wraps a list of layer names, 
 
 def check_finite_weights(model: nn.Module, layers: list[LayerInfo]) -> None:
     for info in layers:
-        if not torch.isfinite(get_linear(model, info.name).weight).all():
+        if not torch.isfinite(unit_weight(model, info.name)).all():
             raise NumericalError(f"weights of layer {info.name} contain NaN or Inf")
+
+
+def _master(model: nn.Module, name: str) -> torch.Tensor:
+    """The unit's weight as a fresh contiguous fp32 CPU (out, in) tensor (never a view of the model's storage)."""
+    w = unit_weight(model, name).detach()
+    return w.to("cpu", torch.float32, copy=True, memory_format=torch.contiguous_format)
 
 
 def apply_to_model(model: nn.Module, layers: Mapping[str, QuantizedLayer]) -> None:
@@ -69,15 +75,15 @@ def apply_to_model(model: nn.Module, layers: Mapping[str, QuantizedLayer]) -> No
 def set_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, w in weights.items():
-            lin = get_linear(model, name)
-            lin.weight.copy_(w.to(lin.weight.dtype))
+            dst = unit_weight(model, name)  # an (out, in) view of the live parameter
+            dst.copy_(w.to(dst.dtype))
 
 
 class _GradDtype:
     """Run a block with the model in the gradient dtype (fp32 or bf16), restoring its dtype *and values* after.
 
     A cast to bf16 and back would leave every tensor rounded to bf16 (embeddings, norms, the fp32 master
-    weights read later), so what the cast changes is kept: the linear weights in `masters` (module name ->
+    weights read later), so what the cast changes is kept: the unit weights in `masters` (unit name ->
     fp32 weight) are written back from there, every other parameter and buffer from a copy taken on entry.
     """
 
@@ -94,7 +100,7 @@ class _GradDtype:
     def __enter__(self) -> None:
         if self.dtype == self.orig:
             return
-        own = {f"{n}.weight" for n in self.masters}
+        own = {unit_parameter_name(self.model, n) for n in self.masters}
         tensors = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
         self.saved = {k: t.detach().clone() for k, t in tensors.items() if t.is_floating_point() and k not in own}
         self.model.to(self.dtype)
@@ -373,9 +379,9 @@ def start_run(
     names = [i.name for i in layers]
     # The fp32 master copy; memory-mapped when the model is offloaded (requant.offload), one layer at a time.
     if is_offloaded(model):
-        weights = spill(model, "weights", ((n, get_linear(model, n).weight.detach().float().cpu()) for n in names))
+        weights = spill(model, "weights", ((n, _master(model, n)) for n in names))
     else:
-        weights = {n: get_linear(model, n).weight.detach().float().cpu().clone() for n in names}
+        weights = {n: _master(model, n) for n in names}
     # The fingerprint ties stored stages to these exact weights: resuming on another model is refused.
     checksum = f"{sum(float(w.double().abs().sum()) for w in weights.values()):.17g}"
     work = WorkDir(workdir, config, resume=resume, fingerprint={"layers": names, "weights": checksum})
@@ -637,7 +643,7 @@ def assemble(
     apply_to_model(run.model, layers)
     # Ranks decide independently from identical all-reduced sums; a cheap cross-check of the outcome.
     distributed.check_same(
-        sum(float(get_linear(run.model, n).weight.detach().double().sum()) for n in run.names), "the quantized weights"
+        sum(float(unit_weight(run.model, n).detach().double().sum()) for n in run.names), "the quantized weights"
     )
     result = QuantizationResult(replace(run.config, group_size=run.group_size), layers)
     bits = result.bit_count()
