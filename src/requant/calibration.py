@@ -432,6 +432,7 @@ def sequential_fit(
     *,
     desc: str = "sequential fit",
     min_tokens: int = DEFAULT_EXPERT_MIN_TOKENS,
+    on_stats: Callable[[InputStatistics], None] | None = None,
 ) -> None:
     """Fit the named layers block by block on the inputs the already-quantized model gives them (GPTQ order).
 
@@ -463,6 +464,8 @@ def sequential_fit(
                         stats.new_pass()
                         _call_block(block, h, args, kwargs)
                     inputs = stats.result()
+                if on_stats is not None:
+                    on_stats(stats)
                 recon = {n: fit(n, inputs[n]) for n in layer_names}
                 del inputs
             else:
