@@ -6,6 +6,7 @@ reload (requant.load and from_pretrained) with logits equal to the in-memory qua
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -355,3 +356,24 @@ def test_dequantized_export_restacks_experts_and_transposes_conv1d(text_file, tm
         plain = AutoModelForCausalLM.from_pretrained(out)
         ids = torch.randint(0, 256, (1, 16))
         torch.testing.assert_close(plain(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_cli_quantize_and_inspect_report_the_share_and_the_experts_tokens(capsys, text_file, tmp_path):
+    from requant.cli import main
+
+    src = tmp_path / "mixtral"
+    tiny_mixtral().save_pretrained(src)
+    byte_tokenizer().save_pretrained(src)
+    flags = ["--base", "squeezellm", "--bits", "3", "--calib", str(text_file), "--nsamples", "2", "--seqlen", "32"]
+    assert main(["quantize", str(src), "-o", str(tmp_path / "q"), *flags, "--expert-min-tokens", "20"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    share = "quantized 99.4% of block weights (12 of 13 matrices in each block)"
+    assert out[1] == share
+    report = json.loads((tmp_path / "q" / "requant_report.json").read_text())["report"]
+    tokens, fell = report["experts"]["tokens"], report["experts"]["fallback"]
+    assert fell == sorted(n for n, t in tokens.items() if t < 20)  # the Fisher fallback, by the same counts
+    assert out[2].startswith(f"experts: 16 expert matrices saw {min(tokens.values())}–{max(tokens.values())}")
+    assert f"{len(fell)} below 20 fell back" in out[2]
+    assert main(["inspect", str(tmp_path / "q"), "--summary"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert share in lines and any(x.startswith("experts: 16 expert matrices") for x in lines)

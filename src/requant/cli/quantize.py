@@ -32,7 +32,7 @@ VARIANTS = (
     "detach_scope",
     "detach_ranking",
 )
-LAYERS = ("include", "exclude", "grad_dtype")
+LAYERS = ("include", "exclude", "expert_min_tokens", "grad_dtype")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
