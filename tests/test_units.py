@@ -377,3 +377,28 @@ def test_cli_quantize_and_inspect_report_the_share_and_the_experts_tokens(capsys
     assert main(["inspect", str(tmp_path / "q"), "--summary"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert share in lines and any(x.startswith("experts: 16 expert matrices") for x in lines)
+
+
+def test_blocks_are_the_outer_list_even_when_a_block_holds_more_experts_than_there_are_blocks():
+    from requant.model import find_blocks
+
+    class Expert(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.Linear(8, 8)
+            self.experts = nn.ModuleList(Expert() for _ in range(6))
+
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(Block() for _ in range(2))
+
+    prefix, blocks = find_blocks(Toy())
+    assert prefix == "layers" and len(blocks) == 2
+    layers = quantizable_layers(Toy())
+    assert len(layers) == 2 * (1 + 6 * 2) and {i.block for i in layers} == {0, 1}

@@ -129,8 +129,9 @@ def _own_units(mod: nn.Module) -> bool:
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The decoder blocks: the largest ModuleList of same-type modules that contain quantizable units."""
-    best: tuple[str, nn.ModuleList] | None = None
+    """The decoder blocks: the largest ModuleList of same-type modules that contain quantizable units, not
+    counting lists nested in another such list (a block's list of expert MLPs can be longer than the blocks)."""
+    found: list[tuple[str, nn.ModuleList]] = []
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
             continue
@@ -138,11 +139,11 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
             continue
         if not any(_own_units(m) for m in mod[0].modules()):
             continue
-        if best is None or len(mod) > len(best[1]):
-            best = (name, mod)
-    if best is None:
+        found.append((name, mod))
+    outer = [(n, m) for n, m in found if not any(n.startswith(o + ".") for o, _ in found)]
+    if not outer:
         raise InputError("the model has no decoder blocks with linear layers (nothing to quantize)")
-    return best
+    return max(outer, key=lambda nm: len(nm[1]))  # the first of the longest, in model order
 
 
 @dataclass(frozen=True)
