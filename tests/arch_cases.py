@@ -51,7 +51,6 @@ class Arch:
     note: str = ""
 
 
-_MOE = "fused 3-D experts: issue 17 item 1"
 ARCHS: dict[str, Arch] = {
     "llama": Arch("llama", _GQA, note="GQA, RMSNorm, SwiGLU"),
     "qwen2": Arch("qwen2", _GQA, note="biased q/k/v projections"),
@@ -73,7 +72,6 @@ ARCHS: dict[str, Arch] = {
         "mixtral",
         {**_GQA, "intermediate_size": 48, "num_local_experts": 4, "num_experts_per_tok": 2},
         kept=(r"\.mlp\.gate\.weight$",),
-        xfail=_MOE,
         note="fused 3-D experts, top-2 router",
     ),
     "qwen3_moe": Arch(
@@ -88,7 +86,6 @@ ARCHS: dict[str, Arch] = {
             "mlp_only_layers": [],
         },
         kept=(r"\.mlp\.gate\.weight$",),
-        xfail=_MOE,
         note="fused 3-D experts, q/k norms",
     ),
 }

@@ -248,7 +248,9 @@ def test_the_report_keeps_its_json_keys(tokenizer, text_file):
         "calibration_inputs",
         "resumed_stages",
         "world_size",
+        "coverage",
     ]
+    assert r.report["coverage"]["summary"] == "quantized 100.0% of block weights (7 of 7 matrices in each block)"
     assert {"fisher_s", "outliers_s", "dense_fit_s", "significant_s", "pqi_s", "total_s"} <= set(r.report["timings"])
     assert [p["what"] for p in r.report["pqi_passes"]] == ["detach"] * len(r.report["detach_steps"])
     plain = quantize(tiny_llama(), tokenizer, QuantConfig(base="rtn", bits=4, calib=str(text_file)))

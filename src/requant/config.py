@@ -138,6 +138,11 @@ class QuantConfig:
         what="BOS mode",
         choices=BOS_MODES,
     )
+    expert_min_tokens: int = option(
+        32,
+        help="MoE: an expert routed fewer calibration tokens gets its siblings' pooled input statistics and "
+        "uniform Fisher importance",
+    )
     grad_dtype: str = option("fp32", help="model dtype for gradient passes", what="gradient dtype", choices=DTYPES)
     include: tuple[str, ...] = option((), help="regex of layer names to quantize (repeat)")
     exclude: tuple[str, ...] = option((), help="regex of layer names to skip (repeat)")
@@ -184,6 +189,8 @@ class QuantConfig:
                 f"base method {self.base!r} cannot leave entries out of its fit; "
                 "use --outliers 0 --significant 0 with it"
             )
+        if not isinstance(self.expert_min_tokens, int) or self.expert_min_tokens < 0:
+            raise ConfigError(f"expert min tokens {self.expert_min_tokens!r} must be a non-negative integer")
         _positive(self.nsamples, "nsamples")
         _positive(self.seqlen, "seqlen")
         if self.seqlen < 2:

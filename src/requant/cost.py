@@ -22,7 +22,7 @@ from typing import Any
 from torch import nn
 
 from .config import QuantConfig
-from .model import find_blocks, quantizable_layers
+from .model import all_units, find_blocks, quantizable_layers
 from .quantizers import QUANTIZERS
 from .sparse.detach import step_counts
 from .sparse.outliers import budget
@@ -41,7 +41,8 @@ def model_info(model: nn.Module, config: QuantConfig, *, dtype_bytes: int = 4) -
         if id(p) not in seen:
             seen.add(id(p))
             params += p.numel()
-    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    # Every weight that could be a unit (linear layers, transposed linears, fused experts), selected or not.
+    linear = sum(i.numel for i in all_units(model))
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     widths = [w for i in layers for w in (i.in_features, i.out_features)]
     per_block: dict[int | None, int] = {}

@@ -18,21 +18,35 @@ from torch import nn
 
 from .errors import ConfigError, InputError
 from .format import is_checkpoint, quant_linears
+from .format.qlinear import QuantExperts
 from .io import atomic_dir
 from .loading import parse_dtype
+from .model import is_transposed_linear
 
 EXPORT_DTYPES = ("fp16", "bf16", "fp32")
 
 
-def dequantized_state(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def dequantized_state(model: nn.Module, dtype: torch.dtype, plain: nn.Module | None = None) -> dict[str, torch.Tensor]:
     """The model's state dict as a plain model has it: each QuantLinear's packed tensors replaced by its
-    `weight` Ŵ (and `bias`), floating-point tensors cast to `dtype`, integer buffers kept as they are."""
+    `weight` Ŵ (and `bias`), floating-point tensors cast to `dtype`, integer buffers kept as they are.
+
+    Units stored otherwise in the plain model `plain` (an empty one of the same architecture) take its layout:
+    a transposed linear (Conv1D) gets Ŵᵀ, the experts of a QuantExperts are stacked back into the 3-D parameter."""
     quantized = dict(quant_linears(model))
+    fused = {n: m for n, m in model.named_modules() if isinstance(m, QuantExperts)}
     state: dict[str, torch.Tensor] = {}
     for name, mod in quantized.items():
-        state[f"{name}.weight"] = mod.dequantize().to(dtype)  # fp32 Ŵ, one rounding to the export dtype
+        if name.rpartition(".")[0] in fused:
+            continue  # stacked below
+        w = mod.dequantize()  # fp32 Ŵ, one rounding to the export dtype
+        if plain is not None and is_transposed_linear(plain.get_submodule(name)):
+            w = w.T
+        state[f"{name}.weight"] = w.to(dtype).contiguous()
         if mod.bias is not None:
             state[f"{name}.bias"] = mod.bias.detach().to(dtype)
+    for name, experts in fused.items():
+        mats = [e.dequantize() for e in experts._modules.values()]  # type: ignore[union-attr]
+        state[name] = torch.stack([m.T if experts.transposed else m for m in mats]).to(dtype)
     for key, t in model.state_dict().items():
         if key.rpartition(".")[0] in quantized:
             continue  # a QuantLinear's qweight, tables, CSR arrays: replaced by Ŵ above
@@ -49,9 +63,9 @@ def plain_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     config = copy.deepcopy(model.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    state = dequantized_state(model, dtype)
     with init_empty_weights(include_buffers=False):
         plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = dequantized_state(model, dtype, plain)
     plain.load_state_dict(state, strict=True, assign=True)
     if getattr(plain.config, "tie_word_embeddings", False):
         plain.tie_weights()

@@ -29,12 +29,19 @@ import torch
 from torch import nn
 
 from . import distributed
-from .calibration import layer_inputs, sequential_fit
+from .calibration import InputStatistics, expert_token_counts, layer_inputs, sequential_fit
 from .config import EQUAL_BITS, QuantConfig
 from .data import text_windows, window_bos
 from .errors import ConfigError, NumericalError
 from .loading import parse_dtype
-from .model import LayerInfo, get_linear, quantizable_layers
+from .model import (
+    LayerInfo,
+    coverage,
+    quantizable_layers,
+    unit_parameter_name,
+    unit_weight,
+    use_eager_experts,
+)
 from .offload import is_offloaded, spill
 from .progress import bar
 from .quantizers import BaseQuantizer, LayerInputs, QuantizedTensor, make_quantizer
@@ -57,8 +64,14 @@ Progress = Callable[[list[str]], Iterable[str]]  # wraps a list of layer names, 
 
 def check_finite_weights(model: nn.Module, layers: list[LayerInfo]) -> None:
     for info in layers:
-        if not torch.isfinite(get_linear(model, info.name).weight).all():
+        if not torch.isfinite(unit_weight(model, info.name)).all():
             raise NumericalError(f"weights of layer {info.name} contain NaN or Inf")
+
+
+def _master(model: nn.Module, name: str) -> torch.Tensor:
+    """The unit's weight as a fresh contiguous fp32 CPU (out, in) tensor (never a view of the model's storage)."""
+    w = unit_weight(model, name).detach()
+    return w.to("cpu", torch.float32, copy=True, memory_format=torch.contiguous_format)
 
 
 def apply_to_model(model: nn.Module, layers: Mapping[str, QuantizedLayer]) -> None:
@@ -69,15 +82,15 @@ def apply_to_model(model: nn.Module, layers: Mapping[str, QuantizedLayer]) -> No
 def set_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, w in weights.items():
-            lin = get_linear(model, name)
-            lin.weight.copy_(w.to(lin.weight.dtype))
+            dst = unit_weight(model, name)  # an (out, in) view of the live parameter
+            dst.copy_(w.to(dst.dtype))
 
 
 class _GradDtype:
     """Run a block with the model in the gradient dtype (fp32 or bf16), restoring its dtype *and values* after.
 
     A cast to bf16 and back would leave every tensor rounded to bf16 (embeddings, norms, the fp32 master
-    weights read later), so what the cast changes is kept: the linear weights in `masters` (module name ->
+    weights read later), so what the cast changes is kept: the unit weights in `masters` (unit name ->
     fp32 weight) are written back from there, every other parameter and buffer from a copy taken on entry.
     """
 
@@ -94,7 +107,7 @@ class _GradDtype:
     def __enter__(self) -> None:
         if self.dtype == self.orig:
             return
-        own = {f"{n}.weight" for n in self.masters}
+        own = {unit_parameter_name(self.model, n) for n in self.masters}
         tensors = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
         self.saved = {k: t.detach().clone() for k, t in tensors.items() if t.is_floating_point() and k not in own}
         self.model.to(self.dtype)
@@ -162,12 +175,18 @@ def fit_sequential(
     *,
     importance: Mapping[str, torch.Tensor] | None = None,
     exclude: Mapping[str, torch.Tensor] | None = None,
+    min_tokens: int = 0,
+    fallback: list[str] | None = None,
 ) -> dict[str, QuantizedTensor]:
     """Fit every layer block by block on the inputs the already-quantized blocks give it (GPTQ's order);
-    a fitted block passes its windows on with ŵ = dense + its excluded entries restored."""
+    a fitted block passes its windows on with ŵ = dense + its excluded entries restored. Experts routed fewer
+    than `min_tokens` tokens get pooled statistics (their names are appended to `fallback`)."""
     dense: dict[str, QuantizedTensor] = {}
+    expert_fallback: set[str] = set()  # filled block by block, before that block's fits
 
     def fit(name: str, inputs: LayerInputs) -> torch.Tensor:
+        if fallback is not None and name in expert_fallback:
+            fallback.append(name)
         ex = exclude.get(name) if exclude else None
         q = quantizer.fit(
             weights[name], importance=importance.get(name) if importance else None, exclude=ex, inputs=inputs
@@ -176,8 +195,37 @@ def fit_sequential(
         d = q.dequantize()
         return SparseResidual.restore(weights[name], d, ex).add_to(d) if ex is not None and ex.any() else d
 
-    sequential_fit(model, list(weights), windows, fit, desc=f"quantize {quantizer.name} (sequential)")
+    sequential_fit(
+        model,
+        list(weights),
+        windows,
+        fit,
+        desc=f"quantize {quantizer.name} (sequential)",
+        min_tokens=min_tokens,
+        on_stats=lambda st: expert_fallback.update(st.fallback),
+    )
     return {n: dense[n] for n in weights}
+
+
+def expert_importance_fallback(
+    fisher: Mapping[str, torch.Tensor], tokens: Mapping[str, int], min_tokens: int
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The Fisher with every expert routed fewer than `min_tokens` tokens given uniform importance: the mean
+    Fisher entry of its parameter's other experts (their well-measured ones when there are any), so the
+    weighted fit becomes the plain weight-only objective while global rankings keep a comparable scale.
+    Returns (the Fisher, the experts that fell back)."""
+    out = dict(fisher)
+    low = [n for n, t in tokens.items() if t < min_tokens and n in fisher]
+    groups: dict[str, list[str]] = {}
+    for n in tokens:
+        if n in fisher:
+            groups.setdefault(n.rpartition(".")[0], []).append(n)
+    for n in low:
+        sib = groups[n.rpartition(".")[0]]
+        good = [m for m in sib if m not in low] or sib
+        mean = sum(float(fisher[m].double().sum()) for m in good) / sum(fisher[m].numel() for m in good)
+        out[n] = torch.full_like(fisher[n], mean if mean > 0 else 1.0)
+    return out, low
 
 
 def random_masks(weights: Mapping[str, torch.Tensor], count: int, skip: Mapping[str, torch.Tensor], seed: int) -> Masks:
@@ -243,6 +291,8 @@ class QuantReport:
     resumed_stages: list[str] = field(default_factory=list)
     world_size: int = 1
     resumed_from_world_size: int | None = None  # set when a resume changed the number of processes
+    coverage: dict[str, Any] = field(default_factory=dict)  # model.Coverage.to_dict(): share of block weights
+    experts: dict[str, Any] | None = None  # MoE: tokens routed to each expert, which fell back and how
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -268,6 +318,10 @@ class QuantReport:
         )
         if self.resumed_from_world_size is not None:
             out["resumed_from_world_size"] = self.resumed_from_world_size
+        if self.coverage:
+            out["coverage"] = self.coverage
+        if self.experts is not None:
+            out["experts"] = self.experts
         return out
 
 
@@ -282,6 +336,8 @@ class Calibration:
         self._windows: torch.Tensor | None = None
         self._stats: dict[str, LayerInputs] | None = None
         self._pqi_windows: torch.Tensor | None = None
+        self._tokens: dict[str, int] | None = None
+        self.input_fallback: list[str] = []  # experts whose input statistics are their siblings' pooled ones
 
     def _draw(self, nsamples: int) -> torch.Tensor:
         c = self.config
@@ -297,9 +353,28 @@ class Calibration:
         """Σ x xᵀ, Σ|x| and token counts of every layer's input, from the model as it was at the first call."""
         if self._stats is None:
             windows = self.windows()
+            seen: list[InputStatistics] = []
             with self.timings("calibration_s"):
-                self._stats = layer_inputs(self.model, self.names, windows)
+                self._stats = layer_inputs(
+                    self.model, self.names, windows, min_tokens=self.config.expert_min_tokens, stats_out=seen
+                )
+            if seen[0].experts:
+                self._tokens = dict(seen[0].tokens)
+                self.input_fallback = list(seen[0].fallback)
         return self._stats
+
+    def used(self) -> bool:
+        """Whether any calibration data was drawn (the method read windows at all)."""
+        return self._windows is not None
+
+    def expert_tokens(self) -> dict[str, int]:
+        """Calibration tokens routed to each expert unit by the full-precision model ({} without experts): from
+        the input statistics when they were gathered, else from one forward pass over the windows."""
+        if self._tokens is None:
+            windows = self.windows()
+            with self.timings("calibration_s"):
+                self._tokens = expert_token_counts(self.model, self.names, windows)
+        return self._tokens
 
     def pqi_windows(self) -> torch.Tensor:
         """The windows every PQI integral is taken over (`pqi_nsamples`, default `nsamples`)."""
@@ -328,6 +403,11 @@ class Run:
     started: float  # time.perf_counter() at the start
     report: QuantReport = field(default_factory=QuantReport)
     fisher: Mapping[str, torch.Tensor] | None = None  # the base method's sensitivity, until the dense fit
+    fallback: dict[str, list[str]] = field(default_factory=dict)  # MoE fallbacks applied: "fisher", "inputs"
+
+    @property
+    def has_experts(self) -> bool:
+        return any(i.expert is not None for i in self.layers.values())
 
     @property
     def names(self) -> list[str]:
@@ -361,6 +441,7 @@ def start_run(
 ) -> Run:
     """Resolve the quantizer and layers, check the weights, copy the fp32 masters and open the work dir."""
     started = time.perf_counter()
+    use_eager_experts(model)  # per-expert calls: routed-token statistics, and the loop QuantExperts serves
     layers = quantizable_layers(model, config.include, config.exclude)
     window_bos(tokenizer, config.bos)  # a BOS mode this tokenizer cannot follow fails before any work
     group_size = config.group_size
@@ -373,13 +454,14 @@ def start_run(
     names = [i.name for i in layers]
     # The fp32 master copy; memory-mapped when the model is offloaded (requant.offload), one layer at a time.
     if is_offloaded(model):
-        weights = spill(model, "weights", ((n, get_linear(model, n).weight.detach().float().cpu()) for n in names))
+        weights = spill(model, "weights", ((n, _master(model, n)) for n in names))
     else:
-        weights = {n: get_linear(model, n).weight.detach().float().cpu().clone() for n in names}
+        weights = {n: _master(model, n) for n in names}
     # The fingerprint ties stored stages to these exact weights: resuming on another model is refused.
     checksum = f"{sum(float(w.double().abs().sum()) for w in weights.values()):.17g}"
     work = WorkDir(workdir, config, resume=resume, fingerprint={"layers": names, "weights": checksum})
     timings = Timings()
+    report = QuantReport(coverage=coverage(model, layers, config.exclude).to_dict())
     return Run(
         model=model,
         tokenizer=tokenizer,
@@ -392,6 +474,7 @@ def start_run(
         calibration=Calibration(model, tokenizer, config, names, timings),
         timings=timings,
         started=started,
+        report=report,
     )
 
 
@@ -458,6 +541,10 @@ def base_sensitivity(run: Run, fisher: Mapping[str, torch.Tensor] | None) -> Non
                 return compute_fisher(run.model, run.tokenizer, run.config, run.names, run.weights, windows)
 
             fisher = spill(run.model, "fisher", run.work.cached("fisher", compute, TENSORS).items())
+    if fisher is not None and run.has_experts:
+        # An expert that (almost) no calibration token reached has a Fisher of zeros or noise.
+        fisher, low = expert_importance_fallback(fisher, run.calibration.expert_tokens(), run.config.expert_min_tokens)
+        run.fallback["fisher"] = low
     run.fisher = fisher
 
 
@@ -544,9 +631,19 @@ def dense_fit(run: Run, exclude: Masks) -> dict[str, QuantizedTensor]:
 
     def compute() -> dict[str, QuantizedTensor]:
         if q.uses_inputs and q.sequential:
-            return fit_sequential(
-                run.model, q, run.weights, run.calibration.windows(), importance=run.importance, exclude=exclude
+            fallback: list[str] = []
+            out = fit_sequential(
+                run.model,
+                q,
+                run.weights,
+                run.calibration.windows(),
+                importance=run.importance,
+                exclude=exclude,
+                min_tokens=run.config.expert_min_tokens,
+                fallback=fallback,
             )
+            run.fallback["inputs"] = fallback
+            return out
         return fit_dense(
             q,
             run.weights,
@@ -614,6 +711,25 @@ def algorithm2(run: Run, dense: Mapping[str, QuantizedTensor], exclude: Masks, c
     return chosen
 
 
+def expert_report(run: Run) -> dict[str, Any]:
+    """Tokens routed to each expert (full-precision model, calibration windows) and the fallbacks applied;
+    without calibration (e.g. plain RTN) the tokens are not measured."""
+    c = run.config
+    if run.calibration.input_fallback:
+        run.fallback.setdefault("inputs", run.calibration.input_fallback)
+    counts = run.calibration.expert_tokens() if run.calibration.used() else None
+    tokens = None if counts is None else {n: counts[n] for n in run.names if n in counts}  # model order
+    fell = sorted({n for names in run.fallback.values() for n in names})
+    return {
+        "min_tokens": c.expert_min_tokens,
+        "tokens": tokens,
+        "fallback": fell,
+        "fallback_rule": "input statistics: pooled over the experts of the same parameter; "
+        "Fisher: uniform at the mean of the other experts' Fisher",
+        "fallback_by_kind": {k: sorted(v) for k, v in run.fallback.items()},
+    }
+
+
 def assemble(
     run: Run,
     dense: Mapping[str, QuantizedTensor],
@@ -637,7 +753,7 @@ def assemble(
     apply_to_model(run.model, layers)
     # Ranks decide independently from identical all-reduced sums; a cheap cross-check of the outcome.
     distributed.check_same(
-        sum(float(get_linear(run.model, n).weight.detach().double().sum()) for n in run.names), "the quantized weights"
+        sum(float(unit_weight(run.model, n).detach().double().sum()) for n in run.names), "the quantized weights"
     )
     result = QuantizationResult(replace(run.config, group_size=run.group_size), layers)
     bits = result.bit_count()
@@ -653,6 +769,8 @@ def assemble(
         "sparse_percent": bits.sparse_percent,
     }
     r.layers = len(layers)
+    if run.has_experts:
+        r.experts = expert_report(run)
     r.quantizer = q.describe()
     r.calibration_inputs = ("sequential" if q.sequential else "one pass") if q.uses_inputs else None
     r.resumed_stages = run.work.resumed

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..data import text_windows
 from ..errors import ConfigError
-from ..model import LayerInfo, quantizable_layers
+from ..model import LayerInfo, quantizable_layers, unit_weight, use_eager_experts
 from ..pipeline import quantize, set_weights
 from ..progress import bar
 from ..sensitivity.actual import actual_delta_f, check_fraction, loss, path_losses
@@ -88,9 +88,10 @@ def prepare_problem(model: nn.Module, tokenizer: object, config: Any, *, batch_s
     on, and the Fisher computed for the quantizer (if any) is kept for the Fisher term.
     """
 
+    use_eager_experts(model)  # the loop whose per-expert calls quantize() calibrates on; the Fisher sees the same
     layers = quantizable_layers(model, config.include, config.exclude)
     names = [i.name for i in layers]
-    original = {n: model.get_submodule(n).weight.detach().float().cpu().clone() for n in names}
+    original = {n: unit_weight(model, n).detach().to("cpu", torch.float32, copy=True) for n in names}
     windows = text_windows(
         tokenizer, config.calib, config.seqlen, nsamples=config.nsamples, seed=config.seed, bos=config.bos
     )

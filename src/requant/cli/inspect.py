@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -87,12 +89,76 @@ def describe(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
         "other_bytes": other,
         "dense_dtype": ", ".join(sorted({str(dt).removeprefix("torch.") for dt, _, _ in dense_header.values()})),
         "file_bytes": sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
+        "block_coverage": block_share(meta.get("layers", {}), layouts, dense_header),
+        "experts": _experts_line(meta.get("report", {}).get("experts")),
         "layers": layers,
     }
 
 
+def block_share(
+    table: Mapping[str, Any], layouts: Mapping[str, Any], dense_header: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Share of the decoder blocks' weight matrices (≥ 2-D tensors) that are quantized, from the layer table and
+    the headers of the other stored tensors: {"share", "summary"} as the quantize report's coverage has them."""
+    prefixes = set()
+    quant: dict[int, int] = {}
+    qnumel = 0
+    for name, lo in layouts.items():
+        b = table.get(name, {}).get("block")
+        if b is None:
+            continue
+        m = re.match(rf"^(.*?)\.{b}\.", name)
+        if m:
+            prefixes.add(m.group(1))
+        quant[b] = quant.get(b, 0) + 1
+        qnumel += lo.out_features * lo.in_features
+    total: dict[int, int] = dict(quant)
+    numel = qnumel
+    for key, (_, shape, _) in dense_header.items():
+        m = next((re.match(rf"^{re.escape(p)}\.(\d+)\.", key) for p in prefixes), None)
+        if m is None or len(shape) < 2:
+            continue
+        b = int(m.group(1))
+        total[b] = total.get(b, 0) + (shape[0] if len(shape) == 3 else 1)
+        n = 1
+        for d in shape:
+            n *= d
+        numel += n
+    if not numel:
+        return {"share": None, "summary": "no quantized layers inside decoder blocks"}
+    per = {(quant.get(b, 0), t) for b, t in total.items()}
+    if len(per) == 1:
+        q, t = per.pop()
+        where = f"{q} of {t} matrices in each block"
+    else:
+        where = f"{sum(quant.values())} of {sum(total.values())} matrices over {len(total)} blocks"
+    share = qnumel / numel
+    return {"share": share, "summary": f"quantized {100 * share:.1f}% of block weights ({where})"}
+
+
 def _mib(n: float) -> str:
     return f"{n / 2**20:.2f} MiB"
+
+
+def _experts_line(experts: Mapping[str, Any] | None) -> str | None:
+    """The quantize report's MoE line: tokens per expert and the fallbacks (None for a dense model)."""
+    if not experts:
+        return None
+    return expert_summary(experts)
+
+
+def expert_summary(experts: Mapping[str, Any]) -> str:
+    """One line: how many expert units, their calibration-token range, and how many fell back."""
+    tokens = experts.get("tokens")
+    fell = experts.get("fallback") or []
+    if tokens is None:
+        return "experts: calibration tokens not measured (the method reads no calibration data)"
+    counts = list(tokens.values())
+    return (
+        f"experts: {len(counts)} expert matrices saw {min(counts)}–{max(counts)} calibration tokens; "
+        f"{len(fell)} below {experts.get('min_tokens')} fell back (pooled inputs / uniform Fisher)"
+        + (f": {', '.join(fell[:3])}{' …' if len(fell) > 3 else ''}" if fell else "")
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -106,7 +172,10 @@ def run(args: argparse.Namespace) -> int:
         f"{_mib(d['accounting_bytes'])} ({d['overhead_percent']:+.2f}%)",
         f"sparse entries: {d['sparse_entries']:,} ({d['sparse_percent']:.3f}% of quantized weights)",
         f"other parameters ({d['dense_dtype']}): {_mib(d['other_bytes'])}; files: {_mib(d['file_bytes'])}",
+        d["block_coverage"]["summary"],
     ]
+    if d["experts"]:
+        lines.append(d["experts"])
     if not args.summary:
         lines += [
             "",

@@ -32,7 +32,7 @@ VARIANTS = (
     "detach_scope",
     "detach_ranking",
 )
-LAYERS = ("include", "exclude", "grad_dtype")
+LAYERS = ("include", "exclude", "expert_min_tokens", "grad_dtype")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -195,9 +195,20 @@ def _quantize_claimed(args: argparse.Namespace, config: Any, out: Path, work: Pa
         obj,
         f"wrote {out}: {len(result.layers)} layers, {bits.bits_per_weight:.3f} bits/weight, "
         f"{bits.sparse_percent:.3f}% sparse, {meta['wall_s']:.1f} s, peak RSS {peak['rss_gb']:.2f} GB "
-        f"({peak['anon_gb']:.2f} GB anonymous) per process",
+        f"({peak['anon_gb']:.2f} GB anonymous) per process"
+        + "".join(f"\n{line}" for line in _unit_lines(result.report)),
     )
     return 0
+
+
+def _unit_lines(report: dict[str, Any]) -> list[str]:
+    """The share of block weights quantized and, for MoE models, the experts' calibration tokens."""
+    from .inspect import expert_summary
+
+    lines = [report["coverage"]["summary"]] if report.get("coverage") else []
+    if report.get("experts"):
+        lines.append(expert_summary(report["experts"]))
+    return lines
 
 
 def _remove_offload(folder: str | None) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from ..config import QuantConfig
 from ..errors import CheckpointError, ConfigError, InputError
 from ..io import atomic_dir, read_json, write_json_atomic
 from ..loading import is_requant_checkpoint, requant_quantization_config
-from ..model import LayerInfo
+from ..model import LayerInfo, unit_ref
 from ..results import QuantizationResult, QuantizedLayer
 from . import v1
 from .files import Header, integrity_metadata, read_header, verify_files
@@ -77,7 +77,9 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
 # Writing
 
 
-def dense_dtype(model: nn.Module, choice: str, skip_prefixes: set[str]) -> torch.dtype:
+def dense_dtype(
+    model: nn.Module, choice: str, skip_prefixes: set[str], skip_keys: frozenset[str] = frozenset()
+) -> torch.dtype:
     """The dtype unquantized floating tensors are stored in.
 
     "auto": the source's own 16-bit dtype (config.dtype) when it has one; for a wider source fp16 when every
@@ -92,19 +94,22 @@ def dense_dtype(model: nn.Module, choice: str, skip_prefixes: set[str]) -> torch
         src = getattr(torch, src, None)
     if src in (torch.float16, torch.bfloat16):
         return src  # type: ignore[return-value]
-    for t in _dense_state(model, skip_prefixes).values():
+    for t in _dense_state(model, skip_prefixes, skip_keys).values():
         if t.is_floating_point() and t.numel() and float(t.abs().max()) >= FP16_MAX:
             return torch.bfloat16
     return torch.float16
 
 
-def _dense_state(model: nn.Module, skip_prefixes: set[str]) -> dict[str, torch.Tensor]:
-    """Parameters and buffers to store besides the quantized weights, without tied duplicates."""
+def _dense_state(
+    model: nn.Module, skip_prefixes: set[str], skip_keys: frozenset[str] = frozenset()
+) -> dict[str, torch.Tensor]:
+    """Parameters and buffers to store besides the quantized weights (the units' own tensors, `skip_keys`: the
+    fused expert parameters), without tied duplicates."""
     seen: set[int] = set()
     out = {}
     for name, t in model.state_dict().items():
         prefix, _, leaf = name.rpartition(".")
-        if prefix in skip_prefixes and leaf != "bias":
+        if (prefix in skip_prefixes and leaf != "bias") or name in skip_keys:
             continue
         if t.data_ptr() in seen:
             continue
@@ -117,12 +122,27 @@ def layer_table_entry(q: QuantizedLayer, layout: LayerLayout) -> dict[str, Any]:
     return {**layout.to_meta(), "block": q.info.block, "kind_in_block": q.info.kind}
 
 
+def fused_parameters(model: nn.Module, names: Iterable[str]) -> dict[str, list[str]]:
+    """3-D expert parameter of the (dense, in-memory) model → its quantized units in expert order. A model that
+    already holds packed modules (a loaded checkpoint) has none: its units are modules of their own."""
+    out: dict[str, dict[int, str]] = {}
+    for n in names:
+        try:
+            ref = unit_ref(model, n)
+        except ConfigError:
+            continue
+        if ref.index is not None:
+            out.setdefault(n.rpartition(".")[0], {})[ref.index] = n
+    return {p: [units[e] for e in sorted(units)] for p, units in out.items()}
+
+
 def checkpoint_tensors(
     model: nn.Module, result: QuantizationResult, dtype: torch.dtype
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:
     """(every tensor to store, in model order; the layer table; stored bytes of the quantized layers)."""
     layers = set(result.layers)
-    dense = _dense_state(model, layers)
+    fused = fused_parameters(model, layers)
+    dense = _dense_state(model, layers, frozenset(fused))
     table: dict[str, Any] = {}
     encoded: dict[str, dict[str, torch.Tensor]] = {}
     stored = 0
@@ -136,6 +156,9 @@ def checkpoint_tensors(
         prefix, _, leaf = key.rpartition(".")
         if prefix in encoded and leaf == QWEIGHT:
             out.update({f"{prefix}.{s}": v.contiguous() for s, v in encoded.pop(prefix).items()})
+        elif key in fused:  # a fused expert parameter: each expert's packed tensors, in expert order
+            for unit in fused[key]:
+                out.update({f"{unit}.{s}": v.contiguous() for s, v in encoded.pop(unit).items()})
         elif key in dense:
             t = dense[key].cpu()
             out[key] = (t.to(dtype) if t.is_floating_point() else t).contiguous()
@@ -219,7 +242,7 @@ def save_checkpoint(
     out = Path(out)
     if out.exists():
         check_replace(out, result.config, force)
-    dtype = dense_dtype(model, dense, set(result.layers))
+    dtype = dense_dtype(model, dense, set(result.layers), frozenset(fused_parameters(model, result.layers)))
     tensors, table, stored = checkpoint_tensors(model, result, dtype)
     # atomic_dir: the output lock, stale temporaries removed, one OutputError line for an I/O failure
     # (no space left ...), nothing left behind on failure.

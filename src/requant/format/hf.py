@@ -37,7 +37,7 @@ from ..errors import CheckpointError
 from .checkpoint import QUANT_METHOD, check_files, check_quantization_config
 from .files import DIGESTS_KEY, TABLE_KEY, table_digest, tensor_digest, verify_files
 from .layout import FORMAT_VERSION, LayerLayout, check_values
-from .qlinear import QuantLinear, swap_in
+from .qlinear import QuantLinear, install
 
 _VERIFY: contextvars.ContextVar[bool] = contextvars.ContextVar("requant_verify", default=True)
 
@@ -91,13 +91,15 @@ class RequantHfQuantizer(HfQuantizer):
             raise CheckpointError(
                 f"{str(pickled[0])!r}: requant checkpoints are safetensors only; pickle files are refused"
             )
+        stored: Mapping[str, Any] = {}
         if files:
             stored, _ = check_files(files[0].parent, self.layouts, files)
             if _VERIFY.get():
                 verify_files(files, self.quantization_config.layers)
+        # Units first: a fused expert parameter becomes a module whose packed tensors are the stored ones.
+        install(model, self.layouts, "config.json quantization_config")
+        if files:
             _check_dense_present(model, stored, set(self.layouts), files[0].parent)
-        for name, layout in self.layouts.items():
-            swap_in(model, name, layout, "config.json quantization_config")
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         for name, layout in self.layouts.items():

@@ -32,14 +32,14 @@ U_outᵀ(W̃ (U_in x)), took 0.56 ms per token against 0.07 ms for F.linear on �
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError
-from ..model import LayerInfo, get_linear, set_module
+from ..model import LayerInfo, is_transposed_linear, set_module, unit_ref, use_eager_experts
 from ..results import QuantizedLayer
 from . import kernels
 from .kinds import Runner
@@ -106,6 +106,12 @@ class QuantLinear(nn.Module):
         """Ŵ in fp32 through the reference decoder (the pipeline's own QuantizedLayer.weight())."""
         info = LayerInfo(self.name, None, "", self.out_features, self.in_features)
         return decode_layer(self.layout, self.stored_tensors(), info).weight()
+
+    def decoded_weight(self) -> torch.Tensor:
+        """Ŵ in fp32 (out, in), bit-identical to `dequantize()`: through the fast path's decoder when it is
+        available (it keeps fp32 tables), else the reference decoder."""
+        runner = None if self.mode == "reference" else (self._kernel or self._prepare())
+        return runner.weight() if runner is not None else self.dequantize()
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantize().to(x.dtype).contiguous(), self.bias)
@@ -189,30 +195,116 @@ def set_kernel_mode(model: nn.Module, mode: str) -> None:
 
 
 def swap_in(model: nn.Module, name: str, layout: LayerLayout, where: str) -> QuantLinear:
-    """Replace the nn.Linear `name` by an empty QuantLinear of `layout` (its buffers to be filled by a loader);
-    `where` names the layer table in the error when the model has no linear layer of that shape there."""
+    """Replace the linear (or transposed linear, e.g. Conv1D) `name` by an empty QuantLinear of `layout` (its
+    buffers to be filled by a loader); `where` names the layer table in the error when the model has no linear
+    layer of that shape there. A transposed linear computes x W + b = F.linear(x, Wᵀ, b): the unit is Wᵀ."""
     try:
         lin = model.get_submodule(name)
     except AttributeError:
         lin = None
-    if not isinstance(lin, nn.Linear) or (lin.out_features, lin.in_features) != (
-        layout.out_features,
-        layout.in_features,
-    ):
+    shape = None
+    if isinstance(lin, nn.Linear):
+        shape = (lin.out_features, lin.in_features)
+    elif lin is not None and is_transposed_linear(lin):
+        shape = tuple(lin.weight.shape[::-1])  # type: ignore[union-attr, index]
+    if shape != (layout.out_features, layout.in_features):
         raise CheckpointError(
             f"{where}: layer {name} ({layout.out_features}×{layout.in_features}) is not a linear layer of that "
             "shape in the model that config.json describes"
         )
-    ql = QuantLinear(layout, bias=lin.bias is not None, name=name)
+    assert lin is not None
+    ql = QuantLinear(layout, bias=getattr(lin, "bias", None) is not None, name=name)
     set_module(model, name, ql)
     return ql
 
 
+class QuantExperts(nn.ModuleList):
+    """The experts of one fused 3-D parameter (E, out, in) — or (E, in, out) when `transposed` — stored packed,
+    one QuantLinear per expert under `<parameter>.<e>`.
+
+    Indexing with an expert index returns that expert's Ŵ in the parameter's own orientation and the model's
+    dtype, so the model's eager experts loop (`F.linear(x, self.gate_up_proj[e])`) runs unchanged; the model is
+    switched to that loop (model.use_eager_experts). Speed trade-off: every call decodes the routed expert's
+    whole matrix (the fast path's bit-exact decoder when available), i.e. a decode of each routed expert per
+    forward instead of a packed GEMV; fine for prefill-sized batches, slower than a dense model for one-token
+    decode. Memory stays packed (nothing is cached)."""
+
+    serves_experts = True
+
+    def __init__(self, experts: list[QuantLinear], *, transposed: bool = False, dtype: torch.dtype | None = None):
+        super().__init__(experts)
+        self.transposed = transposed
+        # Follows the model's .to(dtype/device); not stored in checkpoints.
+        self.register_buffer("_like", torch.zeros(0, dtype=dtype or torch.get_default_dtype()), persistent=False)
+
+    def __getitem__(self, idx):  # type: ignore[no-untyped-def, override]
+        if isinstance(idx, slice):
+            return super().__getitem__(idx)
+        entry = super().__getitem__(int(idx))
+        w = entry.decoded_weight().to(self._like.dtype)
+        return w.T if self.transposed else w
+
+    @property
+    def shape(self) -> torch.Size:
+        """The shape of the fused parameter this module stands for."""
+        first = super().__getitem__(0)
+        o, i = first.out_features, first.in_features
+        return torch.Size((len(self), i, o) if self.transposed else (len(self), o, i))
+
+
+def install(model: nn.Module, layouts: Mapping[str, LayerLayout], where: str) -> None:
+    """Replace every unit of a layer table by its empty packed module: linears and transposed linears by a
+    QuantLinear, the experts `<parameter>.<e>` of a fused 3-D parameter by one QuantExperts (all E of them)."""
+    groups: dict[str, dict[int, LayerLayout]] = {}
+    for name, layout in layouts.items():
+        try:
+            ref = unit_ref(model, name)
+        except Exception:
+            ref = None
+        if ref is not None and ref.index is not None:
+            groups.setdefault(name.rpartition(".")[0], {})[ref.index] = layout
+        else:
+            swap_in(model, name, layout, where)
+    for pname, entries in groups.items():
+        param = model.get_parameter(pname)
+        ref = unit_ref(model, f"{pname}.0")
+        if sorted(entries) != list(range(param.shape[0])):
+            raise CheckpointError(
+                f"{where}: {len(entries)} of the {param.shape[0]} experts of {pname} are listed; a fused expert "
+                "parameter is stored whole"
+            )
+        want = (param.shape[2], param.shape[1]) if ref.transposed else (param.shape[1], param.shape[2])
+        for e, lo in entries.items():
+            if (lo.out_features, lo.in_features) != want:
+                raise CheckpointError(
+                    f"{where}: layer {pname}.{e} ({lo.out_features}×{lo.in_features}) is not an expert of that "
+                    "shape in the model that config.json describes"
+                )
+        experts = [QuantLinear(entries[e], name=f"{pname}.{e}") for e in range(param.shape[0])]
+        set_module(model, pname, QuantExperts(experts, transposed=ref.transposed, dtype=param.dtype))
+    if groups:
+        use_eager_experts(model)
+
+
 def replace_with_quant_linear(model: nn.Module, layers: dict[str, QuantizedLayer]) -> None:
-    """Swap each quantized nn.Linear of an in-memory model for a QuantLinear holding its packed form."""
+    """Swap each quantized unit of an in-memory model for its packed form (QuantLinear; QuantExperts for the
+    experts of a fused parameter)."""
+    groups: dict[str, dict[int, QuantizedLayer]] = {}
     for name, q in layers.items():
-        lin = get_linear(model, name)
-        set_module(model, name, QuantLinear.from_layer(q, lin.bias))
+        ref = unit_ref(model, name)
+        if ref.index is not None:
+            groups.setdefault(name.rpartition(".")[0], {})[ref.index] = q
+            continue
+        set_module(model, name, QuantLinear.from_layer(q, getattr(model.get_submodule(name), "bias", None)))
+    for pname, entries in groups.items():
+        param = model.get_parameter(pname)
+        if sorted(entries) != list(range(param.shape[0])):
+            raise CheckpointError(f"only {len(entries)} of the {param.shape[0]} experts of {pname} are quantized")
+        transposed = unit_ref(model, f"{pname}.0").transposed
+        experts = [QuantLinear.from_layer(entries[e]) for e in range(param.shape[0])]
+        set_module(model, pname, QuantExperts(experts, transposed=transposed, dtype=param.dtype))
+    if groups:
+        use_eager_experts(model)
 
 
 __all__ = [
@@ -220,7 +312,9 @@ __all__ = [
     "FAST_PATH_RTOL",
     "MODES",
     "QWEIGHT",
+    "QuantExperts",
     "QuantLinear",
+    "install",
     "quant_linears",
     "replace_with_quant_linear",
     "set_kernel_mode",

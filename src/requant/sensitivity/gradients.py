@@ -19,6 +19,7 @@ from torch import nn
 from .. import distributed
 from ..errors import NumericalError
 from ..loss import token_nll
+from ..model import UnitRef, unit_ref
 from ..progress import bar
 
 # (model, windows) -> (differentiable summed loss, number of terms it sums); token_nll by default.
@@ -26,17 +27,18 @@ LossFn = Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, int]]
 
 
 @contextlib.contextmanager
-def grads_only_for(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, nn.Parameter]]:
-    """Within the block, only the weights of the named linear layers require grad."""
+def grads_only_for(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, UnitRef]]:
+    """Within the block, only the parameters holding the named units require grad (a fused 3-D expert
+    parameter as a whole: autograd gives its gradient, each expert unit reads its slice through its UnitRef)."""
     saved = {p: p.requires_grad for p in model.parameters()}
-    weights = {n: model.get_submodule(n).weight for n in names}
+    refs = {n: unit_ref(model, n) for n in names}
     try:
         for p in model.parameters():
             p.requires_grad_(False)
             p.grad = None
-        for w in weights.values():
-            w.requires_grad_(True)
-        yield weights
+        for r in refs.values():
+            r.param.requires_grad_(True)
+        yield refs
     finally:
         for p, flag in saved.items():
             p.grad = None
@@ -61,20 +63,24 @@ def window_gradients(
     starts = list(range(0, len(windows), batch_size))
     if sharded:
         starts = [starts[i] for i in distributed.shard(len(starts))]
-    with grads_only_for(model, names) as weights:
+    with grads_only_for(model, names) as refs:
+        params = list({id(r.param): r.param for r in refs.values()}.values())
         pbar = bar(total=sum(len(windows[s : s + batch_size]) for s in starts), desc=desc, unit="win")
         with contextlib.closing(pbar):  # also when the caller stops early: the stage's line must still end
             for start in starts:
                 batch = windows[start : start + batch_size]
-                for w in weights.values():
-                    w.grad = None
+                for p in params:
+                    p.grad = None
                 nll, count = loss_fn(model, batch)
                 if not math.isfinite(nll.item()):
                     raise NumericalError(f"loss is not finite on calibration window {start}")
                 nll.backward()
                 grads = {}
-                for n, w in weights.items():
-                    g = w.grad.float()
+                for n, r in refs.items():
+                    assert r.param.grad is not None
+                    g = r.of(r.param.grad).float()
+                    if g._base is not None:  # a slice of a fused parameter's grad: its own contiguous copy
+                        g = g.contiguous() if not g.is_contiguous() else g.clone()
                     # A finite sum implies finite entries (inf/NaN propagate); the full check runs only when the
                     # sum is not finite, which an fp32 overflow of finite entries could also cause.
                     if not torch.isfinite(g.sum()) and not torch.isfinite(g).all():
@@ -122,7 +128,7 @@ def gradient_sums(
                 acc[n] = term
     for n in names:  # a rank with no batches (fewer batches than ranks) still joins the reduction
         if n not in acc:
-            acc[n] = torch.zeros_like(model.get_submodule(n).weight, dtype=torch.float32)
+            acc[n] = torch.zeros_like(unit_ref(model, n).weight, dtype=torch.float32)
     distributed.all_reduce_(acc)
     nll_total, total_tokens = distributed.all_reduce_scalars(nll_total, tokens)
     return GradientSums(nll_total, int(total_tokens), {n: acc[n] for n in names})

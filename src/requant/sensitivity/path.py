@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, NumericalError
+from ..model import unit_ref
 
 SetPoint = Callable[..., None]
 
@@ -25,24 +26,25 @@ def check_path(
     quantized: Mapping[str, torch.Tensor],
     subset: Sequence[str] | None = None,
 ) -> None:
-    """Refuse a path that names no layers, names a non-Linear module, lacks a weight or has NaN/Inf."""
+    """Refuse a path that names no layers, names something that is not a quantizable unit, lacks a weight or
+    has NaN/Inf."""
     if not names:
         raise ConfigError("no quantizable layers given (the list of layer names is empty)")
     for n in names:
         try:
-            mod = model.get_submodule(n)
-        except AttributeError:
-            raise ConfigError(f"layer {n!r} is not a module of the model") from None
-        if not isinstance(mod, nn.Linear):
-            raise ConfigError(f"layer {n!r} is a {type(mod).__name__}, not a quantizable nn.Linear")
+            ref = unit_ref(model, n)
+        except ConfigError:
+            try:
+                mod = model.get_submodule(n)
+            except AttributeError:
+                raise ConfigError(f"layer {n!r} is not a module of the model") from None
+            raise ConfigError(f"layer {n!r} is a {type(mod).__name__}, not a quantizable unit") from None
+        shape = tuple(ref.weight.shape)
         for what, weights in (("original", original), ("quantized", quantized)):
             if n not in weights:
                 raise ConfigError(f"the {what} weights have no entry for layer {n!r}")
-            if tuple(weights[n].shape) != tuple(mod.weight.shape):
-                raise ConfigError(
-                    f"{what} weight of {n!r} has shape {tuple(weights[n].shape)}, "
-                    f"the layer has {tuple(mod.weight.shape)}"
-                )
+            if tuple(weights[n].shape) != shape:
+                raise ConfigError(f"{what} weight of {n!r} has shape {tuple(weights[n].shape)}, the layer has {shape}")
             if not torch.isfinite(weights[n]).all():
                 raise NumericalError(f"{what} weight of layer {n!r} contains NaN or Inf")
     if subset is not None:
@@ -73,7 +75,7 @@ def weights_on_path(
     bit), then cast to the model dtype. On exit, normal or not, every named layer holds `original`.
     """
     check_path(model, names, original, quantized)
-    params = {n: model.get_submodule(n).weight for n in names}
+    params = {n: unit_ref(model, n).weight for n in names}  # (out, in) views of the live parameters
 
     def set_point(t: float, subset: Sequence[str] | None = None) -> None:
         moving = set(names) if subset is None else set(subset)

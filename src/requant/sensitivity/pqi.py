@@ -15,6 +15,7 @@ from torch import nn
 
 from ..errors import ConfigError, NumericalError
 from ..loss import token_nll
+from ..model import unit_ref
 from ..progress import bar
 from .gradients import LossFn, gradient_sums
 from .path import check_path, weights_on_path
@@ -75,7 +76,7 @@ def path_gradients(
         raise ConfigError(f"batch size {batch_size} must be at least 1")
     if len(windows) == 0:
         raise ConfigError("no calibration windows given")
-    device = model.get_submodule(names[0]).weight.device
+    device = unit_ref(model, names[0]).weight.device
     # Δw for the derivative: on an accelerator one copy on the device (cheaper than moving w, w̃ at every node);
     # on the CPU formed per layer when needed, as a whole-model copy would raise the peak memory by a model.
     delta = (

@@ -12,6 +12,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .. import distributed
 from ..errors import ConfigError, NumericalError
 from ..loss import token_nll
+from ..model import unit_ref
 from ..progress import bar
 from .gradients import LossFn, grads_only_for, mean_loss_gradient
 from .path import check_path, weights_on_path
@@ -58,17 +59,19 @@ def second_order_hvp(
     if batch_size < 1:
         raise ConfigError(f"batch size {batch_size} must be at least 1")
     moving = list(names) if subset is None else [n for n in names if n in set(subset)]
-    ref = model.get_submodule(names[0]).weight
+    ref = unit_ref(model, names[0]).weight
     work = torch.promote_types(ref.dtype, torch.float32)
     delta = {n: quantized[n].to(ref.device, work) - original[n].to(ref.device, work) for n in moving}
     total, tokens = 0.0, 0
     with (
         weights_on_path(model, names, original, quantized) as set_point,
-        grads_only_for(model, moving) as weights,
+        grads_only_for(model, moving) as refs,
         sdpa_kernel(SDPBackend.MATH),
     ):
         set_point(0.0)
-        params = [weights[n] for n in moving]
+        # Units of one fused parameter share it: differentiate each parameter once, read each unit's slice.
+        params = list({id(r.param): r.param for r in refs.values()}.values())
+        slot = {n: next(i for i, p in enumerate(params) if p is refs[n].param) for n in moving}
         starts = range(0, len(windows), batch_size)
         # This rank's batches; the totals are all-reduced below.
         for start in bar([starts[i] for i in distributed.shard(len(starts))], desc="hessian-vector", unit="batch"):
@@ -76,11 +79,11 @@ def second_order_hvp(
             if not math.isfinite(nll.item()):
                 raise NumericalError(f"loss is not finite on calibration window {start}")
             grads = torch.autograd.grad(nll, params, create_graph=True)
-            directional = sum((g.to(work) * delta[n]).sum() for g, n in zip(grads, moving, strict=True))
+            directional = sum((refs[n].of(grads[slot[n]]).to(work) * delta[n]).sum() for n in moving)
             hv = torch.autograd.grad(directional, params)
             quad = sum(
-                torch.dot(h.reshape(-1).double(), delta[n].reshape(-1).double()).item()
-                for h, n in zip(hv, moving, strict=True)
+                torch.dot(refs[n].of(hv[slot[n]]).reshape(-1).double(), delta[n].reshape(-1).double()).item()
+                for n in moving
             )
             if not math.isfinite(quad):
                 raise NumericalError(f"Hessian-vector product is not finite on calibration window {start}")

@@ -1,0 +1,127 @@
+"""`requant quantize` wall time of a tiny MoE model against a dense model with equal total block weights.
+
+Two random models built offline (AutoConfig.for_model), the same attention, vocabulary and depth:
+  * Mixtral-type, 8 experts of ffn F each, top-2 (the experts are fused 3-D parameters: 8 units per projection)
+  * Llama-type, one MLP of ffn 8·F, so the MLP weights equal the 8 experts' (the MoE adds only the router).
+Each is quantized with RTN and with ReQuant (`--recipe requant`, SqueezeLLM base) through the CLI in a fresh
+process, OMP_NUM_THREADS=1; median of `--repeats` runs of the process wall time and of the command's own
+`wall_s` (model load + quantization, without Python's start-up and imports).
+
+Usage: python benchmarks/moe_time.py [--repeats 3] [--out benchmarks/results/moe_time.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HIDDEN, LAYERS, EXPERTS, FFN = 128, 4, 8, 128
+CALIB = ["--calib", "wiki:train", "--nsamples", "8", "--seqlen", "128"]
+METHODS = {
+    "RTN 3-bit": ["--base", "rtn", "--bits", "3"],
+    "ReQuant 3-bit (SqueezeLLM)": ["--recipe", "requant", "--base", "squeezellm", "--bits", "3"],
+}
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer (256 bytes + <s>), fully offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<s>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<s>")
+
+
+def build(kind: str, out: Path) -> int:
+    """Save the model to `out`; returns its block weights (elements of ≥ 2-D parameters in the blocks)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    common = dict(
+        vocab_size=257,
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=HIDDEN // 4,
+        max_position_embeddings=256,
+        bos_token_id=256,
+        eos_token_id=256,
+        tie_word_embeddings=False,
+    )
+    if kind == "moe":
+        cfg = AutoConfig.for_model(
+            "mixtral", intermediate_size=FFN, num_local_experts=EXPERTS, num_experts_per_tok=2, **common
+        )
+    else:
+        cfg = AutoConfig.for_model("llama", intermediate_size=EXPERTS * FFN, **common)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    model.save_pretrained(out)
+    byte_tokenizer().save_pretrained(out)
+    layers = model.model.layers
+    return sum(p.numel() for p in layers.parameters() if p.dim() >= 2)
+
+
+def quantize_once(model: Path, flags: list[str], out: Path) -> tuple[float, float]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "requant", "quantize", str(model), "-o", str(out), "--json", "--force"]
+    t = time.perf_counter()
+    proc = subprocess.run([*cmd, *flags, *CALIB], env=env, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise SystemExit(f"quantize failed: {proc.stderr.strip().splitlines()[-1]}")
+    return wall, json.loads(proc.stdout)["wall_s"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default="benchmarks/results/moe_time.md")
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        weights = {k: build(k, tmp_path / k) for k in ("moe", "dense")}
+        for method, flags in METHODS.items():
+            times: dict[str, list[tuple[float, float]]] = {"moe": [], "dense": []}
+            for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits both alike
+                for k in times:
+                    times[k].append(quantize_once(tmp_path / k, flags, tmp_path / f"{k}-q"))
+            for k, label in (("dense", "dense (Llama)"), ("moe", f"MoE (Mixtral, {EXPERTS} experts, top-2)")):
+                proc = statistics.median(t[0] for t in times[k])
+                own = statistics.median(t[1] for t in times[k])
+                rows.append((method, label, weights[k], proc, own))
+                print(f"{method:28s} {label:32s} process {proc:6.2f} s, quantize {own:6.2f} s", flush=True)
+    lines = [
+        "# `requant quantize` wall time: tiny MoE vs dense of equal block weights",
+        "",
+        f"Generated by `python benchmarks/moe_time.py --repeats {args.repeats}`; OMP_NUM_THREADS=1, medians of "
+        f"{args.repeats} interleaved runs, each a fresh process. Random models, hidden {HIDDEN}, {LAYERS} blocks, "
+        f"vocabulary 257; MoE: {EXPERTS} experts of ffn {FFN}, top-2; dense: ffn {EXPERTS * FFN}. Calibration "
+        f"{' '.join(CALIB)}. `quantize s` is the command's own wall_s (load + quantize, no interpreter start-up).",
+        "",
+        "| method | model | block weights | process s | quantize s | MoE / dense (quantize s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for i, (method, label, w, proc, own) in enumerate(rows):
+        ratio = f"{own / rows[i - 1][4]:.2f}×" if i % 2 == 1 else ""
+        lines.append(f"| {method} | {label} | {w:,} | {proc:.2f} | {own:.2f} | {ratio} |")
+    Path(args.out).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
