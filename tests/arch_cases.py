@@ -70,7 +70,7 @@ ARCHS: dict[str, Arch] = {
     "phi3": Arch("phi3", _GQA, note="fused qkv_proj and gate_up_proj"),
     "mixtral": Arch(
         "mixtral",
-        {**_GQA, "intermediate_size": 48, "num_local_experts": 4, "num_experts_per_tok": 2},
+        {**_GQA, "intermediate_size": 64, "num_local_experts": 4, "num_experts_per_tok": 2},
         kept=(r"\.mlp\.gate\.weight$",),
         note="fused 3-D experts, top-2 router",
     ),
@@ -175,7 +175,8 @@ class Case:
         """The in-memory quantized model with its unquantized tensors rounded as the checkpoint stores them
         (16-bit by default): what a reload must reproduce bit for bit."""
         if "_stored" not in self.__dict__:
-            self.__dict__["_stored"] = rounded_dense(self.model, set(self.result.layers), self.dense_dtype)
+            params = {q.info.parameter for q in self.result.layers.values()}
+            self.__dict__["_stored"] = rounded_dense(self.model, params, self.dense_dtype)
         return self.__dict__["_stored"]
 
     @property
@@ -187,12 +188,12 @@ class Case:
 
 
 def rounded_dense(model: nn.Module, quantized: set[str], dtype: torch.dtype) -> nn.Module:
-    """A copy of `model` whose stored floating tensors other than the quantized weights are rounded to `dtype`."""
+    """A copy of `model` whose stored floating tensors other than the quantized parameters (full names: a linear's
+    `<module>.weight`, a fused expert parameter's own name) are rounded to `dtype`."""
     m = copy.deepcopy(model)
     with torch.no_grad():
         for name, p in m.state_dict(keep_vars=True).items():
-            owner, _, leaf = name.rpartition(".")
-            if (owner in quantized and leaf == "weight") or not p.is_floating_point():
+            if name in quantized or not p.is_floating_point():
                 continue
             p.copy_(p.to(dtype).to(p.dtype))
     return m
@@ -256,6 +257,7 @@ def check_units(case: Case) -> None:
     """The quantized units are exactly the model's block matrices (minus `kept`): same total weights as the fp
     model's ≥2-D block parameters, each unit's shape its weight's, biases kept where the layer has one."""
     from requant.format import quant_linears
+    from requant.model import unit_weight
 
     kept = [re.compile(p) for p in ARCHS[case.arch].kept]
     prefix = blocks_prefix(case.fp)
@@ -267,23 +269,18 @@ def check_units(case: Case) -> None:
     got = sum(q.info.numel for q in case.result.layers.values())
     assert got == expected, f"{got} weights quantized, the blocks hold {expected}"
     for name, q in case.result.layers.items():
-        w = _weight(case.fp, name)
-        assert tuple(q.dense.shape) == tuple(w.shape[-2:]), f"{name}: unit {tuple(q.dense.shape)}, weight {w.shape}"
+        w = unit_weight(case.fp, name)
+        assert tuple(q.dense.shape) == tuple(w.shape), f"{name}: unit {tuple(q.dense.shape)}, weight {w.shape}"
     assert case.result.report["layers"] == len(case.result.layers)
     for how, m in case.loaded.items():
         packed = dict(quant_linears(m))
         assert set(packed) == set(case.result.layers), f"{how}: packed layers differ from the quantized units"
         for name, mod in packed.items():
-            orig = case.fp.get_submodule(name)
+            orig = case.fp.get_submodule(name) if case.result.layers[name].info.expert is None else None
             assert (mod.bias is None) == (getattr(orig, "bias", None) is None), f"{how}: {name} lost/gained a bias"
             if mod.bias is not None:
                 want = orig.bias.detach().to(case.dense_dtype).float()
                 assert torch.equal(mod.bias.detach(), want), f"{how}: {name}'s bias differs from the original"
-
-
-def _weight(model: nn.Module, name: str) -> torch.Tensor:
-    mod = model.get_submodule(name)
-    return mod.weight if isinstance(mod, nn.Module) and hasattr(mod, "weight") else model.get_parameter(name)
 
 
 def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -359,6 +356,7 @@ def check_sequential_inputs(case: Case) -> None:
     (a block called with another block's mask, e.g. a sliding-window one, would see other inputs)."""
     from requant.calibration import layer_inputs, sequential_fit
     from requant.data import text_windows
+    from requant.model import unit_weight
 
     if case.result.report.get("calibration_inputs") != "sequential":
         return  # one pass over the fp model: nothing is replayed
@@ -370,7 +368,7 @@ def check_sequential_inputs(case: Case) -> None:
 
     def fit(name: str, inputs: Any) -> torch.Tensor:
         replayed[name] = inputs
-        return _weight(model, name).detach().clone()
+        return unit_weight(model, name).detach().clone()
 
     sequential_fit(model, names, windows, fit)
     for n in names:
