@@ -689,10 +689,15 @@ def algorithm2(run: Run, dense: Mapping[str, QuantizedTensor], exclude: Masks, c
     """Algorithm 2 with a fresh PQI before every step; the chosen entries so far are stored after each step
     (stage `detach`), and a resume continues from the last stored step."""
     c, weights, work = run.config, run.weights, run.work
-    current = {
-        n: SparseResidual.restore(weights[n], q.dequantize(), exclude[n]).add_to(q.dequantize())
-        for n, q in dense.items()
-    }
+    # The reconstruction the detach moves towards w; memory-mapped (one layer at a time) for an offloaded model.
+    current = spill(
+        run.model,
+        "current",
+        (
+            (n, SparseResidual.restore(weights[n], q.dequantize(), exclude[n]).add_to(q.dequantize()))
+            for n, q in dense.items()
+        ),
+    )
     step = max(budget(c.step, run.total) if c.step is not None else count, 1)
     start = None
     stored = work.stored("detach")

@@ -79,16 +79,10 @@ def path_gradients(
     if len(windows) == 0:
         raise ConfigError("no calibration windows given")
     device = unit_ref(model, names[0]).weight.device
-    # Δw for the derivative: on an accelerator one copy on the device (cheaper than moving w, w̃ at every node);
-    # on the CPU formed per layer when needed, as a whole-model copy would raise the peak memory by a model.
-    delta = (
-        {n: quantized[n].to(device, torch.float32) - original[n].to(device, torch.float32) for n in moving}
-        if device.type != "cpu"
-        else None
-    )
 
     def delta_of(n: str) -> torch.Tensor:
-        return delta[n] if delta is not None else quantized[n].float() - original[n].float()
+        # Δw for the derivative, one layer at a time (a whole-model copy would raise the peak memory by a model).
+        return quantized[n].to(device, torch.float32) - original[n].to(device, torch.float32)
 
     with weights_on_path(model, names, original, quantized) as set_point:
         for i, t in enumerate(bar(ts, desc=f"{desc} nodes", unit="node")):

@@ -59,10 +59,14 @@ def select_top(
     return {n: m.view(keys[n].shape) for n, m in out.items()}
 
 
-def restore_entries(current: torch.Tensor, original: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """current + fp16(original − current) on the mask: bit-identical to storing an fp16 sparse residual."""
-    out = current.clone()
-    out[mask] = current[mask].float() + (original[mask].float() - current[mask].float()).half().float()
+def restore_entries(
+    current: torch.Tensor, original: torch.Tensor, mask: torch.Tensor, *, inplace: bool = False
+) -> torch.Tensor:
+    """current + fp16(original − current) on the mask: bit-identical to storing an fp16 sparse residual; with
+    `inplace`, written into `current` (e.g. a memory-mapped tensor) instead of a copy."""
+    out = current if inplace else current.clone()
+    cur = current[mask].float()  # a gathered copy: read before the masked entries are overwritten
+    out[mask] = cur + (original[mask].float() - cur).half().float()
     return out
 
 
@@ -92,8 +96,9 @@ def stepwise_detach(
 
     `sparse` marks entries already stored sparse (never chosen). `score_fn(current)` returns signed
     element-wise sensitivities as tensors the loop owns (they are turned into ranking keys in place).
-    `on_step(k, chosen, current)` lets the caller checkpoint; `start=(k, chosen)` resumes after step k. With `copy=False` the tensors of `current` are the loop's own and are not cloned
-    (they are never written in place: a step replaces a layer's tensor).
+    `on_step(k, chosen, current)` lets the caller checkpoint; `start=(k, chosen)` resumes after step k. With
+    `copy=False` the tensors of `current` are the loop's own: not cloned, and restored entries are written into
+    them in place (so a memory-mapped reconstruction stays one).
     """
     cur = {n: t.clone() for n, t in current.items()} if copy else dict(current)
     chosen = {n: torch.zeros(t.shape, dtype=torch.bool) for n, t in current.items()}
@@ -102,7 +107,7 @@ def stepwise_detach(
     if start is not None:
         first, prev = start
         chosen = {n: m.clone() for n, m in prev.items()}
-        cur = {n: restore_entries(cur[n], original[n], chosen[n]) for n in cur}
+        cur = {n: restore_entries(cur[n], original[n], chosen[n], inplace=True) for n in cur}
     for k in range(first, len(counts)):
         keys = score_fn(cur)
         for n, sc in keys.items():  # in place: scores and keys never both in memory
@@ -111,7 +116,7 @@ def stepwise_detach(
         new = select_top(keys, counts[k], exclude, scope=scope)
         for n in cur:
             if new[n].any():
-                cur[n] = restore_entries(cur[n], original[n], new[n])
+                restore_entries(cur[n], original[n], new[n], inplace=True)  # the loop's own tensor
                 chosen[n] |= new[n]
         if on_step is not None:
             on_step(k + 1, chosen, cur)
