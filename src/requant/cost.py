@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
 from torch import nn
 
 from .config import QuantConfig
@@ -74,11 +75,17 @@ def _pqi_passes(config: QuantConfig, quantized: int) -> int:
 
 
 def estimate_cost(
-    config: QuantConfig, info: dict[str, Any], *, world_size: int = 1, offload: bool = False
+    config: QuantConfig,
+    info: dict[str, Any],
+    *,
+    world_size: int = 1,
+    offload: bool = False,
+    device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
     """Passes, FLOPs and peak memory of `quantize(config)` on a model described by `model_info`, in total and
     per rank when the windows are split over `world_size` processes (and with `offload`, memory-mapped weights
-    and checkpointed blocks). An estimate: see the module docstring."""
+    and checkpointed blocks). On an accelerator `device`, `peak` is the host's and `device_peak` the device's
+    memory. An estimate: see the module docstring."""
     k = max(int(world_size), 1)
     quant = QUANTIZERS[config.base]
     seqlen, n = config.seqlen, config.nsamples
@@ -108,11 +115,27 @@ def estimate_cost(
     b = info["dtype_bytes"]
     weights = info["params"] * b
     q = info["quantized_params"]
-    # fp32 copies of the quantized weights held at the peak. Fisher: the pipeline's copy of w, .grad, the
-    # sum and the square (4). PQI also holds w̃, Δw, ḡ, the node's sum and .grad (6 with the copy of w);
-    # Algorithm 2 adds its current reconstruction, the detach loop's copy of it and the scores (9).
+    accel = torch.device(device).type != "cpu"
     detach = config.significant > 0 and config.significant_select == "pqi"
-    grad_work = 4 * q * ((9 if detach else 6) if pqi_passes else 4 if fisher_windows else 1)
+    # Whole-model fp32 copies of the quantized weights (4 bytes each) held at once besides the model. The gradient
+    # passes stream (each parameter's gradient is folded into the sums as backward produces it and freed), so a
+    # pass holds its sums and nothing else of the model's size. Resident: the masters w and the Fisher sums
+    # (Fisher, Algorithm 1, dense fit: 2); a PQI pass to w̃_pre: w, w̃_pre, ḡ and its scores (4); the detach: w,
+    # the current reconstruction and the node's sums, which become the scores in place (3). With --offload the
+    # masters, Fisher, sums and reconstruction are memory-mapped files (file-backed): only a PQI pass to w̃_pre
+    # keeps w̃_pre and the scores (2).
+    pre = config.needs_pqi_pre
+    resident_copies = max(2 if fisher_windows else 1, 4 if pre else 0, 3 if detach else 0)
+    host_copies = (2 if pre else 0) if offload else resident_copies
+    device_copies = 0
+    if accel:  # the sums live on the device; the masters, reconstruction and scores on the host
+        device_copies = 1 if (fisher_windows or pqi_passes) else 0
+        host_copies = max(host_copies - device_copies, 1)
+    # One-byte boolean masks: the pipeline's skip, outliers and their union, and in the detach the chosen entries,
+    # the step's exclusions and its picks.
+    sparse_masks = (6 if detach else 3) * q if config.outliers > 0 or config.significant > 0 else 0
+    codes = q  # the dense codes (one byte per weight for ≤ 8 bits)
+    grad_work = 4 * q * (host_copies + device_copies) + sparse_masks + codes
     block_floats = 10 * info["hidden"] + 4 * info["intermediate"]
     if offload:  # hidden states between blocks + one block's internals + the logits
         act_floats = seqlen * (info["blocks"] * info["hidden"] + block_floats + 3 * info["vocab"])
@@ -129,7 +152,13 @@ def estimate_cost(
         else:
             stats = 4 * info["input_stat_floats"]
     resident_weights = 0 if offload else weights
-    peak = RUNTIME_BYTES + resident_weights + 4 * q + max(grad_work - 4 * q + activations, stats)
+    if accel:
+        device_peak = weights + 4 * q * device_copies + max(activations, stats)
+        host_peak = RUNTIME_BYTES + 4 * q * host_copies + sparse_masks + codes
+        peak = host_peak
+    else:
+        device_peak = 0
+        peak = RUNTIME_BYTES + resident_weights + sparse_masks + codes + max(4 * q * host_copies + activations, stats)
     return {
         "estimate": True,
         "world_size": k,
@@ -155,7 +184,9 @@ def estimate_cost(
             "input_statistics": stats,
             "runtime": RUNTIME_BYTES,
             "peak": peak,
+            "device_peak": device_peak,
         },
+        "device": str(device),
         "model": dict(info),
     }
 
@@ -188,10 +219,15 @@ def format_cost(cost: dict[str, Any]) -> str:
             f"{cost['flops']['per_rank'] / 1e12:.2f} TFLOP"
         )
     lines.append(
-        f"  peak memory    ~{gb(mem['peak'])} per process (weights {gb(mem['weights'])}, gradient work "
+        f"  peak memory    ~{gb(mem['peak'])} per process, anonymous (weights {gb(mem['weights'])}, gradient work "
         f"{gb(mem['gradient_work'])}, activations {gb(mem['activations'])}, input statistics "
         f"{gb(mem['input_statistics'])}, runtime {gb(mem['runtime'])})"
     )
+    if mem.get("device_peak"):
+        lines.append(
+            f"  device memory  ~{gb(mem['device_peak'])} on {cost['device']} (weights, gradient sums, activations); "
+            "the peak above is the host's"
+        )
     if cost.get("offload"):
         lines.append(
             f"  offload        weights {gb(mem['file_backed_weights'])} memory-mapped from disk (not in the peak; "

@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -162,6 +162,22 @@ def spill(model: nn.Module, tag: str, tensors: Iterable[tuple[str, torch.Tensor]
     for name, t in tensors:
         index = offload_weight(t.detach(), name, str(d), {})
         out[name] = _memmap(d, name, index[name])
+    return out
+
+
+def spill_zeros(model: nn.Module, tag: str, shapes: Mapping[str, Sequence[int]]) -> dict[str, torch.Tensor] | None:
+    """Zeroed fp32 tensors backed by fresh memory-mapped files under an offloaded model's folder (sparse files:
+    nothing is written until used), e.g. gradient sums that backward folds into; None for a resident model."""
+    folder = getattr(model, "_requant_offload", None)
+    if folder is None:
+        return None
+    base = Path(folder) / "spill"
+    base.mkdir(exist_ok=True)
+    d = Path(tempfile.mkdtemp(prefix=f"{tag}-", dir=base))
+    out = {}
+    for i, (name, shape) in enumerate(shapes.items()):
+        arr = np.memmap(d / f"{i}.dat", dtype="float32", mode="w+", shape=tuple(shape))
+        out[name] = torch.from_numpy(arr)
     return out
 
 

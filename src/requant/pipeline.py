@@ -42,7 +42,7 @@ from .model import (
     unit_weight,
     use_eager_experts,
 )
-from .offload import is_offloaded, spill
+from .offload import is_offloaded, spill, spill_zeros
 from .progress import bar
 from .quantizers import BaseQuantizer, LayerInputs, QuantizedTensor, make_quantizer
 from .recipes import equal_bits_group_size
@@ -131,15 +131,17 @@ def compute_fisher(
     names: list[str],
     masters: Mapping[str, torch.Tensor] | None = None,
     windows: torch.Tensor | None = None,
+    into: Mapping[str, torch.Tensor] | None = None,
 ) -> Masks:
     """Fisher Σg² over the config's calibration windows (drawn here unless given), with the model temporarily
-    in the gradient dtype (`masters`: fp32 copies of linear weights to restore from, instead of copying them)."""
+    in the gradient dtype (`masters`: fp32 copies of linear weights to restore from, instead of copying them;
+    `into`: the sums' storage, e.g. memory-mapped files)."""
     if windows is None:
         windows = text_windows(
             tokenizer, config.calib, config.seqlen, nsamples=config.nsamples, seed=config.seed, bos=config.bos
         )
     with _GradDtype(model, config.grad_dtype, masters):
-        return {n: f.cpu() for n, f in fisher_information(model, names, windows).items()}
+        return {n: f.cpu() for n, f in fisher_information(model, names, windows, into=into).items()}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -478,9 +480,12 @@ def start_run(
     )
 
 
-def pqi_pass(run: Run, current: Mapping[str, torch.Tensor], what: str, *, label: str | None = None) -> PQIResult:
+def pqi_pass(
+    run: Run, current: Mapping[str, torch.Tensor], what: str, *, label: str | None = None, keep_gbar: bool = True
+) -> PQIResult:
     """One PQI integral from the masters w to `current` (the model in the gradient dtype), recorded in the report
-    as `what`; `label` names it in progress output (default: `what`)."""
+    as `what`; `label` names it in progress output (default: `what`). Without `keep_gbar` the scores take ḡ's
+    storage (the result's gbar is empty). An offloaded run's gradient sums are memory-mapped files."""
     windows = run.calibration.pqi_windows()
     c = run.config
     with run.timings("pqi_s"), _GradDtype(run.model, c.grad_dtype, run.weights):
@@ -493,9 +498,18 @@ def pqi_pass(run: Run, current: Mapping[str, torch.Tensor], what: str, *, label:
             nodes=c.pqi_nodes,
             rule=c.pqi_rule,
             desc=f"PQI {c.pqi_rule} ({label or what})",
+            keep_gbar=keep_gbar,
+            accumulators=_accumulators(run, "pqi"),
         )
     run.report.pqi_passes.append({"what": what, "predicted_dF": res.predicted, "grad_evals": res.grad_evals})
     return res
+
+
+def _accumulators(run: Run, tag: str) -> Callable[[], Mapping[str, torch.Tensor]] | None:
+    """For an offloaded model, a maker of memory-mapped fp32 gradient sums (one set per call); None otherwise."""
+    if not is_offloaded(run.model):
+        return None
+    return lambda: spill_zeros(run.model, tag, run.shapes) or {}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -535,12 +549,15 @@ def base_sensitivity(run: Run, fisher: Mapping[str, torch.Tensor] | None) -> Non
     needs one and none was given (stage `fisher`)."""
     if fisher is None and run.config.needs_fisher:
         with run.timings("fisher_s"):
+            spilled = spill_zeros(run.model, "fisher", run.shapes)  # offloaded: the sums are memory-mapped files
 
             def compute() -> dict[str, torch.Tensor]:
                 windows = run.calibration.windows()
-                return compute_fisher(run.model, run.tokenizer, run.config, run.names, run.weights, windows)
+                return compute_fisher(run.model, run.tokenizer, run.config, run.names, run.weights, windows, spilled)
 
-            fisher = spill(run.model, "fisher", run.work.cached("fisher", compute, TENSORS).items())
+            fisher = run.work.cached("fisher", compute, TENSORS)
+            if spilled is not None and any(fisher[n] is not spilled[n] for n in run.names):  # read back on resume
+                fisher = spill(run.model, "fisher", fisher.items())
     if fisher is not None and run.has_experts:
         # An expert that (almost) no calibration token reached has a Fisher of zeros or noise.
         fisher, low = expert_importance_fallback(fisher, run.calibration.expert_tokens(), run.config.expert_min_tokens)
@@ -672,10 +689,15 @@ def algorithm2(run: Run, dense: Mapping[str, QuantizedTensor], exclude: Masks, c
     """Algorithm 2 with a fresh PQI before every step; the chosen entries so far are stored after each step
     (stage `detach`), and a resume continues from the last stored step."""
     c, weights, work = run.config, run.weights, run.work
-    current = {
-        n: SparseResidual.restore(weights[n], q.dequantize(), exclude[n]).add_to(q.dequantize())
-        for n, q in dense.items()
-    }
+    # The reconstruction the detach moves towards w; memory-mapped (one layer at a time) for an offloaded model.
+    current = spill(
+        run.model,
+        "current",
+        (
+            (n, SparseResidual.restore(weights[n], q.dequantize(), exclude[n]).add_to(q.dequantize()))
+            for n, q in dense.items()
+        ),
+    )
     step = max(budget(c.step, run.total) if c.step is not None else count, 1)
     start = None
     stored = work.stored("detach")
@@ -689,7 +711,7 @@ def algorithm2(run: Run, dense: Mapping[str, QuantizedTensor], exclude: Masks, c
 
     def score(cur: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         done[0] += 1
-        return pqi_pass(run, cur, "detach", label=f"detach step {done[0]}/{len(steps)}").scores
+        return pqi_pass(run, cur, "detach", label=f"detach step {done[0]}/{len(steps)}", keep_gbar=False).scores
 
     def checkpoint(k: int, chosen: Masks, _cur: Masks) -> None:
         work.save("detach", encode_masks(chosen), {"step": k, "pqi_passes": run.report.pqi_passes})

@@ -134,7 +134,9 @@ def dry_run(args: argparse.Namespace, config: Any) -> int:
         raise InputError(f"cannot read the config of model {args.model!r}: {str(e).splitlines()[0]}") from None
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config)
-    cost = estimate_cost(config, model_info(model, config), world_size=nproc, offload=args.offload is not None)
+    cost = estimate_cost(
+        config, model_info(model, config), world_size=nproc, offload=args.offload is not None, device=args.device
+    )
     if int(os.environ.get("RANK", "0")) == 0:  # launched under torchrun by mistake: print once
         print(json.dumps(cost, indent=2) if args.json else format_cost(cost))
     return 0

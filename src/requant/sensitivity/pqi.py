@@ -7,7 +7,7 @@ attribution (rank by |ΔF_PQI|), and Σ ΔF_PQI the predicted ΔF. Every node se
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -64,11 +64,13 @@ def path_gradients(
     batch_size: int = 1,
     loss_fn: LossFn = token_nll,
     desc: str = "path",
+    accumulators: Callable[[], Mapping[str, torch.Tensor]] | None = None,
 ) -> Iterator[PathNode]:
     """For each t, yield the loss, fp32 gradient and dF/dt at w + tΔw over all windows (one node at a time).
 
     Only `subset` moves if given (the others stay at w and get no gradient). The model holds `original`
-    again when the generator finishes or is closed, also on error.
+    again when the generator finishes or is closed, also on error. `accumulators()`, called once per node, gives
+    that node's gradient sums their storage (default: fresh tensors on the model's device).
     """
     check_path(model, names, original, quantized, subset)
     moving = list(names) if subset is None else [n for n in names if n in set(subset)]
@@ -77,16 +79,10 @@ def path_gradients(
     if len(windows) == 0:
         raise ConfigError("no calibration windows given")
     device = unit_ref(model, names[0]).weight.device
-    # Δw for the derivative: on an accelerator one copy on the device (cheaper than moving w, w̃ at every node);
-    # on the CPU formed per layer when needed, as a whole-model copy would raise the peak memory by a model.
-    delta = (
-        {n: quantized[n].to(device, torch.float32) - original[n].to(device, torch.float32) for n in moving}
-        if device.type != "cpu"
-        else None
-    )
 
     def delta_of(n: str) -> torch.Tensor:
-        return delta[n] if delta is not None else quantized[n].float() - original[n].float()
+        # Δw for the derivative, one layer at a time (a whole-model copy would raise the peak memory by a model).
+        return quantized[n].to(device, torch.float32) - original[n].to(device, torch.float32)
 
     with weights_on_path(model, names, original, quantized) as set_point:
         for i, t in enumerate(bar(ts, desc=f"{desc} nodes", unit="node")):
@@ -94,7 +90,13 @@ def path_gradients(
             try:
                 # Split across ranks and all-reduced: every rank gets the node's full gradient.
                 sums = gradient_sums(
-                    model, moving, windows, batch_size=batch_size, desc=f"{desc} t={t:.4f}", loss_fn=loss_fn
+                    model,
+                    moving,
+                    windows,
+                    batch_size=batch_size,
+                    desc=f"{desc} t={t:.4f}",
+                    loss_fn=loss_fn,
+                    into=accumulators() if accumulators is not None else None,
                 )
             except NumericalError as e:
                 raise NumericalError(f"at path node {i} (t={t:.4g}): {e}") from None
@@ -126,14 +128,25 @@ class PathIntegral:
                 self.gbar[n] = g.mul_(scale)
 
     def result(
-        self, original: Mapping[str, torch.Tensor], quantized: Mapping[str, torch.Tensor], windows: int
+        self,
+        original: Mapping[str, torch.Tensor],
+        quantized: Mapping[str, torch.Tensor],
+        windows: int,
+        *,
+        keep_gbar: bool = True,
     ) -> PQIResult:
+        """The scores Δw ⊙ ḡ; without `keep_gbar` they are formed in ḡ's own storage (one whole-model fp32 tensor
+        fewer; the result's gbar is then empty). Equal bit for bit either way (the product commutes)."""
         missing = sorted(set(self.weight_at) - set(self.seen))
         if missing:
             raise ConfigError(f"path integral is missing nodes t = {', '.join(f'{t:.4g}' for t in missing)}")
         ts = sorted(self.weight_at)
         gbar = {n: g.cpu() for n, g in self.gbar.items()}
-        scores = {n: (quantized[n].float() - original[n].float()).mul_(gbar[n]) for n in gbar}
+        self.gbar = {}
+        scores = {}
+        for n in list(gbar):
+            delta = quantized[n].float() - original[n].float()  # one layer's Δw at a time
+            scores[n] = delta.mul_(gbar[n]) if keep_gbar else gbar.pop(n).mul_(delta)
         return PQIResult(
             scores=scores,
             gbar=gbar,
@@ -159,13 +172,17 @@ def post_quantization_integral(
     subset: Sequence[str] | None = None,
     loss_fn: LossFn = token_nll,
     desc: str | None = None,
+    keep_gbar: bool = True,
+    accumulators: Callable[[], Mapping[str, torch.Tensor]] | None = None,
 ) -> PQIResult:
     """PQI between w (original) and w̃ (quantized) over the same calibration windows at every node.
 
     The named layers' weights are set in place to w + t·Δw (formed in fp32, cast to the model dtype) for
     each node and restored to `original` at the end (also on error). Cost: nodes × windows fwd+bwd.
     With `subset`, only those layers move (the others stay at w) and only they get scores. `desc` names the
-    pass in progress output (default: the rule).
+    pass in progress output (default: the rule). Without `keep_gbar` the scores take ḡ's storage and the
+    result's gbar is empty. `accumulators()` gives each node's fp32 gradient sums their storage (e.g.
+    memory-mapped files; default: fresh tensors).
     """
     ts, cs = quadrature(rule, nodes)
     integral = PathIntegral(ts.tolist(), cs.tolist())
@@ -180,10 +197,11 @@ def post_quantization_integral(
         batch_size=batch_size,
         loss_fn=loss_fn,
         desc=desc or f"pqi {rule}",
+        accumulators=accumulators,
     )
     # closing(): an error here must still run the generator's restore, not wait for garbage collection.
     with contextlib.closing(nodes_iter):
         for node in nodes_iter:
             integral.add(node)
             del node  # let this node's gradients go before the next node's backward
-    return integral.result(original, quantized, len(windows))
+    return integral.result(original, quantized, len(windows), keep_gbar=keep_gbar)

@@ -13,17 +13,19 @@ from collections.abc import Callable, Mapping
 import torch
 
 from ..errors import ConfigError
+from .selection import global_top_masks
 
 RANKINGS = ("abs", "positive")
 SCOPES = ("global", "module")
 
 
-def rank_scores(scores: torch.Tensor, ranking: str) -> torch.Tensor:
-    """Ranking key from signed ΔF_PQI: |ΔF| (default) or max(ΔF, 0) (only entries that raised the loss)."""
+def rank_scores(scores: torch.Tensor, ranking: str, *, inplace: bool = False) -> torch.Tensor:
+    """Ranking key from signed ΔF_PQI: |ΔF| (default) or max(ΔF, 0) (only entries that raised the loss); with
+    `inplace`, written into `scores` (no copy)."""
     if ranking == "abs":
-        return scores.abs()
+        return scores.abs_() if inplace else scores.abs()
     if ranking == "positive":
-        return scores.clamp_min(0)
+        return scores.clamp_min_(0) if inplace else scores.clamp_min(0)
     raise ConfigError(f"ranking {ranking!r} is not allowed; use one of {', '.join(RANKINGS)}")
 
 
@@ -36,53 +38,35 @@ def select_top(
 ) -> dict[str, torch.Tensor]:
     """Masks of the top entries by key, never inside `exclude`.
 
-    global: the `count` largest keys over all layers (keys share units, e.g. nats of loss);
-    module: every layer gets its share of `count` in proportion to its size.
+    global: the `count` largest keys over all layers (keys share units, e.g. nats of loss), by a streaming
+    threshold that holds O(count) keys besides one layer's (requant.sparse.selection; ties at the threshold
+    go to the earlier layer, then the lower index); module: every layer gets its share of `count` in
+    proportion to its size.
     """
     if scope not in SCOPES:
         raise ConfigError(f"selection scope {scope!r} is not allowed; use one of {', '.join(SCOPES)}")
-
-    def masked(n: str) -> torch.Tensor:
-        # One layer at a time: a masked copy of every layer at once would be another fp32 model copy.
-        v = keys[n].float().flatten().clone()
-        v[exclude[n].flatten()] = -torch.inf
-        return v
-
+    if scope == "global":
+        return global_top_masks(keys, count, exclude)
     out = {n: torch.zeros(k.numel(), dtype=torch.bool) for n, k in keys.items()}
-    if count <= 0:
-        return {n: m.view(keys[n].shape) for n, m in out.items()}
-    if scope == "module":
+    if count > 0:
         total = sum(k.numel() for k in keys.values())
         for n in keys:
-            v = masked(n)
+            v = keys[n].float().flatten().clone()  # one layer at a time
+            v[exclude[n].flatten()] = -torch.inf
             c = min(round(count * v.numel() / total), int(torch.isfinite(v).sum()))
             if c:
                 out[n][torch.topk(v, c, sorted=False).indices] = True
-    else:
-        # Only each layer's own top-`count` can be in the global top-`count`: merge those candidates.
-        cand_v, cand_l, cand_i = [], [], []
-        for li, n in enumerate(keys):
-            v = masked(n)
-            c = min(count, v.numel())
-            top = torch.topk(v, c, sorted=False)
-            cand_v.append(top.values)
-            cand_i.append(top.indices)
-            cand_l.append(torch.full((c,), li, dtype=torch.long))
-        values, layer, index = torch.cat(cand_v), torch.cat(cand_l), torch.cat(cand_i)
-        finite = torch.isfinite(values)
-        values, layer, index = values[finite], layer[finite], index[finite]
-        best = torch.topk(values, min(count, values.numel()), sorted=False).indices
-        names = list(keys)
-        for li in layer[best].unique().tolist():
-            sel = best[layer[best] == li]
-            out[names[li]][index[sel]] = True
     return {n: m.view(keys[n].shape) for n, m in out.items()}
 
 
-def restore_entries(current: torch.Tensor, original: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """current + fp16(original − current) on the mask: bit-identical to storing an fp16 sparse residual."""
-    out = current.clone()
-    out[mask] = current[mask].float() + (original[mask].float() - current[mask].float()).half().float()
+def restore_entries(
+    current: torch.Tensor, original: torch.Tensor, mask: torch.Tensor, *, inplace: bool = False
+) -> torch.Tensor:
+    """current + fp16(original − current) on the mask: bit-identical to storing an fp16 sparse residual; with
+    `inplace`, written into `current` (e.g. a memory-mapped tensor) instead of a copy."""
+    out = current if inplace else current.clone()
+    cur = current[mask].float()  # a gathered copy: read before the masked entries are overwritten
+    out[mask] = cur + (original[mask].float() - cur).half().float()
     return out
 
 
@@ -111,9 +95,10 @@ def stepwise_detach(
     """Masks of `total` significant entries chosen in steps of `step`, rescoring the reconstruction each time.
 
     `sparse` marks entries already stored sparse (never chosen). `score_fn(current)` returns signed
-    element-wise sensitivities. `on_step(k, chosen, current)` lets the caller checkpoint; `start=(k, chosen)`
-    resumes after step k. With `copy=False` the tensors of `current` are the loop's own and are not cloned
-    (they are never written in place: a step replaces a layer's tensor).
+    element-wise sensitivities as tensors the loop owns (they are turned into ranking keys in place).
+    `on_step(k, chosen, current)` lets the caller checkpoint; `start=(k, chosen)` resumes after step k. With
+    `copy=False` the tensors of `current` are the loop's own: not cloned, and restored entries are written into
+    them in place (so a memory-mapped reconstruction stays one).
     """
     cur = {n: t.clone() for n, t in current.items()} if copy else dict(current)
     chosen = {n: torch.zeros(t.shape, dtype=torch.bool) for n, t in current.items()}
@@ -122,16 +107,16 @@ def stepwise_detach(
     if start is not None:
         first, prev = start
         chosen = {n: m.clone() for n, m in prev.items()}
-        cur = {n: restore_entries(cur[n], original[n], chosen[n]) for n in cur}
+        cur = {n: restore_entries(cur[n], original[n], chosen[n], inplace=True) for n in cur}
     for k in range(first, len(counts)):
         keys = score_fn(cur)
-        for n, sc in keys.items():  # replaced layer by layer: scores and keys never both whole in memory
-            keys[n] = rank_scores(sc, ranking)
+        for n, sc in keys.items():  # in place: scores and keys never both in memory
+            keys[n] = rank_scores(sc, ranking, inplace=True)
         exclude = {n: sparse[n] | chosen[n] for n in cur}
         new = select_top(keys, counts[k], exclude, scope=scope)
         for n in cur:
             if new[n].any():
-                cur[n] = restore_entries(cur[n], original[n], new[n])
+                restore_entries(cur[n], original[n], new[n], inplace=True)  # the loop's own tensor
                 chosen[n] |= new[n]
         if on_step is not None:
             on_step(k + 1, chosen, cur)
