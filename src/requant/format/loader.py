@@ -26,6 +26,7 @@ from .checkpoint import (
 )
 from .hf import register, verification
 from .qlinear import QuantLinear
+from .serving import serve_dense
 
 
 def load_quantized(
@@ -34,16 +35,21 @@ def load_quantized(
     device: str = "cpu",
     verify: bool = True,
     dtype: torch.dtype = torch.float32,
+    lm_head: str = "auto",
 ) -> tuple[nn.Module, object]:
     """A working transformers model whose quantized layers are QuantLinear modules, and its tokenizer.
 
     v2 loads through transformers' own `from_pretrained` (requant's quantizer, format.hf); v1/v0 are converted.
-    `verify` checks every tensor's recorded sha256 (v2)."""
+    `verify` checks every tensor's recorded sha256 (v2). `lm_head` (format.serving): "auto" serves the
+    embeddings and output projection from the 16 bits the checkpoint stores, "int8" the output projection in
+    int8, "fp32" keeps the upcast copies."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {str(path)!r} is not a directory")
     if v1.is_v1_checkpoint(path):
-        return v1.load_v1(path, device=device)
+        model, tokenizer = v1.load_v1(path, device=device)
+        serve_dense(model, lm_head)
+        return model, tokenizer
     from transformers import AutoModelForCausalLM
 
     from ..progress import quiet_transformers
@@ -61,6 +67,10 @@ def load_quantized(
             raise CheckpointError(f"cannot load checkpoint {str(path)!r}: {str(e).splitlines()[0]}") from None
         tokenizer = _tokenizer(path)
     model.eval()
+    stored = getattr(torch, str(qc.get("dense_dtype", "")), None)
+    serve_dense(
+        model, lm_head, stored_dtype=stored if isinstance(stored, torch.dtype) and dtype == torch.float32 else None
+    )
     return model, tokenizer
 
 
