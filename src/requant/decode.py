@@ -78,20 +78,16 @@ class StaticDecoder:
         self.position = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         self.compiled = False
         self._step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = self._forward_step
-        if compile == "on" or (compile == "auto" and compiler_available()):
-            self._compile(required=compile == "on")
+        if compile == "on" or (compile == "auto" and compiler_available()):  # auto: eager without a compiler
+            self._compile()
 
     def _forward_step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=token, position_ids=position, cache=self.cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1]
 
-    def _compile(self, *, required: bool) -> None:
+    def _compile(self) -> None:
         if not compiler_available():
-            msg = "torch.compile needs a C++ compiler (c++, g++ or clang++) on PATH"
-            if required:
-                raise ConfigError(f"--compile on: {msg}")
-            warnings.warn(f"requant: {msg}; decoding eagerly", RuntimeWarning, stacklevel=3)
-            return
+            raise ConfigError("--compile on: torch.compile needs a C++ compiler (c++, g++ or clang++) on PATH")
         ops.prepare(self.model)
         self._step = torch.compile(self._forward_step, dynamic=False, fullgraph=False)
         self.compiled = True

@@ -49,7 +49,8 @@ class ServedLinear(nn.Module):
         if (scale is None) != (weight.dtype != torch.int8):
             raise ValueError("an int8 matrix needs per-row scales, a 16-bit one none")
         self.out_features, self.in_features = weight.shape
-        self.weight = nn.Parameter(weight.detach(), requires_grad=False)  # the same tensor as a tied embedding
+        # a Parameter is kept as is: a tied embedding and this head share one
+        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight.detach(), requires_grad=False)
         self.register_buffer("scale", None if scale is None else scale.detach().float().contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
         self._desc: kernels.LayerDesc | None = None
@@ -108,7 +109,7 @@ class ServedEmbedding(nn.Module):
     def __init__(self, weight: torch.Tensor, padding_idx: int | None = None, out_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.num_embeddings, self.embedding_dim = weight.shape
-        self.weight = nn.Parameter(weight.detach(), requires_grad=False)
+        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight.detach(), requires_grad=False)
         self.padding_idx, self.out_dtype = padding_idx, out_dtype
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -152,7 +153,9 @@ def serve_dense(model: nn.Module, lm_head: str = "auto", *, stored_dtype: torch.
             raise ConfigError(f"the input embeddings are not exactly representable in {stored_dtype}")
         out_dtype = emb.weight.dtype
         if table is not None:
-            model.set_input_embeddings(ServedEmbedding(table, emb.padding_idx, out_dtype))
+            served_emb = ServedEmbedding(table, emb.padding_idx, out_dtype)
+            table = served_emb.weight
+            model.set_input_embeddings(served_emb)
         bias = head.bias
         if lm_head == "int8":
             q, s = quantize_rows_int8(head.weight)
