@@ -183,7 +183,7 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
         t.numel() * t.element_size() for t in head.buffers()
     )
     layers = 0
-    for name, mod in model.named_modules():
+    for mod in model.modules():
         if mod is head:
             continue
         if isinstance(mod, QuantLinear):

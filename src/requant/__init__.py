@@ -47,7 +47,7 @@ def load(
         # quantized layers are packed QuantLinear modules
         return load_quantized(spec, device=device, verify=verify, dtype=parse_dtype(dtype), lm_head=lm_head)
     model, tokenizer = load_model(spec, dtype=dtype, device=device)
-    serve_dense(model, lm_head)
+    serve_dense(model, lm_head, compute_dtype=parse_dtype(dtype))
     return model, tokenizer
 
 

@@ -24,9 +24,9 @@ from .checkpoint import (
     requant_entry,
     tensor_files,
 )
-from .hf import register, verification
+from .hf import dense_dtype, register, verification
 from .qlinear import QuantLinear
-from .serving import serve_dense
+from .serving import SIXTEEN_BIT, serve_dense
 
 
 def load_quantized(
@@ -58,7 +58,10 @@ def load_quantized(
     qc = requant_entry(path)
     check_quantization_config(str(path / CONFIG_FILE), qc)
     tensor_files(path)  # safetensors only: a directory with just pytorch_model.bin is refused here
-    with quiet_transformers(), verification(verify):
+    stored = getattr(torch, str(qc.get("dense_dtype", "")), None)
+    stored = stored if isinstance(stored, torch.dtype) and stored in SIXTEEN_BIT and dtype == torch.float32 else None
+    serve = stored if lm_head != "fp32" else None  # loaded straight into 16-bit parameters: no fp32 copy
+    with quiet_transformers(), verification(verify), dense_dtype(serve):
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 path, dtype=dtype, device_map={"": device}, local_files_only=True
@@ -67,10 +70,7 @@ def load_quantized(
             raise CheckpointError(f"cannot load checkpoint {str(path)!r}: {str(e).splitlines()[0]}") from None
         tokenizer = _tokenizer(path)
     model.eval()
-    stored = getattr(torch, str(qc.get("dense_dtype", "")), None)
-    serve_dense(
-        model, lm_head, stored_dtype=stored if isinstance(stored, torch.dtype) and dtype == torch.float32 else None
-    )
+    serve_dense(model, lm_head, stored_dtype=stored, compute_dtype=dtype)
     return model, tokenizer
 
 

@@ -119,18 +119,38 @@ class ServedEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, weight={str(self.weight.dtype).removeprefix('torch.')}"
 
 
+def keep_stored_dtype(model: nn.Module, dtype: torch.dtype) -> None:
+    """Before a checkpoint's tensors are loaded: make the embeddings and output projection parameters of `dtype`
+    (the 16 bits they are stored in), so the loader fills them without an fp32 copy (peak memory)."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = _tied(model)
+    for mod in (emb, head):
+        if isinstance(mod, (nn.Embedding, nn.Linear)) and mod.weight.dtype != dtype:
+            w = mod.weight
+            mod.weight = nn.Parameter(torch.empty(w.shape, dtype=dtype, device=w.device), requires_grad=False)
+    if tied and isinstance(head, nn.Linear) and isinstance(emb, nn.Embedding):
+        head.weight = emb.weight
+
+
 def _tied(model: nn.Module) -> bool:
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     return head is not None and emb is not None and head.weight is emb.weight
 
 
-def serve_dense(model: nn.Module, lm_head: str = "auto", *, stored_dtype: torch.dtype | None = None) -> str:
+def serve_dense(
+    model: nn.Module,
+    lm_head: str = "auto",
+    *,
+    stored_dtype: torch.dtype | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> str:
     """Swap the model's input embeddings and output projection for served modules, in place; what was done.
 
     lm_head: "auto"/"16bit" serve both in `stored_dtype` (the 16-bit dtype the checkpoint stores; the
     float values must be representable in it, which holds for tensors loaded from 16 bits), "int8" serves the
     output projection in int8 (embeddings 16-bit when `stored_dtype` is given, else as loaded), "fp32" changes
     nothing. "auto" without a 16-bit `stored_dtype` (a model not loaded from 16 bits) changes nothing.
+    `compute_dtype`: the dtype the embeddings hand to the first block (the model's own).
     """
     if lm_head not in LM_HEAD_CHOICES:
         raise ConfigError(f"lm_head {lm_head!r} is not one of {', '.join(LM_HEAD_CHOICES)}")
@@ -149,11 +169,11 @@ def serve_dense(model: nn.Module, lm_head: str = "auto", *, stored_dtype: torch.
     tied = _tied(model)
     with torch.no_grad():
         table = emb.weight.to(stored_dtype).contiguous() if stored_dtype is not None else None
-        if table is not None and not torch.equal(table.float(), emb.weight.float()):
+        # loaded in the stored dtype (keep_stored_dtype): exact by construction, no fp32 copy to compare with
+        if table is not None and emb.weight.dtype != stored_dtype and not torch.equal(table.float(), emb.weight):
             raise ConfigError(f"the input embeddings are not exactly representable in {stored_dtype}")
-        out_dtype = emb.weight.dtype
         if table is not None:
-            served_emb = ServedEmbedding(table, emb.padding_idx, out_dtype)
+            served_emb = ServedEmbedding(table, emb.padding_idx, compute_dtype)
             table = served_emb.weight
             model.set_input_embeddings(served_emb)
         bias = head.bias
@@ -162,7 +182,7 @@ def serve_dense(model: nn.Module, lm_head: str = "auto", *, stored_dtype: torch.
             served = ServedLinear(q, s, bias)
         else:
             w = table if tied and table is not None else head.weight.to(stored_dtype).contiguous()
-            if not tied and not torch.equal(w.float(), head.weight.float()):
+            if not tied and head.weight.dtype != stored_dtype and not torch.equal(w.float(), head.weight):
                 raise ConfigError(f"the output projection is not exactly representable in {stored_dtype}")
             served = ServedLinear(w, None, bias)
         model.set_output_embeddings(served)
@@ -177,6 +197,7 @@ __all__ = [
     "LM_HEAD_CHOICES",
     "ServedEmbedding",
     "ServedLinear",
+    "keep_stored_dtype",
     "quantize_rows_int8",
     "serve_dense",
 ]

@@ -759,15 +759,17 @@ static void gemm_task(const void *arg, int64_t chunk) {
     }
 }
 
-/* Calls with less work than this run on the calling thread alone. A decode call on a small model takes
- * 10-100 us; there the helper's wake-up and, on a busy machine, a helper preempted in the middle of its
- * chunk cost more than they save (measured on R, 2 cores shared with other jobs: 47 ms/token serial,
- * 59 ms/token with the pool). From about 1 ms of work up, splitting pays. */
+/* Calls with less work than this run on the calling thread alone: below it a helper's wake-up (and, on a busy
+ * machine, a helper preempted in the middle of its chunk) costs more than it saves. Multi-row calls keep the
+ * old threshold (about 1 ms of work). A batch-1 decode call reads its whole layer once per token: from about
+ * 256K weights (R's 576 x 576 layers and up: 40-150 us each at one thread) splitting pays, and since the caller
+ * claims chunks too and never waits for a helper that has not started, a late helper costs nothing. */
 #define RQ_PARALLEL_MIN_WORK (1 << 22)
+#define RQ_PARALLEL_MIN_WORK_DECODE (1 << 18)
 
 static int64_t rows_per_chunk(const rq_layer *d, int64_t m) {
     const int64_t work = d->in * (m < 4 ? m : 4);
-    if (work * d->out < RQ_PARALLEL_MIN_WORK) return d->out; /* one chunk: serial */
+    if (work * d->out < (m == 1 ? RQ_PARALLEL_MIN_WORK_DECODE : RQ_PARALLEL_MIN_WORK)) return d->out; /* serial */
     /* about 64K multiply-adds per chunk: small enough to balance, large enough to amortise a claim */
     const int64_t rows = (65536 + work - 1) / work;
     return rows < 1 ? 1 : rows;
