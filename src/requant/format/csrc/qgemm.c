@@ -531,6 +531,8 @@ static inline __attribute__((always_inline)) __m256 values8_avx2(const rq_layer 
                                        : _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
     const __m256i idx = _mm256_srlv_epi32(_mm256_set1_epi32((int)u), shifts);
     if (mode == 0) {
+        /* 2-bit: the 4-entry LUT sits in both 128-bit lanes and the in-lane vpermilps reads exactly 2 index bits */
+        if (bits == 2) return _mm256_permutevar_ps(lo, idx);
         __m256 w = _mm256_permutevar8x32_ps(lo, idx);
         if (bits == 4)
             w = _mm256_blendv_ps(w, _mm256_permutevar8x32_ps(hi, idx), _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
