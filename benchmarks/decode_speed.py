@@ -5,13 +5,14 @@ repeat (prefill of a random prompt, then greedy decode), figures are medians. Va
 - fp32 model through transformers' forward + DynamicCache (what `generate` runs; the baseline of the ratios) and
   through requant's static decoder (requant.decode; the same lean loop the checkpoints get);
 - each checkpoint (3-bit SqueezeLLM D&S, 3-bit ReQuant) served as loaded by default (16-bit embeddings / lm_head)
-  through the static decoder, and through transformers' loop; the D&S one also with the opt-in int8 lm_head.
+  through the static decoder, and through transformers' loop; the D&S one also with the opt-in int8 lm_head and
+  with its static decoder step compiled by torch.compile (compiled once, in the warm-up; `--no-compile` skips it).
 Then: greedy text of the static decoder vs transformers' `generate` on the same loaded checkpoint (64 tokens of a
 fixed prompt), and the peak RSS of `requant generate` (a fresh process per model; its VmHWM, and the same after
 `import requant` alone, so the model's own share is visible).
 
 Usage (one command, prints the table):  python benchmarks/decode_speed.py
-    [--dns DIR] [--requant DIR] [--threads 1,2] [--repeats 5] [--prompt-tokens 128] [--new-tokens 32] [--compile]
+    [--dns DIR] [--requant DIR] [--threads 1,2] [--repeats 5] [--prompt-tokens 128] [--new-tokens 32] [--no-compile]
 Missing checkpoints are made with `requant quantize` at demo settings (16 calibration windows).
 Writes benchmarks/results/decode_speed.{json,md}.
 """
@@ -108,8 +109,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--compile", action="store_true", help="also the static decoder compiled with torch.compile")
+    ap.add_argument(
+        "--no-compile", dest="compile", action="store_false", help="skip the D&S checkpoint's torch.compiled decoder"
+    )
+    ap.add_argument("--render", action="store_true", help="only rewrite the Markdown from the saved JSON")
     args = ap.parse_args()
+    if args.render:
+        text = render(json.loads((RESULTS / "decode_speed.json").read_text()))
+        (RESULTS / "decode_speed.md").write_text(text)
+        print(text)
+        return
 
     import requant
     from requant.decode import static_timer
@@ -134,9 +143,8 @@ def main() -> None:
         variants[f"{name}, static decoder"] = static_timer(m, max_len)
     variants["3-bit D&S + int8 lm_head, static decoder"] = static_timer(int8, max_len)
     compile_s = None
-    if args.compile:
-        for name, m in models.items():
-            variants[f"{name}, static decoder compiled"] = static_timer(m, max_len, compile="on")
+    if args.compile:  # one compiled variant (compiling takes minutes on a small machine)
+        variants["3-bit D&S, static decoder compiled"] = static_timer(models["3-bit D&S"], max_len, compile="on")
     prompt = random_prompt(fp32.get_input_embeddings().num_embeddings, args.prompt_tokens)
     table: dict[int, dict] = {}
     for n in [int(t) for t in args.threads.split(",")]:
@@ -203,7 +211,9 @@ def render(out: dict) -> str:
     for t in threads:
         f = table[t]["fp32, static decoder"]["decode_tok_s"]
         parts = [
-            f"{n.split(',')[0]} {table[t][n]['decode_tok_s'] / f:.2f}×" for n in names if n.endswith("static decoder")
+            f"{n.removesuffix(', static decoder')} {table[t][n]['decode_tok_s'] / f:.2f}×"
+            for n in names
+            if "static decoder" in n and not n.startswith("fp32")
         ]
         lines.append(f"- {t} thread(s), against fp32 through the same static decoder: " + ", ".join(parts))
     lines += [
