@@ -215,11 +215,24 @@ def profile_variant(model: nn.Module, prompt: torch.Tensor, steps: int) -> dict:
     }
 
 
+def median_of(runs: list[dict]) -> dict:
+    """The per-figure median of several profile_variant results (nested dicts of numbers)."""
+    first = runs[0]
+    out = {}
+    for k, v in first.items():
+        if isinstance(v, dict):
+            out[k] = median_of([r.get(k, {}) for r in runs])
+        else:
+            out[k] = statistics.median(r.get(k, 0.0) for r in runs)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds over the variants in rotating order (medians)")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -236,19 +249,24 @@ def main() -> None:
         "3-bit D&S, 16-bit lm_head (default now)": lambda: requant.load(ckpt)[0],
         "3-bit D&S, int8 lm_head (opt-in)": lambda: requant.load(ckpt, lm_head="int8")[0],
     }
-    results = {}
-    for name, make in variants.items():
-        model = make()
-        prompt = random_prompt(model.get_input_embeddings().num_embeddings, args.prompt_tokens)
+    models = {name: make() for name, make in variants.items()}
+    prompt = random_prompt(next(iter(models.values())).get_input_embeddings().num_embeddings, args.prompt_tokens)
+    for model in models.values():
         reference_steps(model, prompt[:, :8], 3)  # warm-up: kernel build, first calls
-        results[name] = profile_variant(model, prompt, args.steps)
-        print(f"{name}: {results[name]['step_ms_median']:.1f} ms/step", file=sys.stderr)
-        del model
+    # rounds in rotating order, medians per figure: a slow phase of a shared machine hits every variant alike
+    names = list(models)
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    for r in range(args.rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            runs[name].append(profile_variant(models[name], prompt, args.steps))
+        print(f"round {r + 1}/{args.rounds}", file=sys.stderr)
+    results = {n: median_of(runs[n]) for n in names}
     meta = {
         "checkpoint": str(ckpt),
         "threads": torch.get_num_threads(),
         "steps": args.steps,
         "prompt_tokens": args.prompt_tokens,
+        "rounds": args.rounds,
         "kernels": kernels.status(),
         "load_average_1min": os.getloadavg()[0],
     }
@@ -259,7 +277,8 @@ def main() -> None:
         "# Where one batch-1 decode step goes (R: SmolLM2-135M, 3-bit SqueezeLLM D&S)",
         "",
         f"{args.prompt_tokens}-token prompt, then {args.steps} greedy steps; {meta['threads']} thread(s); kernels: "
-        f"{meta['kernels']}; load average {meta['load_average_1min']:.1f} (a shared machine: compare within a column). "
+        f"{meta['kernels']}; medians of {args.rounds} rounds over the variants in rotating order; load average "
+        f"{meta['load_average_1min']:.1f} (a shared machine: fractions within a column are the robust part). "
         "Command: `python benchmarks/decode_profile.py`.",
         "",
         "| ms per decode step | " + " | ".join(names) + " |",
