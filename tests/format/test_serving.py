@@ -97,7 +97,7 @@ def test_serve_dense_keeps_one_tied_16_bit_tensor_and_the_logits(model):
     ids = torch.randint(0, 256, (1, 12))
     with torch.no_grad():
         ref = model(ids).logits
-    assert "one shared tensor" in serve_dense(model, "auto", stored_dtype=torch.float16)
+    assert "one tensor with the embeddings" in serve_dense(model, "auto", stored_dtype=torch.float16)
     head, emb = model.get_output_embeddings(), model.get_input_embeddings()
     assert isinstance(head, ServedLinear) and isinstance(emb, ServedEmbedding)
     assert head.weight is emb.weight and head.weight.dtype == torch.float16
@@ -150,3 +150,18 @@ def test_a_loaded_checkpoint_serves_the_stored_16_bit_tensors(model, tokenizer, 
         torch.testing.assert_close(served(ids).logits, upcast(ids).logits, rtol=0, atol=1e-5)
     int8, _ = requant.load(ckpt, lm_head="int8")
     assert int8.get_output_embeddings().weight.dtype == torch.int8
+
+
+def test_embedding_subclasses_are_left_alone(model):
+    """A subclass may do more than a lookup (Gemma scales its embeddings): auto serves only plain modules."""
+
+    class Scaled(torch.nn.Embedding):
+        def forward(self, ids):
+            return super().forward(ids) * 2.0
+
+    model = _fp16_exact(model)
+    scaled = Scaled(*model.model.embed_tokens.weight.shape)
+    scaled.weight = model.model.embed_tokens.weight
+    model.set_input_embeddings(scaled)
+    done = serve_dense(model, "auto", stored_dtype=torch.float16)
+    assert model.get_input_embeddings() is scaled and done.startswith("lm_head float16") and "embeddings" not in done

@@ -87,7 +87,8 @@ class ServedLinear(nn.Module):
         lib = kernels.library() if x2.is_cpu and self.weight.is_cpu else None
         if lib is not None and 0 < x2.shape[0] <= DENSE_MAX_ROWS:
             if self._desc is None:
-                self._desc = kernels.describe_dense(self.weight.contiguous(), self.scale)
+                self._desc_weight = self.weight.contiguous()  # the descriptor points into it: keep it alive
+                self._desc = kernels.describe_dense(self._desc_weight, self.scale)
             y = kernels.gemm(lib, self._desc, x2)
         elif x2.is_cpu:
             y = self._blocks(x2)
@@ -125,10 +126,10 @@ def keep_stored_dtype(model: nn.Module, dtype: torch.dtype) -> None:
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = _tied(model)
     for mod in (emb, head):
-        if isinstance(mod, (nn.Embedding, nn.Linear)) and mod.weight.dtype != dtype:
+        if type(mod) in (nn.Embedding, nn.Linear) and mod.weight.dtype != dtype:  # what serve_dense serves
             w = mod.weight
             mod.weight = nn.Parameter(torch.empty(w.shape, dtype=dtype, device=w.device), requires_grad=False)
-    if tied and isinstance(head, nn.Linear) and isinstance(emb, nn.Embedding):
+    if tied and type(head) is nn.Linear and type(emb) is nn.Embedding:
         head.weight = emb.weight
 
 
@@ -161,34 +162,37 @@ def serve_dense(
     if lm_head == "fp32" or (lm_head == "auto" and stored_dtype is None):
         return "as loaded"
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if not isinstance(emb, nn.Embedding) or not isinstance(head, nn.Linear):
+    # exact types: a subclass may do more than a lookup / a product (Gemma scales its embeddings in forward)
+    emb_ok, head_ok = type(emb) is nn.Embedding, type(head) is nn.Linear
+    if lm_head != "auto" and not head_ok:
         raise ConfigError(
-            f"--lm-head {lm_head}: the model's embeddings / output projection are {type(emb).__name__} / "
-            f"{type(head).__name__}, not nn.Embedding / nn.Linear"
+            f"--lm-head {lm_head}: the model's output projection is a {type(head).__name__}, not an nn.Linear"
         )
-    tied = _tied(model)
+    tied = emb_ok and head_ok and _tied(model)
+    done = []
     with torch.no_grad():
-        table = emb.weight.to(stored_dtype).contiguous() if stored_dtype is not None else None
-        # loaded in the stored dtype (keep_stored_dtype): exact by construction, no fp32 copy to compare with
-        if table is not None and emb.weight.dtype != stored_dtype and not torch.equal(table.float(), emb.weight):
-            raise ConfigError(f"the input embeddings are not exactly representable in {stored_dtype}")
-        if table is not None:
+        table = None
+        if emb_ok and stored_dtype is not None:
+            table = emb.weight.to(stored_dtype).contiguous()
+            # loaded in the stored dtype (keep_stored_dtype): exact by construction, no fp32 copy to compare with
+            if emb.weight.dtype != stored_dtype and not torch.equal(table.float(), emb.weight):
+                raise ConfigError(f"the input embeddings are not exactly representable in {stored_dtype}")
             served_emb = ServedEmbedding(table, emb.padding_idx, compute_dtype)
             table = served_emb.weight
             model.set_input_embeddings(served_emb)
-        bias = head.bias
-        if lm_head == "int8":
+            done.append(f"embeddings {str(stored_dtype).removeprefix('torch.')}")
+        if head_ok and lm_head == "int8":
             q, s = quantize_rows_int8(head.weight)
-            served = ServedLinear(q, s, bias)
-        else:
+            model.set_output_embeddings(ServedLinear(q, s, head.bias))
+            done.insert(0, "lm_head int8 (per-row scales)")
+        elif head_ok and stored_dtype is not None:
             w = table if tied and table is not None else head.weight.to(stored_dtype).contiguous()
             if not tied and head.weight.dtype != stored_dtype and not torch.equal(w.float(), head.weight):
                 raise ConfigError(f"the output projection is not exactly representable in {stored_dtype}")
-            served = ServedLinear(w, None, bias)
-        model.set_output_embeddings(served)
-    kind = "int8 (per-row scales)" if lm_head == "int8" else str(stored_dtype).removeprefix("torch.")
-    emb_kind = "as loaded" if table is None else str(stored_dtype).removeprefix("torch.")
-    return f"lm_head {kind}, embeddings {emb_kind}{' (one shared tensor)' if tied and lm_head != 'int8' else ''}"
+            model.set_output_embeddings(ServedLinear(w, None, head.bias))
+            shared = " (one tensor with the embeddings)" if tied and table is not None else ""
+            done.insert(0, f"lm_head {str(stored_dtype).removeprefix('torch.')}{shared}")
+    return ", ".join(done) or "as loaded"
 
 
 __all__ = [
