@@ -94,7 +94,7 @@ def export_dequantized(
         raise InputError(f"{str(out)!r} already exists; pass --force to replace it")
     if not is_checkpoint(src):
         raise InputError(f"{str(src)!r} is not a requant checkpoint (nothing to dequantize)")
-    model, tokenizer = load(src)
+    model, tokenizer = load(src, lm_head="fp32")  # the upcast dense tensors, as a plain model holds them
     n = sum(1 for _ in quant_linears(model))
     if n == 0:
         raise InputError(f"{str(src)!r} is not a requant checkpoint (it has no quantized layer to dequantize)")

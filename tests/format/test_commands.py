@@ -91,3 +91,31 @@ def test_bench_reports_alternating_medians(capsys, ckpt_and_model):
 def test_bench_needs_a_checkpoint(capsys, model_dir):
     code, _, err = run(capsys, "bench", str(model_dir))
     assert code == 2 and "not a requant checkpoint" in err
+
+
+def test_generate_static_and_transformers_decoders_agree(capsys, ckpt_and_model):
+    ckpt, _, _ = ckpt_and_model
+    outs = {}
+    for decoder in ("static", "transformers"):
+        code, out, _ = run(
+            capsys, "generate", str(ckpt), "gamma delta", "--max-new-tokens", "12", "--json", "--decoder", decoder
+        )
+        assert code == 0
+        outs[decoder] = json.loads(out)
+    assert outs["static"]["decoder"] == "static" and outs["transformers"]["decoder"] == "transformers"
+    assert outs["static"]["continuation"] == outs["transformers"]["continuation"]
+    code, out, _ = run(capsys, "generate", str(ckpt), "gamma", "--max-new-tokens", "4", "--lm-head", "int8", "--json")
+    assert code == 0 and json.loads(out)["new_tokens"] >= 1
+    with pytest.raises(SystemExit) as e:
+        run(capsys, "generate", str(ckpt), "gamma", "--lm-head", "int4")
+    assert e.value.code == 2 and "int4" in capsys.readouterr().err
+
+
+def test_bench_runs_either_decoder(capsys, ckpt_and_model):
+    ckpt, _, _ = ckpt_and_model
+    base = ["bench", str(ckpt), "--prompt-tokens", "6", "--new-tokens", "2", "--repeats", "1", "--json"]
+    for decoder in ("static", "transformers"):
+        code, out, _ = run(capsys, *base, "--decoder", decoder)
+        assert code == 0
+        d = json.loads(out)
+        assert d["decoder"] == decoder and d["quantized"]["decode_tok_s"] > 0

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from ..errors import ConfigError
-from .common import add_verify_flag, emit
+from .common import add_lm_head_flag, add_verify_flag, emit
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -33,7 +33,21 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default="passive",
         help="passive (default): measure in a process with OMP_WAIT_POLICY=PASSIVE; inherit: as is",
     )
+    p.add_argument(
+        "--decoder",
+        choices=("static", "transformers"),
+        default="static",
+        help="the checkpoint's decode loop: static (default; requant.decode) or the model's forward with "
+        "transformers' DynamicCache; the fp32 baseline always runs the latter",
+    )
+    p.add_argument(
+        "--compile",
+        choices=("off", "on", "auto"),
+        default="off",
+        help="torch.compile the static decoder's step (compiled once, during the warm-up)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object, no progress bars")
+    add_lm_head_flag(p)
     add_verify_flag(p)
     return p
 
@@ -47,6 +61,9 @@ def _rerun_passive(args: argparse.Namespace) -> int:
         ("--new-tokens", args.new_tokens),
         ("--repeats", args.repeats),
         ("--threads", args.threads),
+        ("--decoder", args.decoder),
+        ("--compile", args.compile),
+        ("--lm-head", args.lm_head),
     ):
         if value is not None:
             argv += [flag, str(value)]
@@ -83,13 +100,18 @@ def run(args: argparse.Namespace) -> int:
     baseline = args.baseline or read_meta(args.checkpoint).get("metadata", {}).get("model")
     if baseline is None:
         raise ConfigError("the checkpoint does not record its source model; pass --baseline MODEL")
-    quant, _ = load(args.checkpoint, verify=args.verify)
+    quant, _ = load(args.checkpoint, verify=args.verify, lm_head=args.lm_head)
     fp32, _ = load(baseline, dtype="fp32")
     vocab = quant.get_input_embeddings().num_embeddings
     prompt = random_prompt(vocab, args.prompt_tokens)
+    runner = quant
+    if args.decoder == "static":
+        from ..decode import static_timer
+
+        runner = static_timer(quant, args.prompt_tokens + args.new_tokens, compile=args.compile)
     with bar(total=args.repeats, desc="bench", unit="round") as pbar:
         res = measure(
-            {"fp32": fp32, "quantized": quant}, prompt, args.new_tokens, args.repeats, progress=lambda _: pbar.update()
+            {"fp32": fp32, "quantized": runner}, prompt, args.new_tokens, args.repeats, progress=lambda _: pbar.update()
         )
     q, f = res["quantized"], res["fp32"]
     obj = {
@@ -100,6 +122,9 @@ def run(args: argparse.Namespace) -> int:
         "repeats": args.repeats,
         "threads": torch.get_num_threads(),
         "kernels": kernels.status(),
+        "decoder": args.decoder,
+        "compiled": bool(getattr(getattr(runner, "decoder", None), "compiled", False)),
+        "lm_head": args.lm_head,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "load_average_1min": os.getloadavg()[0],
         "prefill_speedup": q.prefill / f.prefill,
@@ -110,7 +135,9 @@ def run(args: argparse.Namespace) -> int:
     text = "\n".join(
         [
             f"batch 1, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, "
-            f"{torch.get_num_threads()} threads, median of {args.repeats} alternating runs; kernels: {obj['kernels']}",
+            f"{torch.get_num_threads()} threads, median of {args.repeats} alternating runs; kernels: {obj['kernels']}; "
+            f"checkpoint: {args.decoder} decoder{' (compiled)' if obj['compiled'] else ''}, lm_head {args.lm_head}; "
+            "fp32: the model's forward + DynamicCache",
             "| model | prefill tok/s | decode tok/s |",
             "|---|---|---|",
             f"| fp32 | {f.prefill:.1f} | {f.decode:.2f} |",

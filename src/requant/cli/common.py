@@ -122,6 +122,17 @@ def emit(args: argparse.Namespace, obj: dict[str, Any], text: str) -> None:
     print(json.dumps(obj, indent=2) if args.json else text)
 
 
+def add_lm_head_flag(p: argparse.ArgumentParser) -> None:
+    """--lm-head: how the output projection (and the embeddings) are served (format.serving)."""
+    p.add_argument(
+        "--lm-head",
+        choices=("auto", "16bit", "int8", "fp32"),
+        default="auto",
+        help="output projection and embeddings: auto (default; a checkpoint's stored 16 bits, fp32 compute), 16bit, "
+        "int8 (output projection only, per-row scales: lossy, opt-in) or fp32",
+    )
+
+
 def add_verify_flag(p: argparse.ArgumentParser) -> None:
     """--no-verify: load a checkpoint without checking its files' recorded sha256s."""
     p.add_argument(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import ConfigError
-from .common import add_verify_flag, emit
+from .common import add_lm_head_flag, add_verify_flag, emit
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -32,6 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     e.add_argument("--kl-to", default=None, help="reference model for KL ('source' = the checkpoint's model)")
     e.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     e.add_argument("--json", action="store_true", help="print one JSON object, no progress bars")
+    add_lm_head_flag(e)
     add_verify_flag(e)
     return e
 
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         check_task_path(args.task_path)
     if names:
         check_seqlen(args.model, args.seqlen)
-    model, tok = load(args.model, device=args.device, verify=args.verify)
+    model, tok = load(args.model, device=args.device, verify=args.verify, lm_head=args.lm_head)
     reference = None
     if args.kl_to is not None:
         ref_spec = args.kl_to

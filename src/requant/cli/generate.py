@@ -7,7 +7,7 @@ import math
 import time
 
 from ..errors import ConfigError
-from .common import add_verify_flag, emit
+from .common import add_lm_head_flag, add_verify_flag, emit
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -22,7 +22,21 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument(
+        "--decoder",
+        choices=("static", "transformers"),
+        default="static",
+        help="greedy decode loop on CPU: static (default; static KV cache, requant.decode) or transformers' generate "
+        "(sampling always uses transformers)",
+    )
+    p.add_argument(
+        "--compile",
+        choices=("off", "on", "auto"),
+        default="off",
+        help="torch.compile the static decoder's step (needs a C++ compiler; a one-off compile of a minute or more)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_lm_head_flag(p)
     add_verify_flag(p)
     return p
 
@@ -43,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from .. import load
 
     check_sampling(args.max_new_tokens, args.temperature, args.top_p)
-    model, tok = load(args.checkpoint, device=args.device, verify=args.verify)
+    model, tok = load(args.checkpoint, device=args.device, verify=args.verify, lm_head=args.lm_head)
     if args.chat:
         if not getattr(tok, "chat_template", None):
             raise ConfigError(
@@ -64,15 +78,26 @@ def run(args: argparse.Namespace) -> int:
     kwargs = (
         {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if sample else {"do_sample": False}
     )
+    from ..decode import plain_greedy
+
+    # the static decoder is a plain argmax: a model whose generation config adds penalties goes through generate
+    static = not sample and args.decoder == "static" and str(args.device) == "cpu"
+    static = static and plain_greedy(model.generation_config)
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=args.max_new_tokens,
-            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-            **kwargs,
-        )
+    if static:
+        from ..decode import greedy_generate
+
+        eos = model.generation_config.eos_token_id if model.generation_config is not None else tok.eos_token_id
+        out = greedy_generate(model, ids, args.max_new_tokens, eos_token_id=eos, compile=args.compile)
+    else:
+        with torch.inference_mode():
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=args.max_new_tokens,
+                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+                **kwargs,
+            )
     wall = time.perf_counter() - t0
     new = out[0, ids.shape[1] :]
     text = tok.decode(new, skip_special_tokens=True)
@@ -82,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         "new_tokens": int(new.numel()),
         "prompt_tokens": int(ids.shape[1]),
         "wall_s": wall,
+        "decoder": "static" if static else "transformers",
     }
     emit(args, obj, text)
     return 0

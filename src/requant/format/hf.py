@@ -38,8 +38,21 @@ from .checkpoint import QUANT_METHOD, check_files, check_quantization_config
 from .files import DIGESTS_KEY, TABLE_KEY, table_digest, tensor_digest, verify_files
 from .layout import FORMAT_VERSION, LayerLayout, check_values
 from .qlinear import QuantLinear, install
+from .serving import keep_stored_dtype
 
 _VERIFY: contextvars.ContextVar[bool] = contextvars.ContextVar("requant_verify", default=True)
+# the 16-bit dtype the embeddings / output projection are loaded in (format.serving), None: the model's dtype
+_DENSE_DTYPE: contextvars.ContextVar[torch.dtype | None] = contextvars.ContextVar("requant_dense", default=None)
+
+
+@contextlib.contextmanager
+def dense_dtype(dtype: torch.dtype | None) -> Iterator[None]:
+    """Load the embeddings and output projection in `dtype` (their stored 16 bits) for loads inside the block."""
+    token = _DENSE_DTYPE.set(dtype)
+    try:
+        yield
+    finally:
+        _DENSE_DTYPE.reset(token)
 
 
 @contextlib.contextmanager
@@ -100,6 +113,8 @@ class RequantHfQuantizer(HfQuantizer):
         install(model, self.layouts, "config.json quantization_config")
         if files:
             _check_dense_present(model, stored, set(self.layouts), files[0].parent)
+        if _DENSE_DTYPE.get() is not None:
+            keep_stored_dtype(model, _DENSE_DTYPE.get())
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         for name, layout in self.layouts.items():

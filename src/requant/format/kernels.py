@@ -16,7 +16,7 @@ import torch
 from .. import native
 
 SOURCE = Path(__file__).parent / "csrc" / "qgemm.c"
-ABI_VERSION = 3
+ABI_VERSION = 4
 GEMM_MAX_M = 64  # RQ_MAX_M in qgemm.c: more input rows than this go through dequantize + BLAS
 
 
@@ -138,6 +138,27 @@ def describe(
         counts = rowptr[1:].long() - rowptr[:-1].long()
         d.keep = torch.repeat_interleave(torch.arange(out, dtype=torch.int32), counts)
         d.row = d.keep.data_ptr()
+    return d
+
+
+DENSE_MODES = {torch.float16: 2, torch.bfloat16: 3, torch.int8: 4}  # mode of a plain dense matrix, by dtype
+
+
+def describe_dense(weight: torch.Tensor, scale: torch.Tensor | None = None) -> LayerDesc:
+    """A kernel descriptor over a plain (out, in) fp16 / bf16 matrix, or int8 with fp32 per-row `scale`
+    (ŵ = q · scale[r]); the kernels widen it to fp32 in registers. The caller keeps the tensors alive."""
+    assert weight.dim() == 2 and weight.is_contiguous() and weight.dtype in DENSE_MODES
+    assert (scale is not None) == (weight.dtype == torch.int8)
+    d = LayerDesc()
+    d.q, d.out, d.inp = weight.data_ptr(), weight.shape[0], weight.shape[1]
+    d.row_bytes, d.bits, d.mode = (
+        weight.shape[1] * weight.element_size(),
+        8 * weight.element_size(),
+        DENSE_MODES[weight.dtype],
+    )
+    if scale is not None:
+        assert scale.dtype == torch.float32 and scale.is_contiguous() and scale.shape == (weight.shape[0],)
+        d.scale, d.group, d.ngroups = scale.data_ptr(), weight.shape[1], 1
     return d
 
 

@@ -24,8 +24,9 @@ from .checkpoint import (
     requant_entry,
     tensor_files,
 )
-from .hf import register, verification
+from .hf import dense_dtype, register, verification
 from .qlinear import QuantLinear
+from .serving import SIXTEEN_BIT, serve_dense
 
 
 def load_quantized(
@@ -34,16 +35,21 @@ def load_quantized(
     device: str = "cpu",
     verify: bool = True,
     dtype: torch.dtype = torch.float32,
+    lm_head: str = "auto",
 ) -> tuple[nn.Module, object]:
     """A working transformers model whose quantized layers are QuantLinear modules, and its tokenizer.
 
     v2 loads through transformers' own `from_pretrained` (requant's quantizer, format.hf); v1/v0 are converted.
-    `verify` checks every tensor's recorded sha256 (v2)."""
+    `verify` checks every tensor's recorded sha256 (v2). `lm_head` (format.serving): "auto" serves the
+    embeddings and output projection from the 16 bits the checkpoint stores, "int8" the output projection in
+    int8, "fp32" keeps the upcast copies."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {str(path)!r} is not a directory")
     if v1.is_v1_checkpoint(path):
-        return v1.load_v1(path, device=device)
+        model, tokenizer = v1.load_v1(path, device=device)
+        serve_dense(model, lm_head)
+        return model, tokenizer
     from transformers import AutoModelForCausalLM
 
     from ..progress import quiet_transformers
@@ -52,7 +58,10 @@ def load_quantized(
     qc = requant_entry(path)
     check_quantization_config(str(path / CONFIG_FILE), qc)
     tensor_files(path)  # safetensors only: a directory with just pytorch_model.bin is refused here
-    with quiet_transformers(), verification(verify):
+    stored = getattr(torch, str(qc.get("dense_dtype", "")), None)
+    stored = stored if isinstance(stored, torch.dtype) and stored in SIXTEEN_BIT and dtype == torch.float32 else None
+    serve = stored if lm_head != "fp32" else None  # loaded straight into 16-bit parameters: no fp32 copy
+    with quiet_transformers(), verification(verify), dense_dtype(serve):
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 path, dtype=dtype, device_map={"": device}, local_files_only=True
@@ -61,6 +70,7 @@ def load_quantized(
             raise CheckpointError(f"cannot load checkpoint {str(path)!r}: {str(e).splitlines()[0]}") from None
         tokenizer = _tokenizer(path)
     model.eval()
+    serve_dense(model, lm_head, stored_dtype=stored, compute_dtype=dtype)
     return model, tokenizer
 
 

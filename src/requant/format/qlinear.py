@@ -41,7 +41,7 @@ from torch import nn
 from ..errors import CheckpointError
 from ..model import LayerInfo, is_transposed_linear, set_module, unit_ref, use_eager_experts
 from ..results import QuantizedLayer
-from . import kernels
+from . import kernels, ops
 from .kinds import Runner
 from .layout import LayerLayout, decode_layer, encode_layer
 from .names import COL, LUT, QWEIGHT, ROWPTR, SCALE, VALUE, ZERO
@@ -150,6 +150,12 @@ class QuantLinear(nn.Module):
         return super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return ops.packed_linear(self, x)  # an opaque custom op in a compiled graph, same result
+        return self.forward_eager(x)
+
+    def forward_eager(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward pass outside torch.compile: reference or fast path (see the module docstring)."""
         if (
             self.mode == "reference"
             or not x.is_cpu

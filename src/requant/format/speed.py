@@ -40,11 +40,15 @@ class SpeedResult:
         }
 
 
+Timer = Callable[[torch.Tensor, int], tuple[float, float]]  # (prompt, new tokens) -> (prefill s, decode s)
+
+
 @torch.inference_mode()
 def time_generation(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
-    """(prefill seconds for the prompt (1, P), decode seconds for `new_tokens` greedy tokens)."""
+    """(prefill seconds for the prompt (1, P), decode seconds for `new_tokens` greedy tokens) through the model's
+    own forward and DynamicCache, as transformers' generate runs it (logits of the last position only)."""
     t0 = time.perf_counter()
-    out = model(prompt, use_cache=True)
+    out = model(prompt, use_cache=True, logits_to_keep=1)
     t1 = time.perf_counter()
     cache = out.cache
     nxt = out.logits[:, -1:].argmax(-1)
@@ -57,22 +61,26 @@ def time_generation(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> 
 
 
 def measure(
-    models: dict[str, nn.Module],
+    models: dict[str, nn.Module | Timer],
     prompt: torch.Tensor,
     new_tokens: int,
     repeats: int,
     *,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, SpeedResult]:
-    """Prefill and decode tokens/s of every model, alternating models within each repeat."""
+    """Prefill and decode tokens/s of every model (or timer: a decode loop of its own), alternating models within
+    each repeat."""
     names = list(models)
-    for name in names:  # warm-up: kernel build, allocator, first-call overheads
-        time_generation(models[name], prompt[:, : min(8, prompt.shape[1])], 2)
+    timers: dict[str, Timer] = {
+        n: (lambda p, k, m=m: time_generation(m, p, k)) if isinstance(m, nn.Module) else m for n, m in models.items()
+    }
+    for name in names:  # warm-up: kernel build, allocator, first-call overheads (and a compiled step's compile)
+        timers[name](prompt, 2)
     results = {n: SpeedResult() for n in names}
     for r in range(repeats):
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
-            pre, dec = time_generation(models[name], prompt, new_tokens)
+            pre, dec = timers[name](prompt, new_tokens)
             results[name].prefill_tok_s.append(prompt.shape[1] / pre)
             results[name].decode_tok_s.append(new_tokens / dec)
         if progress is not None:

@@ -3,6 +3,8 @@
  * Packed codes: each output row is a little-endian bit stream, code i at bits [i*b, i*b + b), padded to a
  * multiple of 8 codes, so every group of 8 codes fills exactly b bytes (3-bit: 8 codes in 3 bytes).
  * Dense decode: LUT mode  w = lut[r][code];  affine mode  w = ((float)code - zero) * scale  per group.
+ * Plain dense rows (an output projection served as stored): mode 2 fp16, mode 3 bf16 (exact widening to fp32),
+ * mode 4 int8 with one fp32 scale per row (w = q * scale[r]); `q` then points at the (out, in) matrix.
  * Sparse residual: CSR (row pointers, column indices, fp32 values), added to the row.
  *
  * rq_dequantize writes the fp32 weight with exactly the operations of the PyTorch reference (bit-exact).
@@ -40,7 +42,7 @@
 typedef struct {
     const uint8_t *q; /* (out, row_bytes) packed codes */
     int64_t out, in, row_bytes;
-    int32_t bits, mode; /* mode 0: LUT, 1: affine */
+    int32_t bits, mode; /* mode 0: LUT, 1: affine, 2: fp16, 3: bf16, 4: int8 x row scale */
     const float *lut;   /* (out, 2^bits) */
     const float *scale; /* (out, ngroups) */
     const float *zero;  /* (out, ngroups) or NULL: zero_const */
@@ -52,7 +54,7 @@ typedef struct {
     const float *bias; /* (out) or NULL */
 } rq_layer;
 
-int rq_abi_version(void) { return 3; }
+int rq_abi_version(void) { return 4; }
 
 const char *rq_isa(void) {
 #if defined(RQ_AVX512)
@@ -245,7 +247,7 @@ static inline __m512 lut16(const float *lut, int bits) {
 }
 
 static inline int fast512(const rq_layer *d) {
-    return d->bits <= 4 && (d->mode == 0 || d->ngroups == 1 || d->group % 16 == 0);
+    return d->mode <= 1 && d->bits <= 4 && (d->mode == 0 || d->ngroups == 1 || d->group % 16 == 0);
 }
 
 /* Values of 16 weights (columns c .. c+15 of row r) from their codes (dword lanes). */
@@ -270,9 +272,74 @@ static inline __m256i codes8_avx2(const uint8_t *p, int bits) {
 }
 #endif
 
+
+/* ------------------------------------------------------------------------------------------------------
+ * Plain dense rows (modes 2-4) */
+
+static inline float half_to_float(uint16_t h) {
+    /* IEEE binary16 -> binary32, exact (subnormals, inf and NaN included) */
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+    uint32_t bits;
+    if (e == 0) {
+        if (m == 0) {
+            bits = sign;
+        } else { /* subnormal: normalise */
+            int k = 0;
+            uint32_t mm = m;
+            while (!(mm & 0x400u)) { mm <<= 1; k++; }
+            bits = sign | (uint32_t)(113 - k) << 23 | (mm & 0x3ffu) << 13;
+        }
+    } else if (e == 31) {
+        bits = sign | 0x7f800000u | m << 13;
+    } else {
+        bits = sign | (e + 112) << 23 | m << 13;
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline float bf16_to_float(uint16_t h) {
+    const uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline int is_dense_mode(const rq_layer *d) { return d->mode >= 2; }
+
+/* Columns [c0, c0 + n) of a plain dense row as fp32 (exactly the stored values; int8: q * scale[r]); columns
+ * at or past `in` are written as 0. */
+static void decode_dense(const rq_layer *d, int64_t r, int64_t c0, int64_t n, float *buf) {
+    const int64_t in = d->in;
+    int64_t valid = in - c0 < n ? in - c0 : n;
+    if (valid < 0) valid = 0;
+    int64_t j = 0;
+    if (d->mode == 4) {
+        const int8_t *row = (const int8_t *)(d->q + r * d->row_bytes) + c0;
+        const float s = d->scale[r];
+        for (; j < valid; j++) buf[j] = (float)row[j] * s;
+    } else {
+        const uint16_t *row = (const uint16_t *)(d->q + r * d->row_bytes) + c0;
+#if defined(RQ_AVX2) && defined(__F16C__)
+        if (d->mode == 2)
+            for (; j + 8 <= valid; j += 8) _mm256_storeu_ps(buf + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + j))));
+#endif
+        if (d->mode == 2)
+            for (; j < valid; j++) buf[j] = half_to_float(row[j]);
+        else
+            for (; j < valid; j++) buf[j] = bf16_to_float(row[j]);
+    }
+    for (; j < n; j++) buf[j] = 0.0f;
+}
+
 /* Decode columns [c0, c0 + n) of row r into buf; n a multiple of 64 (ISA paths may write up to there),
  * columns past `in` hold arbitrary finite values. */
 static void decode_block(const rq_layer *d, int64_t r, int64_t c0, int64_t n, float *buf) {
+    if (is_dense_mode(d)) {
+        decode_dense(d, r, c0, n, buf);
+        return;
+    }
     const uint8_t *row = d->q + r * d->row_bytes;
     const int bits = d->bits;
     const uint32_t mask = (1u << bits) - 1u;
@@ -449,6 +516,153 @@ static float row_dot1(const rq_layer *d, int64_t r, const float *x) {
 }
 #endif
 
+
+#ifdef RQ_AVX2
+/* AVX2, one input row: each chunk of 8 codes is decoded in registers (one 4-byte load, a variable shift, and
+ * for LUT rows one vpermps: the permute reads only the low 3 bits of each lane, so 2- and 3-bit codes need no
+ * mask) and multiplied into one of 4 accumulators; no decode buffer. The 4-byte load reads up to 2 bytes past
+ * the chunk: inside the matrix for every row but the last, whose final chunk is loaded bytewise.
+ * bits and mode are compile-time constants at every call site (specialised copies). */
+static inline __attribute__((always_inline)) __m256 values8_avx2(const rq_layer *d, int64_t r, int64_t c, uint32_t u,
+                                                                 __m256 lo, __m256 hi, const int bits,
+                                                                 const int mode) {
+    const __m256i shifts = bits == 2   ? _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)
+                           : bits == 3 ? _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21)
+                                       : _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+    const __m256i idx = _mm256_srlv_epi32(_mm256_set1_epi32((int)u), shifts);
+    if (mode == 0) {
+        /* 2-bit: the 4-entry LUT sits in both 128-bit lanes and the in-lane vpermilps reads exactly 2 index bits */
+        if (bits == 2) return _mm256_permutevar_ps(lo, idx);
+        __m256 w = _mm256_permutevar8x32_ps(lo, idx);
+        if (bits == 4)
+            w = _mm256_blendv_ps(w, _mm256_permutevar8x32_ps(hi, idx), _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+        return w;
+    }
+    int64_t g = d->ngroups == 1 ? 0 : c / d->group;
+    if (g >= d->ngroups) g = d->ngroups - 1;
+    const float z = d->zero ? d->zero[r * d->ngroups + g] : d->zero_const;
+    const __m256 codes = _mm256_cvtepi32_ps(_mm256_and_si256(idx, _mm256_set1_epi32((1 << bits) - 1)));
+    /* (code - zero) * scale: the reference's two roundings, so each weight equals the reference's */
+    return _mm256_mul_ps(_mm256_sub_ps(codes, _mm256_set1_ps(z)), _mm256_set1_ps(d->scale[r * d->ngroups + g]));
+}
+
+static inline __attribute__((always_inline)) float row_dot1_avx2_impl(const rq_layer *d, int64_t r, const float *x,
+                                                                       const int bits, const int mode) {
+    const uint8_t *row = d->q + r * d->row_bytes;
+    const int64_t in = d->in, nchunks = (in + 7) / 8, full = in / 8;
+    /* chunks whose 4-byte load stays inside the matrix */
+    const int64_t safe = r + 1 < d->out ? nchunks : d->row_bytes >= 4 ? (d->row_bytes - 4) / bits + 1 : 0;
+    __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+    if (mode == 0) {
+        const float *lut = d->lut + (r << bits);
+        if (bits == 2) lo = _mm256_castsi256_ps(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)lut)));
+        else lo = _mm256_loadu_ps(lut);
+        if (bits == 4) hi = _mm256_loadu_ps(lut + 8);
+    }
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps(),
+           acc3 = _mm256_setzero_ps();
+    const int64_t main_end = (full < safe ? full : safe) / 4 * 4;
+    int64_t j = 0;
+    for (; j < main_end; j += 4) {
+        uint32_t u0, u1, u2, u3;
+        memcpy(&u0, row + (j + 0) * bits, 4);
+        memcpy(&u1, row + (j + 1) * bits, 4);
+        memcpy(&u2, row + (j + 2) * bits, 4);
+        memcpy(&u3, row + (j + 3) * bits, 4);
+        acc0 = _mm256_fmadd_ps(values8_avx2(d, r, 8 * j, u0, lo, hi, bits, mode), _mm256_loadu_ps(x + 8 * j), acc0);
+        acc1 = _mm256_fmadd_ps(values8_avx2(d, r, 8 * j + 8, u1, lo, hi, bits, mode), _mm256_loadu_ps(x + 8 * j + 8), acc1);
+        acc2 = _mm256_fmadd_ps(values8_avx2(d, r, 8 * j + 16, u2, lo, hi, bits, mode), _mm256_loadu_ps(x + 8 * j + 16), acc2);
+        acc3 = _mm256_fmadd_ps(values8_avx2(d, r, 8 * j + 24, u3, lo, hi, bits, mode), _mm256_loadu_ps(x + 8 * j + 24), acc3);
+    }
+    for (; j < nchunks; j++) {
+        uint32_t u;
+        if (j < safe) memcpy(&u, row + j * bits, 4);
+        else u = load_chunk(row + j * bits, bits);
+        const __m256 w = values8_avx2(d, r, 8 * j, u, lo, hi, bits, mode);
+        if (j < full) {
+            acc0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + 8 * j), acc0);
+        } else { /* the last, partial chunk: inputs past `in` are neither read nor counted */
+            const int left = (int)(in - 8 * j);
+            const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(left), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+            acc1 = _mm256_fmadd_ps(w, _mm256_maskload_ps(x + 8 * j, m), acc1);
+        }
+    }
+    __m256 t = _mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3));
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+    return _mm_cvtss_f32(h);
+}
+
+static inline int fast256(const rq_layer *d) {
+    return d->mode <= 1 && d->bits >= 2 && d->bits <= 4 && (d->mode == 0 || d->ngroups == 1 || d->group % 8 == 0);
+}
+
+static float row_dot1_avx2(const rq_layer *d, int64_t r, const float *x) {
+    if (d->mode == 0) {
+        switch (d->bits) {
+        case 2: return row_dot1_avx2_impl(d, r, x, 2, 0);
+        case 3: return row_dot1_avx2_impl(d, r, x, 3, 0);
+        default: return row_dot1_avx2_impl(d, r, x, 4, 0);
+        }
+    }
+    switch (d->bits) {
+    case 2: return row_dot1_avx2_impl(d, r, x, 2, 1);
+    case 3: return row_dot1_avx2_impl(d, r, x, 3, 1);
+    default: return row_dot1_avx2_impl(d, r, x, 4, 1);
+    }
+}
+#endif
+
+/* A plain dense row (modes 2-4) dotted with one input row, widening in registers. */
+static float row_dot_dense(const rq_layer *d, int64_t r, const float *x) {
+    const int64_t in = d->in;
+    int64_t c = 0;
+    float s = 0.0f;
+#if defined(RQ_AVX2) && defined(__F16C__)
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    if (d->mode == 4) {
+        const int8_t *row = (const int8_t *)(d->q + r * d->row_bytes);
+#define I8(o) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(row + c + (o)))))
+        for (; c + 32 <= in; c += 32) {
+            a0 = _mm256_fmadd_ps(I8(0), _mm256_loadu_ps(x + c), a0);
+            a1 = _mm256_fmadd_ps(I8(8), _mm256_loadu_ps(x + c + 8), a1);
+            a2 = _mm256_fmadd_ps(I8(16), _mm256_loadu_ps(x + c + 16), a2);
+            a3 = _mm256_fmadd_ps(I8(24), _mm256_loadu_ps(x + c + 24), a3);
+        }
+        for (; c + 8 <= in; c += 8) a0 = _mm256_fmadd_ps(I8(0), _mm256_loadu_ps(x + c), a0);
+#undef I8
+    } else {
+        const uint16_t *row = (const uint16_t *)(d->q + r * d->row_bytes);
+#define W16(o)                                                                                                 \
+    (d->mode == 2 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + c + (o))))                         \
+                  : _mm256_castsi256_ps(_mm256_slli_epi32(                                                      \
+                        _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(row + c + (o)))), 16)))
+        for (; c + 32 <= in; c += 32) {
+            a0 = _mm256_fmadd_ps(W16(0), _mm256_loadu_ps(x + c), a0);
+            a1 = _mm256_fmadd_ps(W16(8), _mm256_loadu_ps(x + c + 8), a1);
+            a2 = _mm256_fmadd_ps(W16(16), _mm256_loadu_ps(x + c + 16), a2);
+            a3 = _mm256_fmadd_ps(W16(24), _mm256_loadu_ps(x + c + 24), a3);
+        }
+        for (; c + 8 <= in; c += 8) a0 = _mm256_fmadd_ps(W16(0), _mm256_loadu_ps(x + c), a0);
+#undef W16
+    }
+    __m256 t = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+    s = _mm_cvtss_f32(h);
+#endif
+    if (d->mode == 4) {
+        const int8_t *row = (const int8_t *)(d->q + r * d->row_bytes);
+        for (; c < in; c++) s += (float)row[c] * x[c];
+        return s * d->scale[r];
+    }
+    const uint16_t *row = (const uint16_t *)(d->q + r * d->row_bytes);
+    for (; c < in; c++) s += (d->mode == 2 ? half_to_float(row[c]) : bf16_to_float(row[c])) * x[c];
+    return s;
+}
+
 /* ------------------------------------------------------------------------------------------------------
  * Tasks and entry points */
 
@@ -499,9 +713,17 @@ static void gemm_task(const void *arg, int64_t chunk) {
         prefetch_row(d, r + RQ_PREFETCH_ROWS);
         if (m == 1) {
             float v;
+            if (is_dense_mode(d))
+                v = row_dot_dense(d, r, g->x);
+            else
 #ifdef RQ_AVX512
             if (fast512(d))
                 v = row_dot1(d, r, g->x);
+            else
+#endif
+#ifdef RQ_AVX2
+            if (fast256(d))
+                v = row_dot1_avx2(d, r, g->x);
             else
 #endif
                 v = dot_row(d, r, g->x, buf);
@@ -539,15 +761,17 @@ static void gemm_task(const void *arg, int64_t chunk) {
     }
 }
 
-/* Calls with less work than this run on the calling thread alone. A decode call on a small model takes
- * 10-100 us; there the helper's wake-up and, on a busy machine, a helper preempted in the middle of its
- * chunk cost more than they save (measured on R, 2 cores shared with other jobs: 47 ms/token serial,
- * 59 ms/token with the pool). From about 1 ms of work up, splitting pays. */
+/* Calls with less work than this run on the calling thread alone: below it a helper's wake-up (and, on a busy
+ * machine, a helper preempted in the middle of its chunk) costs more than it saves. Multi-row calls keep the
+ * old threshold (about 1 ms of work). A batch-1 decode call reads its whole layer once per token: from about
+ * 256K weights (R's 576 x 576 layers and up: 40-150 us each at one thread) splitting pays, and since the caller
+ * claims chunks too and never waits for a helper that has not started, a late helper costs nothing. */
 #define RQ_PARALLEL_MIN_WORK (1 << 22)
+#define RQ_PARALLEL_MIN_WORK_DECODE (1 << 18)
 
 static int64_t rows_per_chunk(const rq_layer *d, int64_t m) {
     const int64_t work = d->in * (m < 4 ? m : 4);
-    if (work * d->out < RQ_PARALLEL_MIN_WORK) return d->out; /* one chunk: serial */
+    if (work * d->out < (m == 1 ? RQ_PARALLEL_MIN_WORK_DECODE : RQ_PARALLEL_MIN_WORK)) return d->out; /* serial */
     /* about 64K multiply-adds per chunk: small enough to balance, large enough to amortise a claim */
     const int64_t rows = (65536 + work - 1) / work;
     return rows < 1 ? 1 : rows;
