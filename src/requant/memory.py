@@ -80,8 +80,7 @@ def _libc() -> ctypes.CDLL | None:
         return None
     try:
         libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # only glibc has it  # noqa: B018
-        libc.mallopt
+        libc.gnu_get_libc_version, libc.mallopt, libc.malloc_trim  # noqa: B018  (only glibc has all three)
     except (OSError, AttributeError):
         return None
     return libc
