@@ -131,9 +131,9 @@ def estimate_cost(
     if accel:  # the sums live on the device; the masters, reconstruction and scores on the host
         device_copies = 1 if (fisher_windows or pqi_passes) else 0
         host_copies = max(host_copies - device_copies, 1)
-    # One-byte boolean masks: the pipeline's skip, outliers and their union, and in the detach the chosen entries,
-    # the step's exclusions and its picks.
-    sparse_masks = (6 if detach else 3) * q if config.outliers > 0 or config.significant > 0 else 0
+    # One-byte boolean masks: the pipeline's skip, outliers and their union, and in the detach the chosen entries
+    # (a step's exclusions are built per layer and its picks are index lists).
+    sparse_masks = (4 if detach else 3) * q if config.outliers > 0 or config.significant > 0 else 0
     codes = q  # the dense codes (one byte per weight for ≤ 8 bits)
     grad_work = 4 * q * (host_copies + device_copies) + sparse_masks + codes
     block_floats = 10 * info["hidden"] + 4 * info["intermediate"]
