@@ -46,16 +46,16 @@ def test_tune_allocator_reports_where_applied():
     memory.release_free_memory()  # never fails, also where it is a no-op
 
 
-def test_cli_and_quantize_tune_the_allocator(monkeypatch):
+def test_quantize_and_sensitivity_tune_the_allocator(monkeypatch, tmp_path):
     from requant import cli, pipeline
 
     calls = []
-    monkeypatch.setattr(cli, "tune_allocator", lambda: calls.append("cli"))
+    monkeypatch.setattr(memory, "tune_allocator", lambda: calls.append("cli"))  # the commands import it late
     monkeypatch.setattr(pipeline, "tune_allocator", lambda: calls.append("pipeline"))
-    with pytest.raises(SystemExit):
-        cli.main(["--version-that-does-not-exist"])
-    assert calls == ["cli"]
+    assert cli.main(["quantize", "-o", str(tmp_path / "q"), "--nsamples", "0"]) == 2  # fails after tuning
+    assert cli.main(["sensitivity", "--report", "layers", "--batch-size", "0"]) == 2
+    assert calls == ["cli", "cli"]
     monkeypatch.setattr(pipeline, "start_run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stop")))
     with pytest.raises(RuntimeError, match="stop"):
         pipeline.quantize(None, None, None)  # type: ignore[arg-type]
-    assert calls == ["cli", "pipeline"]
+    assert calls == ["cli", "cli", "pipeline"]

@@ -13,7 +13,6 @@ from collections.abc import Sequence
 
 from .. import distributed
 from ..errors import RequantError
-from ..memory import tune_allocator
 from ..progress import quiet_transformers, set_quiet
 
 # Each module defines add_parser(subparsers) and run(args) -> int.
@@ -31,7 +30,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    tune_allocator()  # before the model is loaded: large blocks are mapped and freed back (requant.memory)
     args = build_parser().parse_args(argv)
     set_quiet(bool(getattr(args, "json", False)))
     try:
