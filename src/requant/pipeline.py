@@ -766,10 +766,10 @@ def assemble(
 ) -> QuantizationResult:
     """ŵ = D + outliers + significant, stored as one fp16 residual per layer, written into the model; the result
     with its report."""
-    sparse_all = _union(exclude, significant)
     layers = {}
     for n, info in run.layers.items():
-        d, m = dense[n], sparse_all[n]
+        d = dense[n]
+        m = exclude[n] | significant[n] if significant else exclude[n]  # one layer's union, not a model-wide mask
         if m.any():
             sp = SparseResidual.restore(run.weights[n], d.dequantize(), m)
         else:
