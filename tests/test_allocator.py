@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -26,7 +27,8 @@ print(json.dumps({"returned": before - memory.anon_rss(), "tuned_again": memory.
 
 
 def _probe(mode: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout)
 
 
@@ -41,7 +43,8 @@ def test_tuned_allocator_returns_freed_tensors():
     assert tuned["tuned_again"] is True  # idempotent
 
 
-def test_tune_allocator_reports_where_applied():
+def test_tune_allocator_reports_where_applied(monkeypatch):
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     assert memory.tune_allocator() is (memory._libc() is not None)
     memory.release_free_memory()  # never fails, also where it is a no-op
 

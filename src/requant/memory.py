@@ -3,12 +3,14 @@
 Resident memory (RSS) counts the pages of memory-mapped weight files (requant.offload) that happen to be
 cached; the kernel can drop those under pressure. The anonymous part (RssAnon: tensors, activations) is what
 the process cannot give back, so it is what bounds the model size a machine can run. Linux /proc only;
-elsewhere the values fall back to getrusage's peak RSS, or 0.
+elsewhere the values fall back to getrusage's peak RSS, or 0. `tune_allocator` makes glibc return freed large
+tensors to the system (the quantize and sensitivity commands call it).
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import resource
 import sys
 import threading
@@ -97,10 +99,10 @@ def tune_allocator() -> bool:
     the first layer-sized tensor is freed every later one comes from the heap, whose freed holes the process
     keeps: the resident memory then stays at the largest set of tensors ever alive at once, plus
     fragmentation. With the threshold pinned, every tensor of a megabyte or more is its own mapping and its
-    memory goes back to the system when it is freed."""
+    memory goes back to the system when it is freed. A threshold the user set (MALLOC_MMAP_THRESHOLD_) is kept."""
     global _tuned
     if _tuned is None:
-        libc = _libc()
+        libc = None if "MALLOC_MMAP_THRESHOLD_" in os.environ else _libc()
         _tuned = bool(
             libc is not None
             and libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
