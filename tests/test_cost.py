@@ -43,8 +43,8 @@ def test_estimate_cost_counts_passes_flops_and_memory():
     assert two["per_rank_passes"] == {"fwd_bwd": 11 + 2 * 8 * 4, "fwd": 0}
     assert two["flops"]["total"] == one["flops"]["total"] and two["flops"]["per_rank"] < one["flops"]["total"] / 2
     mem = one["memory_bytes_per_rank"]
-    # The detach holds w, the reconstruction and the node's sums (fp32), 6 boolean masks and the codes (1 byte).
-    assert mem["weights"] == 4000 and mem["gradient_work"] == 4 * 800 * 3 + 6 * 800 + 800
+    # The detach holds w, the reconstruction and the node's sums (fp32), 4 boolean masks and the codes (1 byte).
+    assert mem["weights"] == 4000 and mem["gradient_work"] == 4 * 800 * 3 + 4 * 800 + 800
     assert mem["input_statistics"] == 0 and mem["device_peak"] == 0
     assert mem["peak"] == mem["runtime"] + mem["weights"] + mem["gradient_work"] + mem["activations"]
     fisher_only = estimate_cost(QuantConfig(), _info())["memory_bytes_per_rank"]
@@ -61,7 +61,7 @@ def test_estimate_cost_with_offload():
     m, p = off["memory_bytes_per_rank"], plain["memory_bytes_per_rank"]
     assert m["weights"] == 0 and m["file_backed_weights"] == p["weights"] == 4000
     # masters, sums and the reconstruction are memory-mapped: only the masks and codes stay in the process
-    assert m["activations"] < p["activations"] and m["gradient_work"] == 6 * 800 + 800
+    assert m["activations"] < p["activations"] and m["gradient_work"] == 4 * 800 + 800
     assert m["peak"] == m["runtime"] + m["gradient_work"] + m["activations"]
 
 
@@ -71,7 +71,7 @@ def test_estimate_cost_on_an_accelerator_splits_device_and_host():
     gpu = estimate_cost(config, _info(), device="cuda")["memory_bytes_per_rank"]
     # the device holds the model, the node's sums and the activations; the host w, the reconstruction, masks, codes
     assert gpu["device_peak"] == 4000 + 4 * 800 + gpu["activations"]
-    assert gpu["peak"] == gpu["runtime"] + 4 * 800 * 2 + 6 * 800 + 800
+    assert gpu["peak"] == gpu["runtime"] + 4 * 800 * 2 + 4 * 800 + 800
     assert gpu["device_peak"] + gpu["peak"] == cpu["peak"]
 
 

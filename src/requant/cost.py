@@ -8,7 +8,8 @@ are first-order models:
     quantized layers only (2·P_q): 4·P_lin + 2·P_q + 3·attention per token, ≈ 6·params when all are quantized;
   * memory per rank = runtime + weights + the pipeline's fp32 copies of the quantized weights and gradient
     sums + one window's activations (or input statistics for AWQ/GPTQ/QTIP, whichever is larger); every
-    rank holds the whole model. On R (SmolLM2-135M, CPU) it came within ~10% of the measured peak RSS.
+    rank holds the whole model. On R (SmolLM2-135M, CPU) it came within 8% of the measured peak anonymous
+    memory, resident and with --offload (docs/scaling.md).
   * with --offload (requant.offload) the weights are memory-mapped files: listed apart as file-backed (the
     kernel can evict them), not in the peak; a backward pass keeps only the hidden states between blocks plus
     one block's activations, and recomputes each block's forward (+ one forward per forward+backward).
@@ -131,16 +132,18 @@ def estimate_cost(
     if accel:  # the sums live on the device; the masters, reconstruction and scores on the host
         device_copies = 1 if (fisher_windows or pqi_passes) else 0
         host_copies = max(host_copies - device_copies, 1)
-    # One-byte boolean masks: the pipeline's skip, outliers and their union, and in the detach the chosen entries,
-    # the step's exclusions and its picks.
-    sparse_masks = (6 if detach else 3) * q if config.outliers > 0 or config.significant > 0 else 0
+    # One-byte boolean masks: the pipeline's skip, outliers and their union, and in the detach the chosen entries
+    # (a step's exclusions are built per layer and its picks are index lists).
+    sparse_masks = (4 if detach else 3) * q if config.outliers > 0 or config.significant > 0 else 0
     codes = q  # the dense codes (one byte per weight for ≤ 8 bits)
     grad_work = 4 * q * (host_copies + device_copies) + sparse_masks + codes
     block_floats = 10 * info["hidden"] + 4 * info["intermediate"]
+    # The logits in backward: the output, the saved log-softmax, the loss's gradient and the logits' gradient (4).
+    logits = 4 * info["vocab"]
     if offload:  # hidden states between blocks + one block's internals + the logits
-        act_floats = seqlen * (info["blocks"] * info["hidden"] + block_floats + 3 * info["vocab"])
+        act_floats = seqlen * (info["blocks"] * info["hidden"] + block_floats + logits)
     else:
-        act_floats = seqlen * (info["blocks"] * block_floats + 3 * info["vocab"])
+        act_floats = seqlen * (info["blocks"] * block_floats + logits)
     activations = 4 * act_floats if fwd_bwd else 4 * seqlen * (2 * info["hidden"] + 3 * info["vocab"])
     stats = 0
     if quant.uses_inputs:

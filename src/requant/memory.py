@@ -3,11 +3,14 @@
 Resident memory (RSS) counts the pages of memory-mapped weight files (requant.offload) that happen to be
 cached; the kernel can drop those under pressure. The anonymous part (RssAnon: tensors, activations) is what
 the process cannot give back, so it is what bounds the model size a machine can run. Linux /proc only;
-elsewhere the values fall back to getrusage's peak RSS, or 0.
+elsewhere the values fall back to getrusage's peak RSS, or 0. `tune_allocator` makes glibc return freed large
+tensors to the system (the quantize and sensitivity commands call it).
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
 import resource
 import sys
 import threading
@@ -64,3 +67,52 @@ class PeakAnon:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, anon_rss())
+
+
+# glibc's mallopt parameters (malloc.h); setting any of them turns off the dynamic mmap threshold.
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 1 << 20  # bytes: blocks this large get their own mapping, returned to the system when freed
+TRIM_THRESHOLD = 64 << 20  # bytes of free memory at the heap's top before glibc gives it back
+
+
+def _libc() -> ctypes.CDLL | None:
+    """This process's glibc, or None elsewhere (musl, macOS, Windows)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version, libc.mallopt, libc.malloc_trim  # noqa: B018  (only glibc has all three)
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_tuned: bool | None = None
+
+
+def tune_allocator() -> bool:
+    """Pin glibc's mmap threshold at `MMAP_THRESHOLD` bytes (and the trim threshold), once per process; True
+    where applied (glibc), False elsewhere.
+
+    glibc raises its mmap threshold to the size of the largest block freed so far (up to 32 MiB), so after
+    the first layer-sized tensor is freed every later one comes from the heap, whose freed holes the process
+    keeps: the resident memory then stays at the largest set of tensors ever alive at once, plus
+    fragmentation. With the threshold pinned, every tensor of a megabyte or more is its own mapping and its
+    memory goes back to the system when it is freed. A threshold the user set (MALLOC_MMAP_THRESHOLD_) is kept."""
+    global _tuned
+    if _tuned is None:
+        libc = None if "MALLOC_MMAP_THRESHOLD_" in os.environ else _libc()
+        _tuned = bool(
+            libc is not None
+            and libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+            and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+        )
+    return _tuned
+
+
+def release_free_memory() -> None:
+    """Give the heap's free pages back to the system (glibc's malloc_trim); a no-op elsewhere."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)

@@ -34,6 +34,7 @@ from .config import EQUAL_BITS, QuantConfig
 from .data import text_windows, window_bos
 from .errors import ConfigError, NumericalError
 from .loading import parse_dtype
+from .memory import release_free_memory, tune_allocator
 from .model import (
     LayerInfo,
     coverage,
@@ -530,6 +531,7 @@ def quantize(
     `fisher` may carry a precomputed Fisher for the same calibration settings. With `workdir`, each
     finished stage is stored there and `resume=True` continues an interrupted run bit-identically.
     """
+    tune_allocator()  # freed whole-layer tensors go back to the system (requant.memory)
     run = start_run(model, tokenizer, config, workdir, resume)
     base_sensitivity(run, fisher)
     sensitive = sensitive_values(run)
@@ -540,6 +542,7 @@ def quantize(
     with run.timings("dense_fit_s"):
         dense = dense_fit(run, exclude)
     run.fisher = None  # used up (the sensitive values were chosen before the fit): free it for PQI
+    release_free_memory()
     significant = detach_significant(run, dense, exclude)
     return assemble(run, dense, exclude, sensitive=sensitive, outliers=outliers, significant=significant)
 
@@ -763,10 +766,10 @@ def assemble(
 ) -> QuantizationResult:
     """ŵ = D + outliers + significant, stored as one fp16 residual per layer, written into the model; the result
     with its report."""
-    sparse_all = _union(exclude, significant)
     layers = {}
     for n, info in run.layers.items():
-        d, m = dense[n], sparse_all[n]
+        d = dense[n]
+        m = exclude[n] | significant[n] if significant else exclude[n]  # one layer's union, not a model-wide mask
         if m.any():
             sp = SparseResidual.restore(run.weights[n], d.dequantize(), m)
         else:

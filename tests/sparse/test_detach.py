@@ -81,3 +81,56 @@ def test_stepwise_rescoring_and_resume():
     # resuming after step 1 gives the same final choice
     again = stepwise_detach(orig, cur0, sparse, score, total=9, step=4, start=steps[0])
     assert all(torch.equal(again[n], chosen[n]) for n in orig)
+
+
+def _stepwise_reference(original, current, sparse, score_fn, total, step, *, scope, ranking):
+    """The loop as it was before it held index lists: whole-model exclude and new-entry masks each step."""
+    cur = {n: t.clone() for n, t in current.items()}
+    chosen = {n: torch.zeros(t.shape, dtype=torch.bool) for n, t in current.items()}
+    for c in step_counts(total, step):
+        keys = {n: rank_scores(sc, ranking) for n, sc in score_fn(cur).items()}
+        exclude = {n: sparse[n] | chosen[n] for n in cur}
+        new = select_top(keys, c, exclude, scope=scope)
+        for n in cur:
+            if new[n].any():
+                cur[n] = restore_entries(cur[n], original[n], new[n])
+                chosen[n] |= new[n]
+    return chosen, cur
+
+
+@pytest.mark.parametrize("scope", ["global", "module"])
+@pytest.mark.parametrize("ranking", ["abs", "positive"])
+@pytest.mark.parametrize("seed", range(3))
+def test_stepwise_detach_equals_the_mask_reference(scope, ranking, seed):
+    g = torch.Generator().manual_seed(seed)
+    orig = {"a": torch.randn(32, 40, generator=g), "b": torch.randn(9, 7, generator=g), "c": torch.randn(1, 50)}
+    cur0 = {n: (t * 2).round() / 2 for n, t in orig.items()}
+    sparse = {n: torch.rand(t.shape, generator=g) < 0.1 for n, t in orig.items()}
+
+    def score(cur):  # signed, with ties (rounded), like a PQI score
+        return {n: ((cur[n] - orig[n]) * (orig[n] + 0.3)).mul(8).round() for n in cur}
+
+    seen = []
+    got = stepwise_detach(
+        orig, cur0, sparse, score, total=150, step=40, scope=scope, ranking=ranking,
+        on_step=lambda k, ch, cur: seen.append({n: t.clone() for n, t in cur.items()}),
+    )  # fmt: skip
+    ref, ref_cur = _stepwise_reference(orig, cur0, sparse, score, 150, 40, scope=scope, ranking=ranking)
+    for n in orig:
+        assert torch.equal(got[n], ref[n])
+        assert torch.equal(seen[-1][n], ref_cur[n])  # the reconstruction, bit for bit
+        assert not (got[n] & sparse[n]).any()
+
+
+@pytest.mark.parametrize("scope", ["global", "module"])
+def test_select_top_indices_are_the_masks_entries(scope):
+    from requant.sparse.detach import select_top_indices
+
+    g = torch.Generator().manual_seed(5)
+    keys = {"a": torch.randn(20, 30, generator=g).abs().round(), "b": torch.randn(7, 3, generator=g).abs().round()}
+    exclude = {n: torch.rand(k.shape, generator=g) < 0.3 for n, k in keys.items()}
+    for count in (0, 1, 33, 400, 10_000):
+        masks = select_top(keys, count, exclude, scope=scope)
+        idx = select_top_indices(keys, count, exclude, scope=scope)
+        for n in keys:
+            assert torch.equal(idx[n], masks[n].flatten().nonzero().squeeze(1)), (n, count)

@@ -94,6 +94,9 @@ def config_from_args(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> int:
     from .. import distributed
     from ..loading import check_seqlen
+    from ..memory import tune_allocator
+
+    tune_allocator()  # before the model loads: freed layer-sized tensors go back to the system (requant.memory)
 
     config = config_from_args(args)
     check_seqlen(args.model, config.seqlen)  # before minutes of work on windows the model cannot take

@@ -67,6 +67,9 @@ def run(args: argparse.Namespace) -> int:
     from ..analysis.reports import check_report, prepare_problem, run_report
     from ..config import DTYPES
     from ..loading import check_seqlen, load_model, resolve_model_path
+    from ..memory import tune_allocator
+
+    tune_allocator()  # before the model loads: freed layer-sized tensors go back to the system (requant.memory)
 
     if args.grad_dtype not in DTYPES:  # also the dtype the model is loaded in
         raise ConfigError(f"--dtype {args.grad_dtype!r} is not allowed; use one of {', '.join(DTYPES)}")

@@ -8,12 +8,12 @@ stay fixed. The scorer is a callable, so the loop is testable without a model.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
 from ..errors import ConfigError
-from .selection import global_top_masks
+from .selection import global_top_indices, global_top_masks
 
 RANKINGS = ("abs", "positive")
 SCOPES = ("global", "module")
@@ -57,6 +57,46 @@ def select_top(
             if c:
                 out[n][torch.topk(v, c, sorted=False).indices] = True
     return {n: m.view(keys[n].shape) for n, m in out.items()}
+
+
+def select_top_indices(
+    keys: Mapping[str, torch.Tensor],
+    count: int,
+    exclude: Mapping[str, torch.Tensor],
+    *,
+    scope: str = "global",
+) -> dict[str, torch.Tensor]:
+    """Flat indices (int64, ascending) of the entries `select_top` marks: O(count) numbers, not a mask per layer."""
+    if scope not in SCOPES:
+        raise ConfigError(f"selection scope {scope!r} is not allowed; use one of {', '.join(SCOPES)}")
+    if scope == "global":
+        return global_top_indices(keys, count, exclude)
+    out = {n: torch.empty(0, dtype=torch.int64) for n in keys}
+    if count > 0:
+        total = sum(k.numel() for k in keys.values())
+        for n in keys:
+            v = keys[n].float().flatten().clone()  # one layer at a time
+            v[exclude[n].flatten()] = -torch.inf
+            c = min(round(count * v.numel() / total), int(torch.isfinite(v).sum()))
+            if c:
+                out[n] = torch.topk(v, c, sorted=False).indices.sort().values
+    return out
+
+
+class _Union(Mapping[str, torch.Tensor]):
+    """`a[n] | b[n]`, computed when asked: one layer's mask at a time instead of a whole-model copy."""
+
+    def __init__(self, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> None:
+        self.a, self.b = a, b
+
+    def __getitem__(self, n: str) -> torch.Tensor:
+        return self.a[n] | self.b[n]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.b)
+
+    def __len__(self) -> int:
+        return len(self.b)
 
 
 def restore_entries(
@@ -112,12 +152,15 @@ def stepwise_detach(
         keys = score_fn(cur)
         for n, sc in keys.items():  # in place: scores and keys never both in memory
             keys[n] = rank_scores(sc, ranking, inplace=True)
-        exclude = {n: sparse[n] | chosen[n] for n in cur}
-        new = select_top(keys, counts[k], exclude, scope=scope)
+        # Masks held: `chosen` alone; the excluded set is built per layer, the new entries are index lists.
+        new = select_top_indices(keys, counts[k], _Union(sparse, chosen), scope=scope)
+        del keys
         for n in cur:
-            if new[n].any():
-                restore_entries(cur[n], original[n], new[n], inplace=True)  # the loop's own tensor
-                chosen[n] |= new[n]
+            if new[n].numel():
+                mask = torch.zeros(chosen[n].shape, dtype=torch.bool)  # one layer's, for the fp16 rounding
+                mask.view(-1)[new[n]] = True
+                restore_entries(cur[n], original[n], mask, inplace=True)  # the loop's own tensor
+                chosen[n] |= mask
         if on_step is not None:
             on_step(k + 1, chosen, cur)
     return chosen

@@ -29,25 +29,48 @@ def running_top_values(chunks: Iterable[torch.Tensor], count: int) -> torch.Tens
     return kept
 
 
+def threshold_indices(
+    names: Sequence[str], keys_of: Callable[[str], torch.Tensor], count: int
+) -> dict[str, torch.Tensor]:
+    """Flat indices (int64, ascending) of the `count` largest finite keys over all named layers (ties at the
+    threshold taken in layer order, then index order); O(count) of them in all, not a mask per layer.
+    `keys_of(name)` gives a layer's 1-D fp32 keys (−inf: never chosen); it is called twice per layer and may
+    build the keys afresh each time."""
+    empty = torch.empty(0, dtype=torch.int64)
+    kept = running_top_values((keys_of(n) for n in names), count) if count > 0 else torch.empty(0)
+    if kept.numel() == 0:
+        return {n: empty for n in names}
+    tau = kept.min()
+    ties_left = kept.numel() - int((kept > tau).sum())  # entries equal to τ still to take
+    out: dict[str, torch.Tensor] = {}
+    for n in names:
+        v = keys_of(n)
+        idx = (v > tau).nonzero().squeeze(1)
+        if ties_left > 0:
+            at = (v == tau).nonzero().squeeze(1)[:ties_left]
+            ties_left -= at.numel()
+            idx = torch.cat([idx, at]).sort().values
+        out[n] = idx
+    return out
+
+
 def threshold_masks(
     names: Sequence[str], keys_of: Callable[[str], torch.Tensor], count: int
 ) -> dict[str, torch.Tensor]:
-    """Flat boolean masks of the `count` largest finite keys over all named layers (ties at the threshold taken
-    in layer order, then index order). `keys_of(name)` gives a layer's 1-D fp32 keys (−inf: never chosen); it is
-    called twice per layer and may build the keys afresh each time."""
-    out: dict[str, torch.Tensor] = {}
-    kept = running_top_values((keys_of(n) for n in names), count) if count > 0 else torch.empty(0)
-    if kept.numel() == 0:
-        return {n: torch.zeros(keys_of(n).numel(), dtype=torch.bool) for n in names}
-    tau = kept.min()
-    ties_left = kept.numel() - int((kept > tau).sum())  # entries equal to τ still to take
-    for n in names:
+    """Flat boolean masks of the `count` largest finite keys over all named layers (requant's tie rule, as
+    `threshold_indices`). `keys_of(name)` gives a layer's 1-D fp32 keys (−inf: never chosen)."""
+    sizes: dict[str, int] = {}
+
+    def keys(n: str) -> torch.Tensor:
         v = keys_of(n)
-        mask = v > tau
-        if ties_left > 0:
-            at = (v == tau).nonzero().squeeze(1)[:ties_left]
-            mask[at] = True
-            ties_left -= at.numel()
+        sizes[n] = v.numel()
+        return v
+
+    idx = threshold_indices(names, keys, count)
+    out = {}
+    for n in names:
+        mask = torch.zeros(sizes[n] if n in sizes else keys_of(n).numel(), dtype=torch.bool)
+        mask[idx[n]] = True
         out[n] = mask
     return out
 
@@ -65,3 +88,17 @@ def global_top_masks(
 
     flat = threshold_masks(list(keys), keys_of, count)
     return {n: m.view(keys[n].shape) for n, m in flat.items()}
+
+
+def global_top_indices(
+    keys: Mapping[str, torch.Tensor], count: int, exclude: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Flat indices (ascending) of the `count` largest keys over all layers, never inside `exclude`: the entries
+    `global_top_masks` marks, without a mask per layer."""
+
+    def keys_of(n: str) -> torch.Tensor:
+        v = keys[n].float().flatten().clone()
+        v[exclude[n].flatten()] = -torch.inf
+        return v
+
+    return threshold_indices(list(keys), keys_of, count)

@@ -1,0 +1,64 @@
+"""requant.memory.tune_allocator: freed large tensors go back to the system (glibc only)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from requant import memory
+
+# A fresh process per case: the mmap threshold is process-wide state that other tests would disturb.
+PROBE = """
+import json, sys, torch
+from requant import memory
+if sys.argv[1] == "tuned":
+    assert memory.tune_allocator()
+big = torch.ones(6 << 20)  # 24 MiB: mapped under glibc's defaults; freeing it raises the dynamic threshold
+del big
+x = torch.ones(4 << 20)  # 16 MiB: from the heap unless the threshold is pinned
+before = memory.anon_rss()
+del x
+print(json.dumps({"returned": before - memory.anon_rss(), "tuned_again": memory.tune_allocator()}))
+"""
+
+
+def _probe(mode: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True, env=env)
+    return json.loads(out.stdout)
+
+
+glibc = pytest.mark.skipif(memory._libc() is None or memory.anon_rss() == 0, reason="glibc on Linux only")
+
+
+@glibc
+def test_tuned_allocator_returns_freed_tensors():
+    tuned, default = _probe("tuned"), _probe("default")
+    assert tuned["returned"] >= 15 << 20  # the 16 MiB block was unmapped at once
+    assert default["returned"] < 4 << 20  # the defaults keep it in the heap (the reason for the setting)
+    assert tuned["tuned_again"] is True  # idempotent
+
+
+def test_tune_allocator_reports_where_applied(monkeypatch):
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    assert memory.tune_allocator() is (memory._libc() is not None)
+    memory.release_free_memory()  # never fails, also where it is a no-op
+
+
+def test_quantize_and_sensitivity_tune_the_allocator(monkeypatch, tmp_path):
+    from requant import cli, pipeline
+
+    calls = []
+    monkeypatch.setattr(memory, "tune_allocator", lambda: calls.append("cli"))  # the commands import it late
+    monkeypatch.setattr(pipeline, "tune_allocator", lambda: calls.append("pipeline"))
+    assert cli.main(["quantize", "-o", str(tmp_path / "q"), "--nsamples", "0"]) == 2  # fails after tuning
+    assert cli.main(["sensitivity", "--report", "layers", "--batch-size", "0"]) == 2
+    assert calls == ["cli", "cli"]
+    monkeypatch.setattr(pipeline, "start_run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stop")))
+    with pytest.raises(RuntimeError, match="stop"):
+        pipeline.quantize(None, None, None)  # type: ignore[arg-type]
+    assert calls == ["cli", "cli", "pipeline"]
