@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from ..errors import ConfigError
-from .common import add_lm_head_flag, add_verify_flag, emit
+from .common import add_decoder_flags, add_lm_head_flag, add_verify_flag, emit
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -33,18 +33,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default="passive",
         help="passive (default): measure in a process with OMP_WAIT_POLICY=PASSIVE; inherit: as is",
     )
-    p.add_argument(
-        "--decoder",
-        choices=("static", "transformers"),
-        default="static",
-        help="the checkpoint's decode loop: static (default; requant.decode) or the model's forward with "
+    add_decoder_flags(
+        p,
+        "the checkpoint's decode loop: static (default; requant.decode) or the model's forward with "
         "transformers' DynamicCache; the fp32 baseline always runs the latter",
-    )
-    p.add_argument(
-        "--compile",
-        choices=("off", "on", "auto"),
-        default="off",
-        help="torch.compile the static decoder's step (compiled once, during the warm-up)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object, no progress bars")
     add_lm_head_flag(p)

@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from ..decode import COMPILE_CHOICES
+
 
 def percent(s: str) -> float:
     try:
@@ -130,6 +132,19 @@ def add_lm_head_flag(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="output projection and embeddings: auto (default; a checkpoint's stored 16 bits, fp32 compute), 16bit, "
         "int8 (output projection only, per-row scales: lossy, opt-in) or fp32",
+    )
+
+
+def add_decoder_flags(p: argparse.ArgumentParser, decoder_help: str) -> None:
+    """--decoder and --compile: which greedy decode loop runs on CPU (requant.decode), and whether its step is
+    compiled."""
+    p.add_argument("--decoder", choices=("static", "transformers"), default="static", help=decoder_help)
+    p.add_argument(
+        "--compile",
+        choices=COMPILE_CHOICES,
+        default="off",
+        help="torch.compile the static decoder's step (needs a C++ compiler; a one-off compile of a minute or "
+        "more, done during the warm-up)",
     )
 
 

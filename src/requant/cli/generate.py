@@ -7,7 +7,7 @@ import math
 import time
 
 from ..errors import ConfigError
-from .common import add_lm_head_flag, add_verify_flag, emit
+from .common import add_decoder_flags, add_lm_head_flag, add_verify_flag, emit
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -22,18 +22,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p.add_argument(
-        "--decoder",
-        choices=("static", "transformers"),
-        default="static",
-        help="greedy decode loop on CPU: static (default; static KV cache, requant.decode) or transformers' generate "
+    add_decoder_flags(
+        p,
+        "greedy decode loop on CPU: static (default; static KV cache, requant.decode) or transformers' generate "
         "(sampling always uses transformers)",
-    )
-    p.add_argument(
-        "--compile",
-        choices=("off", "on", "auto"),
-        default="off",
-        help="torch.compile the static decoder's step (needs a C++ compiler; a one-off compile of a minute or more)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_lm_head_flag(p)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 
 from ..errors import ConfigError
-from .selection import global_top_indices, global_top_masks
+from .selection import global_top_indices, masked_keys
 
 RANKINGS = ("abs", "positive")
 SCOPES = ("global", "module")
@@ -43,20 +43,13 @@ def select_top(
     go to the earlier layer, then the lower index); module: every layer gets its share of `count` in
     proportion to its size.
     """
-    if scope not in SCOPES:
-        raise ConfigError(f"selection scope {scope!r} is not allowed; use one of {', '.join(SCOPES)}")
-    if scope == "global":
-        return global_top_masks(keys, count, exclude)
-    out = {n: torch.zeros(k.numel(), dtype=torch.bool) for n, k in keys.items()}
-    if count > 0:
-        total = sum(k.numel() for k in keys.values())
-        for n in keys:
-            v = keys[n].float().flatten().clone()  # one layer at a time
-            v[exclude[n].flatten()] = -torch.inf
-            c = min(round(count * v.numel() / total), int(torch.isfinite(v).sum()))
-            if c:
-                out[n][torch.topk(v, c, sorted=False).indices] = True
-    return {n: m.view(keys[n].shape) for n, m in out.items()}
+    idx = select_top_indices(keys, count, exclude, scope=scope)
+    out = {}
+    for n, k in keys.items():
+        mask = torch.zeros(k.numel(), dtype=torch.bool)
+        mask[idx[n]] = True
+        out[n] = mask.view(k.shape)
+    return out
 
 
 def select_top_indices(
@@ -66,7 +59,8 @@ def select_top_indices(
     *,
     scope: str = "global",
 ) -> dict[str, torch.Tensor]:
-    """Flat indices (int64, ascending) of the entries `select_top` marks: O(count) numbers, not a mask per layer."""
+    """Flat indices (int64, ascending) of the entries `select_top` marks (see there): O(count) numbers, not a mask
+    per layer."""
     if scope not in SCOPES:
         raise ConfigError(f"selection scope {scope!r} is not allowed; use one of {', '.join(SCOPES)}")
     if scope == "global":
@@ -74,9 +68,9 @@ def select_top_indices(
     out = {n: torch.empty(0, dtype=torch.int64) for n in keys}
     if count > 0:
         total = sum(k.numel() for k in keys.values())
+        keys_of = masked_keys(keys, exclude)
         for n in keys:
-            v = keys[n].float().flatten().clone()  # one layer at a time
-            v[exclude[n].flatten()] = -torch.inf
+            v = keys_of(n)  # one layer at a time
             c = min(round(count * v.numel() / total), int(torch.isfinite(v).sum()))
             if c:
                 out[n] = torch.topk(v, c, sorted=False).indices.sort().values

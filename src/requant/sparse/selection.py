@@ -75,10 +75,8 @@ def threshold_masks(
     return out
 
 
-def global_top_masks(
-    keys: Mapping[str, torch.Tensor], count: int, exclude: Mapping[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """Masks (shaped like the keys) of the `count` largest keys over all layers, never inside `exclude`."""
+def masked_keys(keys: Mapping[str, torch.Tensor], exclude: Mapping[str, torch.Tensor]) -> Callable[[str], torch.Tensor]:
+    """`keys_of(name)`: the layer's keys as flat fp32, −inf where `exclude` is set (never chosen)."""
 
     def keys_of(n: str) -> torch.Tensor:
         # One layer at a time: a masked copy of every layer at once would be another fp32 model copy.
@@ -86,7 +84,14 @@ def global_top_masks(
         v[exclude[n].flatten()] = -torch.inf
         return v
 
-    flat = threshold_masks(list(keys), keys_of, count)
+    return keys_of
+
+
+def global_top_masks(
+    keys: Mapping[str, torch.Tensor], count: int, exclude: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Masks (shaped like the keys) of the `count` largest keys over all layers, never inside `exclude`."""
+    flat = threshold_masks(list(keys), masked_keys(keys, exclude), count)
     return {n: m.view(keys[n].shape) for n, m in flat.items()}
 
 
@@ -95,10 +100,4 @@ def global_top_indices(
 ) -> dict[str, torch.Tensor]:
     """Flat indices (ascending) of the `count` largest keys over all layers, never inside `exclude`: the entries
     `global_top_masks` marks, without a mask per layer."""
-
-    def keys_of(n: str) -> torch.Tensor:
-        v = keys[n].float().flatten().clone()
-        v[exclude[n].flatten()] = -torch.inf
-        return v
-
-    return threshold_indices(list(keys), keys_of, count)
+    return threshold_indices(list(keys), masked_keys(keys, exclude), count)
