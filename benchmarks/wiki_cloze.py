@@ -13,33 +13,12 @@ Usage: python benchmarks/wiki_cloze.py DIR [--items 200] [--seed 0]
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import re
 from pathlib import Path
 
 CONTEXT_WORDS = 48
 TASK = "wiki_cloze"
-YAML = """task: {task}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-output_type: multiple_choice
-test_split: test
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
-"""
 
 
 def cloze_items(text: str, n: int, seed: int) -> list[dict]:
@@ -61,6 +40,7 @@ def cloze_items(text: str, n: int, seed: int) -> list[dict]:
 
 def main() -> None:
     from requant.data import load_text
+    from requant.eval.lmeval import write_choice_task
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path, help="folder for the task's YAML and JSONL (give it to --task-path)")
@@ -68,11 +48,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="seed of the item and distractor draws (default: 0)")
     args = ap.parse_args()
     items = cloze_items(load_text("wiki:test"), args.items, args.seed)
-    args.out.mkdir(parents=True, exist_ok=True)
-    data = (args.out / f"{TASK}.jsonl").resolve()
-    data.write_text("".join(json.dumps(it) + "\n" for it in items), encoding="utf-8")
-    (args.out / f"{TASK}.yaml").write_text(YAML.format(task=TASK, data=data), encoding="utf-8")
-    print(f"wrote {len(items)} items to {data}")
+    yaml = write_choice_task(args.out, TASK, items)
+    print(f"wrote {len(items)} items to {yaml.with_suffix('.jsonl')}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from helpers import byte_tokenizer, tiny_llama
 from requant import load
 from requant.cli import main
 from requant.config import QuantConfig
-from requant.eval.lmeval import evaluate_tasks
+from requant.eval.lmeval import evaluate_tasks, write_choice_task
 from requant.format import save_checkpoint
 from requant.pipeline import quantize
 
@@ -28,26 +28,6 @@ ITEMS = [
     ("token alpha", ["quant", "delta", "weight"], 2),
 ]
 TASK = "requant_toy_mc"
-YAML = """task: {task}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-output_type: multiple_choice
-test_split: test
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
-"""
 
 
 @pytest.fixture(autouse=True)
@@ -64,10 +44,7 @@ def _harness_setup(monkeypatch, tmp_path):
 
 
 def write_task(d, items=ITEMS) -> None:
-    d.mkdir(exist_ok=True)
-    data = d / "toy.jsonl"
-    data.write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in items))
-    (d / "toy.yaml").write_text(YAML.format(task=TASK, data=data))
+    write_choice_task(d, TASK, [{"context": q, "choices": c, "answer": a} for q, c, a in items])
 
 
 @pytest.fixture
@@ -178,7 +155,7 @@ def test_an_unknown_task_is_named(task_dir):
 
 
 def test_missing_task_data_and_missing_lm_eval_give_one_line(capsys, model_dir, task_dir, monkeypatch):
-    (task_dir / "toy.jsonl").unlink()
+    (task_dir / f"{TASK}.jsonl").unlink()
     code, out, err = run(capsys, "eval", str(model_dir), "--tasks", TASK, "--task-path", str(task_dir))
     assert code == 2 and out == "" and f"task '{TASK}': its data could not be loaded" in err
     assert len(err.strip().splitlines()) == 1

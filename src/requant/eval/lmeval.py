@@ -9,11 +9,12 @@ dependency (`pip install 'requant[eval]'`).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,40 @@ _NO_FILTER = "none"
 # lm-eval computes the standard error of mean-aggregated metrics (accuracies) in closed form; bootstrapping
 # is only used for other aggregations, where 1000 resamples give two significant digits at a tenth of the cost.
 BOOTSTRAP_ITERS = 1000
+
+
+_CHOICE_TASK_YAML = """task: {task}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+output_type: multiple_choice
+test_split: test
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+def write_choice_task(directory: str | os.PathLike, task: str, items: Sequence[Mapping[str, Any]]) -> Path:
+    """Write a local multiple-choice lm-eval task for `--task-path directory`: `<task>.jsonl` (one item per line,
+    keys `context`, `choices`, `answer` = index of the right choice) and `<task>.yaml`; returns the YAML path."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    data = (d / f"{task}.jsonl").resolve()
+    data.write_text("".join(json.dumps(dict(it)) + "\n" for it in items), encoding="utf-8")
+    yaml = d / f"{task}.yaml"
+    yaml.write_text(_CHOICE_TASK_YAML.format(task=task, data=data), encoding="utf-8")
+    return yaml
 
 
 def _offline_env() -> None:
