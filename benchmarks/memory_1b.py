@@ -66,10 +66,12 @@ def quantize(model: Path, out: Path, args: argparse.Namespace, *, dry_run: bool)
     if dry_run:
         cmd.append("--dry-run")
     env = {"OMP_NUM_THREADS": "1", **os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    log = out.with_suffix(".log")  # the child's progress, to follow a long run with `tail -f`
     t = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    with log.open("w") as err:
+        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
     if proc.returncode != 0:
-        raise SystemExit(f"requant quantize failed ({proc.returncode}): {proc.stderr[-2000:]}")
+        raise SystemExit(f"requant quantize failed ({proc.returncode}): {log.read_text()[-2000:]}")
     res = json.loads(proc.stdout)
     res["child_wall_s"] = time.perf_counter() - t
     return res
@@ -119,7 +121,7 @@ def main() -> int:
         "",
         "| | peak RSS | peak anonymous | wall | fwd+bwd passes |",
         "|---|---|---|---|---|",
-        f"| --dry-run estimate | {mem['peak'] / 1e9:.2f} GB (anonymous) | | | {est['passes']['fwd_bwd']} |",
+        f"| --dry-run estimate | | {mem['peak'] / 1e9:.2f} GB | | {est['passes']['fwd_bwd']} |",
     ]
     if "peak_memory" in row:
         pm = row["peak_memory"]

@@ -287,3 +287,38 @@ def test_without_json_each_stage_reports_one_line_on_stderr(capsys, model_dir, t
     lines = [x for x in re.split(r"[\r\n]", err) if x.strip() and not x.startswith("Writing model shards")]
     assert all(re.fullmatch(r"[^:]+: \d+/\d+ \w+ in \d+\.\d s", x) for x in lines), lines
     assert [x.split(":")[0] for x in lines] == ["fisher", "quantize squeezellm"]
+
+
+def test_recipe_best_picks_from_the_measured_table_and_flags_still_win(capsys):
+    from requant.cli import build_parser
+    from requant.cli.quantize import config_from_args
+    from requant.recipes import best_point, best_table
+
+    def cfg(*flags):
+        return config_from_args(build_parser().parse_args(["quantize", "-o", "x", "--recipe", "best", *flags]))
+
+    point = best_point(best_table()["points"], 3.5)
+    c = cfg("--bits-budget", "3.5", "--nsamples", "4")
+    assert (c.base, c.bits, c.nsamples) == (point["base"], point["bits"], 4)
+    assert c.outliers == point["config"]["outliers"] and c.significant == point["config"]["significant"]
+    assert cfg("--bits-budget", "3.5", "--pqi-nodes", "5").pqi_nodes == 5  # an explicit flag wins
+    sq = cfg("--bits-budget", "4.7", "--base", "squeezellm", "--bits", "3")
+    assert (sq.base, sq.bits) == ("squeezellm", 3)
+    for flags, message in [
+        (["--recipe", "best"], "--recipe best needs --bits-budget B"),
+        (["--recipe", "best", "--bits-budget", "1.5"], "--bits-budget 1.5 is below every measured configuration"),
+        (["--bits-budget", "3"], "--bits-budget 3 needs --recipe best"),
+        (["--base-option", "grid"], "--base-option 'grid' is not KEY=VALUE"),
+    ]:
+        code, _, err = run(capsys, "quantize", "-o", "x", *flags)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_base_option_reaches_the_quantizer_options():
+    from requant.cli import build_parser
+    from requant.cli.quantize import config_from_args
+
+    args = build_parser().parse_args(
+        ["quantize", "-o", "x", "--base", "gptq", "--base-option", "grid=lut", "--base-option", "act_order=true"]
+    )
+    assert config_from_args(args).base_options == {"grid": "lut", "act_order": True}

@@ -55,3 +55,66 @@ def test_pipeline_resolves_equal_bits_from_the_widths(tokenizer, text_file):
     assert r.bit_count().bits_per_weight <= 3 + 32 / 128
     with pytest.raises(ConfigError, match="group size 'g128' must be a positive integer"):
         QuantConfig(base="gptq", group_size="g128")
+
+
+def _pt(name, base, bits, bpw, wiki, c4):
+    return {"name": name, "base": base, "bits": bits, "bits_per_weight": bpw, "wiki:test": wiki, "c4": c4}
+
+
+def test_best_point_is_the_lowest_mean_log_perplexity_within_the_budget():
+    from requant.recipes import best_point
+
+    pts = [
+        _pt("a", "qtip", 3, 3.24, 24.0, 50.0),
+        _pt("b", "squeezellm", 3, 3.43, 28.0, 40.0),  # worse on wiki, better on the product of both
+        _pt("c", "squeezellm", 4, 4.61, 22.0, 44.0),
+    ]
+    assert best_point(pts, 3.3)["name"] == "a"
+    assert best_point(pts, 3.43)["name"] == "b"  # 28·40 < 24·50; the budget bound is inclusive
+    assert best_point(pts, 5.0)["name"] == "c"
+    assert best_point(pts, 5.0, base="squeezellm", bits=3)["name"] == "b"
+    assert best_point(pts, 3.2) is None and best_point(pts, 4.0, base="awq") is None
+
+
+def test_best_settings_fix_how_to_quantize_not_the_calibration(tmp_path):
+    import dataclasses
+    import json
+
+    from requant.cli.common import CALIBRATION
+    from requant.recipes import BEST_SETTINGS, best_settings
+
+    fields = {f.name for f in dataclasses.fields(QuantConfig)}
+    # Every setting is either fixed by the table or the user's (calibration, layers, gradient dtype).
+    assert (
+        set(BEST_SETTINGS)
+        | set(CALIBRATION)
+        | {"pqi_nsamples", "grad_dtype", "expert_min_tokens", "include", "exclude"}
+        == fields
+    )
+    cfg = QuantConfig(base="gptq", bits=3, base_options={"grid": "lut"}, outliers=0.45, nsamples=7, seed=1)
+    table = tmp_path / "t.json"
+    table.write_text(json.dumps({"points": [{**_pt("g", "gptq", 3, 3.43, 26.0, 55.0), "config": cfg.to_dict()}]}))
+    settings, point = best_settings(3.5, path=table)
+    assert point["name"] == "g" and "nsamples" not in settings and "seed" not in settings
+    assert QuantConfig(**settings) == QuantConfig(base="gptq", bits=3, base_options={"grid": "lut"}, outliers=0.45)
+    with pytest.raises(ConfigError, match=r"--bits-budget 3 is below every measured configuration; allowed: ≥ 3.43"):
+        best_settings(3.0, path=table)
+    with pytest.raises(ConfigError, match="needs --bits-budget"):
+        best_settings(None, path=table)
+    with pytest.raises(ConfigError, match="no point with --base qtip"):
+        best_settings(4.0, base="qtip", path=table)
+
+
+def test_the_shipped_table_holds_measured_configs_with_both_texts():
+    from requant.recipes import BEST_TEXTS, best_point, best_table
+
+    table = best_table()
+    assert table["setting"]["nsamples"] == 32 and len(table["points"]) >= 20
+    for p in table["points"]:
+        cfg = QuantConfig.from_dict(p["config"])  # every point is a valid configuration of this version
+        assert (cfg.base, cfg.bits) == (p["base"], p["bits"]) and all(p[t] > 1 for t in BEST_TEXTS)
+        assert cfg.bits <= p["bits_per_weight"] < cfg.bits + 1.7  # codes + tables + sparse entries
+    # More bits never pick a worse point (the best within a budget is monotone in the budget).
+    picks = [best_point(table["points"], b) for b in (2.25, 3.0, 3.3, 3.5, 4.0, 4.7, 32)]
+    scores = [sum(__import__("math").log(p[t]) for t in BEST_TEXTS) for p in picks if p is not None]
+    assert scores == sorted(scores, reverse=True)

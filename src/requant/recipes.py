@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from .accounting import SPARSE_ENTRY_BITS
@@ -58,19 +60,76 @@ WIDTH_CHANGES: dict[tuple[str, str, int], dict[str, Any]] = {
 }
 
 
+# `--recipe best --bits-budget B`: the best configuration of a measured table at most B bits per weight
+# (benchmarks/frontier.py writes the table: points measured on the reference model, with their configs).
+BEST = "best"
+BEST_TABLE = Path(__file__).with_name("frontier.json")
+BEST_TEXTS = ("wiki:test", "c4")  # a point is ranked by its mean log-perplexity over these texts
+# What a table point fixes: how to quantize; not what to calibrate on or which layers (the user's flags keep those).
+BEST_SETTINGS = (
+    "base", "bits", "group_size", "sym", "outliers", "outlier_select", "significant", "significant_select", "step",
+    "pqi_nodes", "pqi_rule", "alg1_objective", "alg1_criterion", "alg1_granularity", "alg1_steps", "alg1_max_factor",
+    "alg1_allocator", "detach_scope", "detach_ranking", "base_options",
+)  # fmt: skip
+
 # The settings some recipe sets: their CLI flags default to "unset" so a recipe can fill them.
 RECIPE_SETTINGS = tuple(
     sorted(
         {k for per_base in RECIPES.values() for s in per_base.values() for k in s}
         | {k for s in WIDTH_CHANGES.values() for k in s}
+        | set(BEST_SETTINGS)
     )
 )
 
 
+def best_point(
+    points: Sequence[dict[str, Any]], budget: float, *, base: str | None = None, bits: int | None = None
+) -> dict[str, Any] | None:
+    """The point with the lowest mean log-perplexity over BEST_TEXTS among those at ≤ `budget` bits per weight
+    (of `base` / `bits` where given); None if there is none."""
+    fits = [
+        p
+        for p in points
+        if p["bits_per_weight"] <= budget + 1e-9 and base in (None, p["base"]) and bits in (None, p["bits"])
+    ]
+    return min(fits, key=lambda p: sum(math.log(p[t]) for t in BEST_TEXTS), default=None)
+
+
+def best_table(path: Path = BEST_TABLE) -> dict[str, Any]:
+    """The measured table `--recipe best` picks from."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"the measured table of --recipe best ({path}) cannot be read: {e}") from None
+
+
+def best_settings(
+    budget: float | None, *, base: str | None = None, bits: int | None = None, path: Path = BEST_TABLE
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(settings, point): the quantization settings of the best measured point at ≤ `budget` bits per weight."""
+    if budget is None:
+        raise ConfigError("--recipe best needs --bits-budget B (bits per quantized weight, e.g. 3.5)")
+    table = best_table(path)
+    point = best_point(table["points"], budget, base=base, bits=bits)
+    if point is None:
+        pts = [p for p in table["points"] if base in (None, p["base"]) and bits in (None, p["bits"])]
+        which = " ".join(f"--{k} {v}" for k, v in (("base", base), ("bits", bits)) if v is not None)
+        if not pts:
+            raise ConfigError(f"the measured table of --recipe best has no point with {which}")
+        low = min(p["bits_per_weight"] for p in pts)
+        raise ConfigError(
+            f"--bits-budget {budget:g} is below every measured configuration{' with ' + which if which else ''}; "
+            f"allowed: ≥ {math.ceil(low * 1000) / 1000:g}"
+        )
+    return {k: v for k, v in point["config"].items() if k in BEST_SETTINGS}, point
+
+
 def recipe_settings(recipe: str, base: str, bits: int | None = None) -> dict[str, Any]:
     """The settings a recipe implies for a base method (at `bits`, where the recipe depends on the width)."""
+    if recipe == BEST:
+        raise ConfigError("recipe 'best' depends on a bits budget; use best_settings(budget)")
     if recipe not in RECIPES:
-        raise ConfigError(f"recipe {recipe!r} is not known; use one of {', '.join(RECIPES)}")
+        raise ConfigError(f"recipe {recipe!r} is not known; use one of {', '.join((*RECIPES, BEST))}")
     per_base = RECIPES[recipe]
     if base not in per_base:
         raise ConfigError(f"recipe {recipe!r} has no settings for base {base!r}; it covers {', '.join(per_base)}")

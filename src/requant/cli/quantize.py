@@ -36,7 +36,7 @@ LAYERS = ("include", "exclude", "expert_min_tokens", "grad_dtype")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from ..recipes import RECIPE_SETTINGS, RECIPES
+    from ..recipes import BEST, RECIPE_SETTINGS, RECIPES
 
     q = sub.add_parser("quantize", help="quantize a model and write a checkpoint")
     q.add_argument("model", nargs="?", default=None, help="model dir, .gguf or cached hub id (default: SmolLM2)")
@@ -44,9 +44,25 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     q.add_argument(
         "--recipe",
         default=None,
-        metavar="{" + ",".join(RECIPES) + "}",
-        help="preset: requant (the paper's settings per base) or dns "
-        "(SqueezeLLM's IQR outliers + Fisher values); explicit flags override it",
+        metavar="{" + ",".join((*RECIPES, BEST)) + "}",
+        help="preset: requant (the paper's settings per base), dns (SqueezeLLM's IQR outliers + Fisher values) or "
+        "best (with --bits-budget: the best configuration measured on the reference model within the budget; "
+        "--base/--bits restrict the choice); explicit flags override it",
+    )
+    q.add_argument(
+        "--bits-budget",
+        type=float,
+        default=None,
+        metavar="B",
+        help="with --recipe best: bits per quantized weight allowed, dense + tables + sparse (e.g. 3.5)",
+    )
+    q.add_argument(
+        "--base-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a keyword option of the base quantizer, e.g. grid=lut (gptq: GPTQ over a per-row LUT), act_order=true "
+        "(gptq), L=12 (qtip); VALUE is read as JSON where it parses (repeat)",
     )
     notes = {
         "group_size": "default: per row; with --recipe requant, awq and gptq get the group size at which the "
@@ -54,7 +70,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     }
     add_config_options(q, GENERAL, unset=RECIPE_SETTINGS, notes=notes)
     add_config_options(q.add_argument_group("dense-and-sparse"), DENSE_AND_SPARSE, unset=RECIPE_SETTINGS)
-    add_config_options(q.add_argument_group("algorithm 1 / 2 variants (docs/method.md)"), VARIANTS)
+    variants = q.add_argument_group("algorithm 1 / 2 variants (docs/method.md)")
+    add_config_options(variants, VARIANTS, unset=RECIPE_SETTINGS)
     add_config_options(q, LAYERS)
     q.add_argument(
         "--dense-dtype",
@@ -86,9 +103,55 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> Any:
     """QuantConfig from the flags: built-in defaults, then the recipe, then every flag given explicitly."""
-    from ..recipes import recipe_settings
+    return build_config(args, recipe_of(args)[0])
 
-    return build_config(args, recipe_settings(args.recipe, args.base, args.bits) if args.recipe else None)
+
+def recipe_of(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The settings of --recipe (and --base-option) before explicit flags; with --recipe best also the measured
+    point it picked."""
+    from ..config import QuantConfig
+    from ..errors import ConfigError
+    from ..recipes import BEST, best_settings, recipe_settings
+
+    if args.bits_budget is not None and args.recipe != BEST:
+        raise ConfigError(f"--bits-budget {args.bits_budget:g} needs --recipe best (it picks a configuration)")
+    settings: dict[str, Any] = {}
+    point = None
+    if args.recipe == BEST:
+        settings, point = best_settings(args.bits_budget, base=args.base, bits=args.bits)
+    elif args.recipe:
+        base = args.base or QuantConfig.field_info("base").default
+        settings = recipe_settings(args.recipe, base, args.bits or QuantConfig.field_info("bits").default)
+    if args.base_option:
+        settings["base_options"] = {**settings.get("base_options", {}), **_base_options(args.base_option)}
+    return settings, point
+
+
+def _base_options(items: list[str]) -> dict[str, Any]:
+    """--base-option KEY=VALUE pairs; VALUE as JSON where it parses (numbers, true/false), else a string."""
+    import json
+
+    from ..errors import ConfigError
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--base-option {item!r} is not KEY=VALUE (e.g. grid=lut)")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out
+
+
+def best_line(point: dict[str, Any]) -> str:
+    """What --recipe best picked, and what it measured on the reference model (not a guarantee for others)."""
+    ppl = ", ".join(f"{t} {point[t]:.2f}" for t in ("wiki:test", "c4") if t in point)
+    return (
+        f"--recipe best picked {point['name']} ({point['bits_per_weight']:.3f} bits/weight; measured on "
+        f"SmolLM2-135M: {ppl} perplexity; a measured table, not a guarantee for other models)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -98,7 +161,10 @@ def run(args: argparse.Namespace) -> int:
 
     tune_allocator()  # before the model loads: freed layer-sized tensors go back to the system (requant.memory)
 
-    config = config_from_args(args)
+    settings, point = recipe_of(args)
+    config = build_config(args, settings)
+    if point is not None and not args.json:
+        print(best_line(point), file=sys.stderr)
     check_seqlen(args.model, config.seqlen)  # before minutes of work on windows the model cannot take
     if args.dry_run:
         return dry_run(args, config)
