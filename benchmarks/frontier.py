@@ -4,8 +4,9 @@ Dense-and-Sparse and with ReQuant, the Pareto front marked and llama.cpp's measu
 Every point is one measured configuration at one calibration setting (32 windows × 512 of wiki:train, seed 0 or
 1) evaluated on the first 40 windows of wiki:test and c4. Points already measured by the other benchmarks
 (results/methods.json, methods-qtip.json, baselines.json, ablation-*.json) are reused when their stored config
-equals a grid point's; the rest of the grid is quantized here, one variant at a time, each stored at once
-(results/frontier-runs[-seedN].json), so an interrupted run resumes.
+equals a grid point's (rows of the frontier's own runs take precedence: `--fresh --only NAME` re-measures a
+point with today's code); the rest of the grid is quantized here, one variant at a time, each stored at once
+(results/frontier-runs*.json), so an interrupted run resumes.
 
     OMP_NUM_THREADS=1 python benchmarks/frontier.py                  # run what is missing, then write the results
     python benchmarks/frontier.py --report-only                       # collect and write only
@@ -56,6 +57,11 @@ def grid() -> dict[str, QuantConfig]:
         out[f"squeezellm-{bits}bit-ReQuant"] = rq
         out[f"squeezellm-{bits}bit-ReQuant-0.25%"] = replace(rq, outliers=0.2, significant=0.05)
         out[f"squeezellm-{bits}bit-ReQuant-1%"] = replace(rq, outliers=0.9, significant=0.1)
+        # The same 0.5% split towards detached values (a detached entry bought more than an outlier in the ablation).
+        for r_o in (0.25, 0.1):
+            out[f"squeezellm-{bits}bit-ReQuant-{r_o}+{0.5 - r_o:g}"] = replace(
+                rq, outliers=r_o, significant=round(0.5 - r_o, 4), step=0.05
+            )
         # A LUT fitted with error feedback (GPTQ over the per-row LUT grid), alone and with the sparse parts.
         lut = QuantConfig(base="gptq", bits=bits, base_options={"grid": "lut"})
         out[f"gptq-lut-{bits}bit-row"] = lut
@@ -68,6 +74,7 @@ def grid() -> dict[str, QuantConfig]:
         out[f"qtip-{bits}bit+ReQuant"] = replace(
             qt, outliers=0.0, significant=0.5, significant_select="pqi", step=0.25, pqi_nodes=2, pqi_rule="gauss"
         )
+        out[f"qtip-{bits}bit+ReQuant-right1"] = replace(out[f"qtip-{bits}bit+ReQuant"], pqi_nodes=1, pqi_rule="right")
         out[f"qtip-{bits}bit+ReQuant-0.25%"] = replace(
             qt, outliers=0.0, significant=0.25, significant_select="pqi", step=0.125, pqi_nodes=2, pqi_rule="gauss"
         )
@@ -96,8 +103,8 @@ def measured(seed: int) -> tuple[dict[str, tuple[str, dict[str, Any]]], dict[str
     """Every usable row of the result files, by config key -> (source, row); and the fp32 row."""
     rows: dict[str, tuple[str, dict[str, Any]]] = {}
     fp32 = None
-    tag = "frontier-runs" + ("" if seed == 0 else f"-seed{seed}")
-    for src in (*SOURCES, tag):
+    runs = sorted(p.stem for p in RESULTS.glob("frontier-runs*.json"))
+    for src in (*SOURCES, *runs):
         path = RESULTS / f"{src}.json"
         if not path.exists():
             continue
@@ -109,8 +116,8 @@ def measured(seed: int) -> tuple[dict[str, tuple[str, dict[str, Any]]], dict[str
             if "config" not in row or not _usable(row, seed):
                 continue
             key = _key(QuantConfig.from_dict(row["config"]))
-            # A row with both texts beats one with wiki:test only.
-            if key not in rows or (("c4" in row) and "c4" not in rows[key][1]):
+            # The frontier's own runs (today's code) replace older rows; else a row with both texts wins.
+            if key not in rows or src in runs or ("c4" in row and "c4" not in rows[key][1]):
                 rows[key] = (f"{src}.json: {name}", row)
     return rows, fp32
 
@@ -291,10 +298,18 @@ def main() -> int:
     ap.add_argument("--only", nargs="*", default=None, help="grid points to run (default: every missing one)")
     ap.add_argument("--seed", type=int, default=0, help="calibration seed (0 or 1)")
     ap.add_argument("--report-only", action="store_true", help="write the results from what is measured")
+    ap.add_argument(
+        "--fresh", action="store_true", help="run the --only points even if another benchmark measured them"
+    )
     ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument(
+        "--runs",
+        default="frontier-runs",
+        help="result file of this run's points (frontier-runs*; two runs at once need two files)",
+    )
     args = ap.parse_args()
     _, _, missing = collect(args.seed)
-    todo = [n for n in (args.only or missing) if n in missing]
+    todo = [n for n in (args.only or missing) if n in missing or args.fresh]
     unknown = [n for n in args.only or () if n not in grid()]
     if unknown:
         raise SystemExit(f"not grid points: {', '.join(unknown)}; see grid() in {__file__}")
@@ -305,7 +320,7 @@ def main() -> int:
             only=None,
             texts=",".join(TEXTS),
             batch_size=args.batch_size,
-            tag=f"frontier-runs{'' if args.seed == 0 else f'-seed{args.seed}'}",
+            tag=args.runs + ("" if args.seed == 0 else f"-seed{args.seed}"),
         )
         variants = {n: replace(grid()[n], seed=args.seed) for n in todo}
         run_variants(variants, run, run.tag, note="Grid points of benchmarks/frontier.py.")

@@ -301,6 +301,36 @@ def speed_table() -> str:
     )
 
 
+def frontier_table() -> str:
+    """The best measured configuration per bits budget (benchmarks/frontier.py), next to llama.cpp's best."""
+    res = load("frontier")
+    fp = res["setting"]["fp32"]
+    llama = [q for q in res["llama.cpp"] if q["type"] != "F32"]
+    rows = []
+    for b in res["best"]:
+        ref = [q for q in llama if q["bits_per_weight"] <= b["budget"]]
+        lc = min(ref, key=lambda q: q["wiki:test"], default=None)
+        rows.append(
+            [
+                f"≤ {b['budget']}",
+                f"`{b['name']}`",
+                bits(b["bits_per_weight"]),
+                f"{ppl(b['wiki:test'])} (+{100 * (b['wiki:test'] / fp['wiki:test'] - 1):.0f}%)",
+                f"{ppl(b['c4'])} (+{100 * (b['c4'] / fp['c4'] - 1):.0f}%)",
+                f"{ppl(lc['wiki:test'])} ({lc['type']}, {lc['bits_per_weight']} bits)" if lc else "no point",
+            ]
+        )
+    head = [
+        "bits budget",
+        "best measured configuration",
+        "bits/weight",
+        "wiki:test",
+        "c4",
+        "llama.cpp's best, wiki:test",
+    ]
+    return table(head, rows)
+
+
 def results_blocks() -> dict[str, str]:
     """The generated tables of docs/results.md, from benchmarks/results/*.json."""
     return {
@@ -315,6 +345,7 @@ def results_blocks() -> dict[str, str]:
         "pqi-accuracy": pqi_accuracy_table(),
         "detach-rankings": detach_rankings_table(),
         "speed": speed_table(),
+        "frontier": frontier_table(),
     }
 
 
@@ -324,8 +355,8 @@ def render_results(text: str) -> str:
 
 
 def render_readme(text: str) -> str:
-    """README.md with its headline table brought up to date."""
-    return splice(text, {"headline": headline_table()})
+    """README.md with its headline and frontier tables brought up to date."""
+    return splice(text, {"headline": headline_table(), "frontier": frontier_table()})
 
 
 def write_benchmark_tables() -> None:
