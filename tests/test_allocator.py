@@ -62,3 +62,36 @@ def test_quantize_and_sensitivity_tune_the_allocator(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match="stop"):
         pipeline.quantize(None, None, None)  # type: ignore[arg-type]
     assert calls == ["cli", "cli", "pipeline"]
+
+
+FAULTS = """
+import json, resource, torch
+from requant import memory
+assert memory.tune_allocator()
+
+def faults(n=40):
+    start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(n):
+        torch.empty(1 << 20).fill_(1.0)  # a 4 MiB temporary, freed at once
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start
+
+pinned = faults()
+with memory.transient_allocations():
+    faults(1)  # the first one grows the heap
+    transient = faults()
+x = torch.ones(4 << 20)  # 16 MiB after the block: a mapping of its own again, returned when freed
+before = memory.anon_rss()
+del x
+print(json.dumps({"pinned": pinned, "transient": transient, "returned": before - memory.anon_rss()}))
+"""
+
+
+@glibc
+def test_transient_allocations_reuse_the_heap_and_restore_the_pinned_threshold():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    r = json.loads(
+        subprocess.run([sys.executable, "-c", FAULTS], capture_output=True, text=True, check=True, env=env).stdout
+    )
+    assert r["pinned"] >= 40 * 1000  # every 4 MiB temporary is a fresh mapping: ~1024 page faults each
+    assert r["transient"] < r["pinned"] / 10  # inside: the same heap pages, reused
+    assert r["returned"] >= 15 << 20

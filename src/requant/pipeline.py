@@ -34,7 +34,7 @@ from .config import EQUAL_BITS, QuantConfig
 from .data import text_windows, window_bos
 from .errors import ConfigError, NumericalError
 from .loading import parse_dtype
-from .memory import release_free_memory, tune_allocator
+from .memory import release_free_memory, transient_allocations, tune_allocator
 from .model import (
     LayerInfo,
     coverage,
@@ -539,7 +539,7 @@ def quantize(
     with run.timings("outliers_s"):
         outliers = select_outliers(run, skip)
     exclude = _union(skip, outliers)
-    with run.timings("dense_fit_s"):
+    with run.timings("dense_fit_s"), transient_allocations():
         dense = dense_fit(run, exclude)
     run.fisher = None  # used up (the sensitive values were chosen before the fit): free it for PQI
     release_free_memory()
@@ -588,7 +588,8 @@ def select_outliers(run: Run, skip: Masks) -> Masks | None:
     if c.outlier_select == "random":
         return random_masks(run.weights, budget(c.outliers, run.total), skip, c.seed)
     gbar, pre_scores = pre_quantize(run, skip)
-    return algorithm1(run, skip, gbar=gbar, pre_scores=pre_scores)
+    with transient_allocations():
+        return algorithm1(run, skip, gbar=gbar, pre_scores=pre_scores)
 
 
 def pre_quantize(run: Run, skip: Masks) -> tuple[Masks | None, Masks | None]:

@@ -65,7 +65,9 @@ def add_config_options(
             text += f" (default: {default})"
         text = text.replace("%", "%%")  # argparse formats help with %
         if f.type == "bool":
-            parser.add_argument(flag, dest=name, action="store_true", default=None if name in unset else False, help=text)
+            parser.add_argument(
+                flag, dest=name, action="store_true", default=None if name in unset else False, help=text
+            )
         elif str(f.type).startswith("tuple"):
             parser.add_argument(flag, dest=name, action="append", default=[], help=text)
         else:
