@@ -25,7 +25,7 @@ from torch import nn
 
 from .config import QuantConfig
 from .model import all_units, find_blocks, quantizable_layers
-from .quantizers import QUANTIZERS
+from .quantizers import make_quantizer
 from .sparse.detach import step_counts
 from .sparse.outliers import budget
 
@@ -88,7 +88,8 @@ def estimate_cost(
     and checkpointed blocks). On an accelerator `device`, `peak` is the host's and `device_peak` the device's
     memory. An estimate: see the module docstring."""
     k = max(int(world_size), 1)
-    quant = QUANTIZERS[config.base]
+    # An instance: options can change what a method reads (SqueezeLLM with feedback reads the inputs).
+    quant = make_quantizer(config.base, config.bits, None, **config.quantizer_options())
     seqlen, n = config.seqlen, config.nsamples
     m = config.pqi_nsamples or n
     fisher_windows = n if config.needs_fisher else 0

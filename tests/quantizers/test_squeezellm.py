@@ -38,3 +38,35 @@ def test_excluded_outlier_does_not_pull_a_centroid():
 def test_group_size_refused():
     with pytest.raises(ConfigError, match="group-size"):
         SqueezeLLMQuantizer(3, 64)
+
+
+def test_feedback_keeps_the_tables_and_lowers_the_output_error():
+    """With feedback the tables are the plain fit's; the codes trade weight error for layer-output error."""
+    from requant.quantizers import LayerInputs, make_quantizer
+    from requant.quantizers.base import output_error_rows
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 64, generator=g)
+    x = torch.randn(512, 64, generator=g) @ torch.randn(64, 64, generator=g)  # correlated inputs
+    inputs = LayerInputs(hessian=x.T @ x, tokens=512)
+    fisher = torch.rand(24, 64, generator=g)
+    plain = make_quantizer("squeezellm", 3).fit(w, importance=fisher)
+    fb_q = make_quantizer("squeezellm", 3, feedback=True)
+    fb = fb_q.fit(w, importance=fisher, inputs=inputs)
+    assert (fb_q.uses_inputs, fb_q.sequential) == (True, True) and not make_quantizer("squeezellm", 3).uses_inputs
+    assert torch.equal(fb.lut, plain.lut)
+    assert not torch.equal(fb.codes, plain.codes)
+    err = {
+        k: float(output_error_rows(w - q.dequantize().float(), inputs.hessian).sum())
+        for k, q in (("plain", plain), ("feedback", fb))
+    }
+    assert err["feedback"] < 0.8 * err["plain"]
+    ex = torch.zeros_like(w, dtype=torch.bool)
+    ex[3, 5] = True
+    assert make_quantizer("squeezellm", 3, feedback=True).fit(
+        w, importance=fisher, exclude=ex, inputs=inputs
+    ).lut.shape == (24, 8)
+    with pytest.raises(ConfigError, match="LayerInputs"):
+        fb_q.fit(w, importance=fisher)
+    with pytest.raises(ConfigError, match="feedback='yes'"):
+        make_quantizer("squeezellm", 3, feedback="yes")

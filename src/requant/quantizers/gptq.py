@@ -50,8 +50,10 @@ def gptq_quantize(
     static_groups: bool | None = None,
     damp: float = 0.01,
     exclude: torch.Tensor | None = None,
+    lut: torch.Tensor | None = None,
 ) -> UniformTensor | LUTTensor:
-    """GPTQ of `weight` (out, in) on H = Σ x xᵀ (in, in); see the module docstring for the options."""
+    """GPTQ of `weight` (out, in) on H = Σ x xᵀ (in, in); see the module docstring for the options. `lut`
+    (out, 2^bits) fixes the `lut` grid's tables (e.g. SqueezeLLM's Fisher-weighted fit) instead of fitting them."""
     out, n = weight.shape
     g = group_size or n
     if grid not in GRIDS:
@@ -77,8 +79,11 @@ def gptq_quantize(
     eta = torch.zeros_like(wp)  # x − ŵ per column done: the rounding error GPTQ feeds forward
 
     if grid == "lut":
-        sw = kmeans_sample_weights(torch.diagonal(h).float().expand(out, n), exclude, (out, n))
-        lut = weighted_kmeans_1d(w.float(), sw, 2**bits, round_centroids_to=torch.float16).centroids.half()
+        if lut is None:
+            sw = kmeans_sample_weights(torch.diagonal(h).float().expand(out, n), exclude, (out, n))
+            lut = weighted_kmeans_1d(w.float(), sw, 2**bits, round_centroids_to=torch.float16).centroids.half()
+        elif tuple(lut.shape) != (out, 2**bits):
+            raise ConfigError(f"gptq: a given LUT must be {(out, 2**bits)}, not {tuple(lut.shape)}")
         lut64 = lut.double()
 
         def rounded(k: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,7 +134,8 @@ def gptq_quantize(
     block_ldlq(wp, u, 1, column)
     codes = codes[:, torch.argsort(perm)].contiguous()
     if grid == "lut":
-        return LUTTensor(codes=codes, lut=lut, bits=bits)
+        assert lut is not None
+        return LUTTensor(codes=codes, lut=lut.half(), bits=bits)
     return UniformTensor(codes, scale, zero, bits, g)
 
 
