@@ -62,6 +62,12 @@ def grid() -> dict[str, QuantConfig]:
             out[f"squeezellm-{bits}bit-ReQuant-{r_o}+{0.5 - r_o:g}"] = replace(
                 rq, outliers=r_o, significant=round(0.5 - r_o, 4), step=0.05
             )
+        # SqueezeLLM's tables with GPTQ's error-feedback rounding (--base-option feedback=true), with its D&S and
+        # ReQuant (same settings as the plain rows).
+        fb = {"base_options": {"feedback": True}}
+        out[f"squeezellm-fb-{bits}bit-row"] = replace(sq, **fb)
+        out[f"squeezellm-fb-{bits}bit-D&S"] = replace(out[f"squeezellm-{bits}bit-D&S"], **fb)
+        out[f"squeezellm-fb-{bits}bit-ReQuant"] = replace(rq, **fb)
         # A LUT fitted with error feedback (GPTQ over the per-row LUT grid), alone and with the sparse parts.
         lut = QuantConfig(base="gptq", bits=bits, base_options={"grid": "lut"})
         out[f"gptq-lut-{bits}bit-row"] = lut
