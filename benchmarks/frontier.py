@@ -81,6 +81,10 @@ def grid() -> dict[str, QuantConfig]:
             qt, outliers=0.0, significant=0.5, significant_select="pqi", step=0.25, pqi_nodes=2, pqi_rule="gauss"
         )
         out[f"qtip-{bits}bit+ReQuant-right1"] = replace(out[f"qtip-{bits}bit+ReQuant"], pqi_nodes=1, pqi_rule="right")
+        # A longer trellis (L = 12: lower MSE at the same bits, about the same encoding time per weight).
+        out[f"qtip-L12-{bits}bit+ReQuant-right1"] = replace(
+            out[f"qtip-{bits}bit+ReQuant-right1"], base_options={"L": 12}
+        )
         out[f"qtip-{bits}bit+ReQuant-0.25%"] = replace(
             qt, outliers=0.0, significant=0.25, significant_select="pqi", step=0.125, pqi_nodes=2, pqi_rule="gauss"
         )
