@@ -49,6 +49,11 @@ def grid() -> dict[str, QuantConfig]:
             out[f"{m}-{bits}bit-g96+ReQuant"] = QuantConfig(
                 base=m, bits=bits, group_size=96, outliers=0.25, significant=0.0, **ALG1
             )
+            # Per row: Algorithm 1 scored by the base's own error vs the Fisher-weighted error, and the IQR rule.
+            row = QuantConfig(base=m, bits=bits, outliers=0.25, significant=0.0, **ALG1)
+            out[f"{m}-{bits}bit-row+ReQuant"] = row
+            out[f"{m}-{bits}bit-row+ReQuant-fisher"] = replace(row, alg1_objective="fisher")
+            out[f"{m}-{bits}bit-row+IQR"] = replace(row, outlier_select="iqr")
         sq = QuantConfig(base="squeezellm", bits=bits)
         rq = replace(sq, **recipe_settings("requant", "squeezellm", bits))
         out[f"squeezellm-{bits}bit-row"] = sq

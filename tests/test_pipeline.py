@@ -302,3 +302,17 @@ def test_squeezellm_with_feedback_runs_sequentially_and_lowers_the_output_error(
         float(output_error_rows(ref[first] - r.layers[first].weight().float(), h[first]).sum()) for r in (plain, fb)
     ]
     assert errs[1] < errs[0]
+
+
+def test_fisher_objective_of_algorithm1_over_rtn(tokenizer, text_file):
+    """RTN fits no importance, yet Algorithm 1's fisher objective computes the Fisher and scores by it."""
+    cfg = dict(base="rtn", bits=3, outliers=1.0, outlier_select="adaptive", alg1_steps=2, calib=str(text_file))
+    runs = {
+        o: quantize(tiny_llama(), tokenizer, QuantConfig(**cfg, alg1_objective=o, nsamples=2, seqlen=32))
+        for o in ("base", "fisher")
+    }
+    assert "fisher_s" in runs["fisher"].report["timings"] and "fisher_s" not in runs["base"].report["timings"]
+    a, b = (runs[o].report["algorithm1"]["objective_no_outliers"] for o in ("base", "fisher"))
+    assert a != b  # the same dense fit, scored with and without the Fisher's weights
+    for r in runs.values():
+        assert r.report["sparse"]["outlier_entries"] <= round(0.01 * sum(q.info.numel for q in r.layers.values()))

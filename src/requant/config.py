@@ -92,7 +92,8 @@ class QuantConfig:
     pqi_nsamples: int | None = option(None, help="calibration windows for PQI (unset: nsamples)")
     alg1_objective: str = option(
         "base",
-        help="Algorithm 1 objective: base (the base method's own error) or pqi",
+        help="Algorithm 1 objective: base (the base method's own error), pqi, or fisher (the Fisher-weighted "
+        "error, whatever the base method fits)",
         what="Algorithm 1 objective",
         choices=ALG1_OBJECTIVES,
     )
@@ -203,7 +204,11 @@ class QuantConfig:
 
     @property
     def needs_fisher(self) -> bool:
-        return QUANTIZERS[self.base].uses_importance or (self.significant > 0 and self.significant_select == "fisher")
+        return (
+            QUANTIZERS[self.base].uses_importance
+            or (self.significant > 0 and self.significant_select == "fisher")
+            or (self.outliers > 0 and self.outlier_select == "adaptive" and self.alg1_objective == "fisher")
+        )
 
     @property
     def needs_pqi_pre(self) -> bool:

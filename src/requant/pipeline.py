@@ -636,6 +636,7 @@ def algorithm1(run: Run, skip: Masks, *, gbar: Masks | None, pre_scores: Masks |
             gbar=gbar,
             pre_scores=pre_scores,
             inputs=run.inputs(),
+            fisher=run.fisher if c.alg1_objective == "fisher" else None,
             map_layers=progress_map,
         )
         return {"counts": alloc.counts, "report": alloc.report()}

@@ -106,9 +106,43 @@ def test_objectives_and_criteria():
     assert layer_objective(w, recon, keep, kind="pqi", gbar=gbar) == 1.0
     assert torch.equal(criterion_scores(w, "magnitude", None), w.abs())
     assert torch.equal(criterion_scores(w, "pqi_pre", -w), w.abs())
-    with pytest.raises(ConfigError, match="objective 'l1' is not allowed; use one of base, pqi"):
+    with pytest.raises(ConfigError, match="objective 'l1' is not allowed; use one of base, pqi, fisher"):
         row_objective(w, recon, keep, kind="l1")
     with pytest.raises(ConfigError, match="criterion 'hessian' is not allowed"):
         criterion_scores(w, "hessian", None)
     with pytest.raises(ConfigError, match="allocator 'dp' is not allowed"):
         allocate_outliers({"a": w}, make_quantizer("rtn", 3), 1.0, allocator="dp")
+
+
+def test_fisher_objective_weighs_the_error_whatever_the_base_fits():
+    layers = _layers()
+    g = torch.Generator().manual_seed(1)
+    fisher = {n: torch.rand(w.shape, generator=g) for n, w in layers.items()}
+    rtn = make_quantizer("rtn", 3)
+    # RTN's fit ignores importance, so the Fisher objective is the base objective with the Fisher as weights ...
+    by_fisher = allocate_outliers(layers, rtn, 1.0, objective="fisher", fisher=fisher, steps=2)
+    weighted = allocate_outliers(layers, rtn, 1.0, objective="base", importance=fisher, steps=2)
+    assert by_fisher.table == weighted.table and by_fisher.counts == weighted.counts
+    # ... and differs from RTN's own (unweighted) error.
+    assert by_fisher.table != allocate_outliers(layers, rtn, 1.0, objective="base", steps=2).table
+    # SqueezeLLM fits with its importance; the Fisher objective only scores, with its own weights.
+    sq, imp = make_quantizer("squeezellm", 3), {n: torch.ones_like(f) for n, f in fisher.items()}
+    a = allocate_outliers(layers, sq, 1.0, objective="fisher", importance=imp, fisher=fisher, steps=2)
+    fits = [
+        sq.fit(layers["a"], importance=imp["a"], exclude=e).dequantize()
+        for e in [torch.zeros_like(layers["a"], dtype=torch.bool)]
+    ]
+    expect = layer_objective(
+        layers["a"], fits[0], torch.ones_like(fits[0], dtype=torch.bool), kind="base", importance=fisher["a"]
+    )
+    assert a.table["a"][0] == pytest.approx(expect, rel=1e-12)
+    with pytest.raises(ConfigError, match="fisher objective of Algorithm 1 needs the Fisher"):
+        allocate_outliers(layers, rtn, 1.0, objective="fisher")
+
+
+def test_fisher_objective_needs_a_fisher_pass():
+    from requant.config import QuantConfig
+
+    base = dict(base="rtn", bits=3, outliers=0.25, outlier_select="adaptive")
+    assert QuantConfig(**base, alg1_objective="fisher").needs_fisher
+    assert not QuantConfig(**base).needs_fisher

@@ -21,7 +21,9 @@ from ..quantizers import BaseQuantizer, LayerInputs
 from .allocation import ALLOCATORS, candidate_percents, topk_mask
 from .outliers import budget as budget_entries
 
-OBJECTIVES = ("base", "pqi")  # J_l: the base method's own error, or Σ |ḡ|·|w − D| of a PQI pass
+# J_l: the base method's own error, Σ |ḡ|·|w − D| of a PQI pass, or the Fisher-weighted error Σ F (w − D)²
+# whatever the base method fits (a loss-aware score for methods that weigh every entry alike, e.g. RTN).
+OBJECTIVES = ("base", "pqi", "fisher")
 CRITERIA = ("magnitude", "pqi_pre")  # which entries become outliers first
 
 # Applies a per-layer function to every name and returns {name: its row of numbers}, wherever it runs them.
@@ -64,9 +66,11 @@ def row_objective(
     importance: torch.Tensor | None = None,
     gbar: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """J per output row (fp64) on the kept (dense) entries: Σ s (w − D)² for `base`, Σ |ḡ|·|w − D| for `pqi`."""
+    """J per output row (fp64) on the kept (dense) entries: Σ s (w − D)² for `base` and `fisher` (s: the
+    importance given, the Fisher for `fisher`), Σ |ḡ|·|w − D| for `pqi`."""
     err = (weight.double() - recon.double()) * keep
-    if kind == "base":
+    if kind in ("base", "fisher"):
+        assert kind == "base" or importance is not None
         s = importance.double() if importance is not None else 1.0
         return (s * err.square()).sum(1)
     if kind == "pqi":
@@ -89,8 +93,10 @@ def candidate_objectives(
     importance: torch.Tensor | None = None,
     gbar: torch.Tensor | None = None,
     inputs: LayerInputs | None = None,
+    fisher: torch.Tensor | None = None,
 ) -> list[float]:
-    """J for each candidate exclusion mask; masks[0] is the reference fit.
+    """J for each candidate exclusion mask; masks[0] is the reference fit. `importance` goes to the fit (and
+    weighs `base`); `fisher` weighs the `fisher` objective.
 
     For base methods that fit every output row on its own, a candidate only refits the rows whose mask
     differs from the previous candidate's and keeps the other rows' error from it (nested candidates, as
@@ -101,18 +107,19 @@ def candidate_objectives(
     def sub(t: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
         return None if t is None else t[rows]
 
-    def rows_j(w: torch.Tensor, recon: torch.Tensor, keep: torch.Tensor, imp: Any, g: Any) -> torch.Tensor:
+    def rows_j(w: torch.Tensor, recon: torch.Tensor, keep: torch.Tensor, imp: Any, g: Any, f: Any) -> torch.Tensor:
         own = quantizer.objective(w, recon, keep, inputs) if kind == "base" else None
-        return own if own is not None else row_objective(w, recon, keep, kind=kind, importance=imp, gbar=g)
+        s = f if kind == "fisher" else imp
+        return own if own is not None else row_objective(w, recon, keep, kind=kind, importance=s, gbar=g)
 
     prev_ex = excludes[0]
     ref = quantizer.fit(weight, importance=importance, exclude=prev_ex, inputs=inputs).dequantize()
-    cur_rows = rows_j(weight, ref, ~prev_ex, importance, gbar)  # J of each row under the previous candidate
+    cur_rows = rows_j(weight, ref, ~prev_ex, importance, gbar, fisher)  # J of each row under the previous candidate
     out = [float(cur_rows.sum())]
     for ex in excludes[1:]:
         if not quantizer.row_independent:
             recon = quantizer.fit(weight, importance=importance, exclude=ex, inputs=inputs).dequantize()
-            out.append(float(rows_j(weight, recon, ~ex, importance, gbar).sum()))
+            out.append(float(rows_j(weight, recon, ~ex, importance, gbar, fisher).sum()))
             continue
         rows = (ex != prev_ex).any(1).nonzero().squeeze(1)
         prev_ex = ex
@@ -121,7 +128,7 @@ def candidate_objectives(
             continue
         w, imp, g, e = weight[rows], sub(importance, rows), sub(gbar, rows), ex[rows]
         recon = quantizer.fit(w, importance=imp, exclude=e, inputs=inputs).dequantize()
-        cur_rows[rows] = rows_j(w, recon, ~e, imp, g)
+        cur_rows[rows] = rows_j(w, recon, ~e, imp, g, sub(fisher, rows))
         out.append(float(cur_rows.sum()))
     return out
 
@@ -169,16 +176,20 @@ def allocate_outliers(
     gbar: Mapping[str, torch.Tensor] | None = None,
     pre_scores: Mapping[str, torch.Tensor] | None = None,
     inputs: Mapping[str, LayerInputs] | None = None,
+    fisher: Mapping[str, torch.Tensor] | None = None,
     map_layers: LayerMap = local_map,
 ) -> OutlierAllocation:
     """Per-layer outlier counts minimising Σ_l J_l subject to Σ_l count_l ≤ budget_pct % of all weights.
 
     `groups` maps each layer to a unit that shares one ratio (e.g. its block); default: every layer alone.
-    `inputs` carries each layer's calibration statistics for base methods that use them. `map_layers` runs
+    `inputs` carries each layer's calibration statistics for base methods that use them; `fisher` weighs the
+    `fisher` objective. `map_layers` runs
     the per-layer candidate fits (a layer's table does not depend on where it is computed).
     """
     if allocator not in ALLOCATORS:
         raise ConfigError(f"allocator {allocator!r} is not allowed; use one of {', '.join(ALLOCATORS)}")
+    if objective == "fisher" and fisher is None:
+        raise ConfigError("the fisher objective of Algorithm 1 needs the Fisher of every layer")
     cands = candidate_percents(budget_pct, steps, max_factor)
     counts = {n: [budget_entries(p, w.numel()) for p in cands] for n, w in weights.items()}
 
@@ -199,6 +210,7 @@ def allocate_outliers(
             importance=importance.get(n) if importance else None,
             gbar=gbar.get(n) if gbar else None,
             inputs=inputs.get(n) if inputs else None,
+            fisher=fisher.get(n) if fisher else None,
         )
 
     table = map_layers(list(weights), layer_table)
