@@ -67,5 +67,8 @@ def test_bad_settings_are_refused():
         make_quantizer("rtn", 5)
     with pytest.raises(ConfigError, match="base method 'nope'"):
         make_quantizer("nope", 4)
+    with pytest.raises(ConfigError, match="rtn has no option 'grid'; its options are sym"):
+        make_quantizer("rtn", 4, grid="lut")
+    assert make_quantizer("rtn", 4, sym=True).sym
     with pytest.raises(ConfigError, match="does not divide the input width 576 of layer x"):
         RTNQuantizer(3, 128).check_shape("x", (10, 576))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 from ..errors import ConfigError
 from .awq import AWQQuantizer, ScaledUniformTensor
 from .base import ALLOWED_BITS, BaseQuantizer, LayerInputs, LUTTensor, QuantizedTensor, UniformTensor
@@ -24,6 +26,13 @@ def make_quantizer(name: str, bits: int, group_size: int | None = None, **option
     cls = QUANTIZERS.get(name)
     if cls is None:
         raise ConfigError(f"base method {name!r} is not available; use one of {', '.join(QUANTIZERS)}")
+    params = inspect.signature(cls.__init__).parameters
+    allowed = [p for p in params if p not in ("self", "bits", "group_size")]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ConfigError(
+            f"{name} has no option {', '.join(map(repr, unknown))}; its options are {', '.join(allowed) or 'none'}"
+        )
     return cls(bits, group_size, **options)  # type: ignore[arg-type]
 
 
