@@ -116,10 +116,11 @@ def tune_allocator() -> bool:
 
 @contextlib.contextmanager
 def transient_allocations() -> Iterator[None]:
-    """Inside, per-layer work whose tensors die young (Algorithm 1's candidate fits, the dense fit) reuses the
-    heap: with the pinned threshold every megabyte-sized temporary is a fresh mapping, page-faulted and zeroed
-    anew (on R, 20 M page faults and a quarter of a ReQuant run's wall time). After, the pinned threshold again,
-    and the heap's free pages go back to the system. A no-op where `tune_allocator` did not apply."""
+    """Inside, work whose tensors die young and that is not where a run peaks (Algorithm 1's candidate fits, the
+    dense fit, the Fisher pass) reuses the heap: with the pinned threshold every megabyte-sized temporary is a
+    fresh mapping, page-faulted and zeroed anew (on R: 22 M page faults, 5× the system time of the run without
+    the pin). After, the pinned threshold again, and the heap's free pages go back to the system. A no-op where
+    `tune_allocator` did not apply."""
     libc = _libc() if _tuned else None
     if libc is None:
         yield

@@ -556,7 +556,11 @@ def base_sensitivity(run: Run, fisher: Mapping[str, torch.Tensor] | None) -> Non
 
             def compute() -> dict[str, torch.Tensor]:
                 windows = run.calibration.windows()
-                return compute_fisher(run.model, run.tokenizer, run.config, run.names, run.weights, windows, spilled)
+                # The heap is reused here: a run's peak comes later, in the PQI passes (requant.memory).
+                with transient_allocations():
+                    return compute_fisher(
+                        run.model, run.tokenizer, run.config, run.names, run.weights, windows, spilled
+                    )
 
             fisher = run.work.cached("fisher", compute, TENSORS)
             if spilled is not None and any(fisher[n] is not spilled[n] for n in run.names):  # read back on resume
