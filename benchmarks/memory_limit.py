@@ -72,7 +72,7 @@ def same_checkpoint(a: Path, b: Path) -> bool:
     from safetensors import safe_open
 
     fa, fb = safe_open(a / "model.safetensors", "pt"), safe_open(b / "model.safetensors", "pt")
-    keys = list(fa.keys())  # noqa: SIM118 (a safetensors handle, not a dict)
+    keys = list(fa.keys())
     return set(keys) == set(fb.keys()) and all(fa.get_tensor(k).equal(fb.get_tensor(k)) for k in keys)
 
 
