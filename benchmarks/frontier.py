@@ -73,6 +73,9 @@ def grid() -> dict[str, QuantConfig]:
         out[f"squeezellm-fb-{bits}bit-row"] = replace(sq, **fb)
         out[f"squeezellm-fb-{bits}bit-D&S"] = replace(out[f"squeezellm-{bits}bit-D&S"], **fb)
         out[f"squeezellm-fb-{bits}bit-ReQuant"] = replace(rq, **fb)
+        # Algorithm 1 refits every candidate (33 per layer, each a GPTQ pass with feedback): the IQR outliers with
+        # ReQuant's detach are the affordable reading.
+        out[f"squeezellm-fb-{bits}bit-IQR+detach"] = replace(rq, outlier_select="iqr", **fb)
         # A LUT fitted with error feedback (GPTQ over the per-row LUT grid), alone and with the sparse parts.
         lut = QuantConfig(base="gptq", bits=bits, base_options={"grid": "lut"})
         out[f"gptq-lut-{bits}bit-row"] = lut
