@@ -115,7 +115,7 @@ def main() -> int:
         rows.append(row)
         print(row, flush=True)
     RESULTS.mkdir(exist_ok=True)
-    doc = {"limit_bytes": int(args.limit), "command": " ".join(base[1:]), "rows": rows}
+    doc = {"limit_bytes": int(args.limit), "command": "requant " + " ".join(base[3:]), "rows": rows}
     (RESULTS / "memory-limit.json").write_text(json.dumps(doc, indent=1) + "\n")
     lines = [
         f"# `requant quantize` on R inside a {args.limit / 1e9:.2f} GB memory cgroup",
