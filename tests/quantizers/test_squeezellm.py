@@ -3,7 +3,7 @@ import torch
 
 from requant.errors import ConfigError
 from requant.quantizers import LUTTensor, SqueezeLLMQuantizer
-from requant.quantizers.squeezellm import kmeans_sample_weights
+from requant.quantizers.kmeans import kmeans_sample_weights
 
 
 def test_sample_weights_zero_masked_and_fall_back_per_row():

@@ -29,10 +29,9 @@ import torch
 
 from ..errors import ConfigError
 from .base import BaseQuantizer, LayerInputs, LUTTensor, UniformTensor, layer_hessian, output_error_rows
-from .kmeans import weighted_kmeans_1d
+from .kmeans import kmeans_sample_weights, weighted_kmeans_1d
 from .qtip.ldlq import block_ldl, block_ldlq, damp_hessian
 from .rtn import minmax_quantize
-from .squeezellm import kmeans_sample_weights
 
 GRIDS = ("uniform", "lut")
 _BLOCK = 128  # GPTQ's lazy-batch width (block_ldlq's super-block for column blocks of 1)

@@ -90,6 +90,21 @@ class KMeansResult:
     objective: torch.Tensor
 
 
+def kmeans_sample_weights(
+    importance: torch.Tensor | None, exclude: torch.Tensor | None, shape: tuple[int, int]
+) -> torch.Tensor:
+    """k-means sample weights: importance with excluded entries at 0; rows with no weight left fall back to
+    uniform weights over their kept entries (SqueezeLLM's rule for all-zero Fisher rows)."""
+    keep = torch.ones(shape, dtype=torch.float32) if exclude is None else (~exclude).float()
+    if importance is None:
+        return keep
+    w = importance.float().clamp_min(0) * keep
+    dead = w.sum(1) == 0
+    if dead.any():
+        w[dead] = keep[dead]
+    return w
+
+
 def weighted_kmeans_1d(
     x: torch.Tensor,
     weight: torch.Tensor | None,

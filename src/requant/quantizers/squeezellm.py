@@ -8,22 +8,8 @@ import torch
 
 from ..errors import ConfigError
 from .base import BaseQuantizer, LayerInputs, LUTTensor, layer_hessian
-from .kmeans import weighted_kmeans_1d
-
-
-def kmeans_sample_weights(
-    importance: torch.Tensor | None, exclude: torch.Tensor | None, shape: tuple[int, int]
-) -> torch.Tensor:
-    """k-means sample weights: importance with excluded entries at 0; rows with no weight left fall back to
-    uniform weights over their kept entries (SqueezeLLM's rule for all-zero Fisher rows)."""
-    keep = torch.ones(shape, dtype=torch.float32) if exclude is None else (~exclude).float()
-    if importance is None:
-        return keep
-    w = importance.float().clamp_min(0) * keep
-    dead = w.sum(1) == 0
-    if dead.any():
-        w[dead] = keep[dead]
-    return w
+from .gptq import gptq_quantize
+from .kmeans import kmeans_sample_weights, weighted_kmeans_1d
 
 
 class SqueezeLLMQuantizer(BaseQuantizer):
@@ -80,8 +66,6 @@ class SqueezeLLMQuantizer(BaseQuantizer):
         )
         if not self.feedback:
             return LUTTensor(codes=res.codes, lut=res.centroids.half(), bits=self.bits)
-        from .gptq import gptq_quantize  # gptq builds on this module's sample weights
-
         h = layer_hessian(self.name, weight, inputs)
         return gptq_quantize(
             weight, h, self.bits, grid="lut", lut=res.centroids.half(), damp=self.damp, exclude=exclude
