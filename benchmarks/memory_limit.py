@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from compare_checkpoints import compare
+
 RESULTS = Path(__file__).resolve().parent / "results"
 V1 = Path("/sys/fs/cgroup/memory")
 V2 = Path("/sys/fs/cgroup")
@@ -68,14 +70,6 @@ def run(cmd: list[str], cgroup: Cgroup | None) -> tuple[int, float, str]:
     return p.returncode, time.perf_counter() - t, p.stderr[-500:]
 
 
-def same_checkpoint(a: Path, b: Path) -> bool:
-    from safetensors import safe_open
-
-    fa, fb = safe_open(a / "model.safetensors", "pt"), safe_open(b / "model.safetensors", "pt")
-    keys = list(fa.keys())
-    return set(keys) == set(fb.keys()) and all(fa.get_tensor(k).equal(fb.get_tensor(k)) for k in keys)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--limit", type=float, default=1.6e9, help="bytes (default 1.6e9)")
@@ -107,9 +101,9 @@ def main() -> int:
             ref_cmd = [*base, "-o", str(ref)]
             ref_cmd += ["--offload", str(args.work / "offload-ref")] if mode == "offload" else []
             rrc, _, _ = run(ref_cmd, None)
-            row["equals_unlimited_run"] = rrc == 0 and same_checkpoint(out, ref)
+            row["equals_unlimited_run"] = rrc == 0 and compare(out, ref)
         elif rc == 0 and args.compare is not None and mode == "offload":
-            row["equals_unlimited_run"] = same_checkpoint(out, args.compare)
+            row["equals_unlimited_run"] = compare(out, args.compare)
         elif rc != 0:
             row["stderr_tail"] = err
         rows.append(row)
