@@ -103,3 +103,73 @@ def trained_tiny_llama(text: str, *, steps: int = 80, seed: int = 0):
     model = tiny_llama(seed)
     model.load_state_dict(_TRAINED[key])
     return model
+
+
+def packed_random(model, bits: int = 3, kind: str = "lut"):
+    """The model's block linears replaced by random packed QuantLinears (+2% sparse residual; kind "lut" with
+    small LUT values, else `random_layer`'s kinds), its other weights rounded to fp16 and the embeddings / lm_head
+    served in 16 bits: a loaded checkpoint's shape."""
+    from requant.format import QuantLinear
+    from requant.format.serving import serve_dense
+    from requant.model import LayerInfo, set_module
+    from requant.quantizers import LUTTensor
+    from requant.results import QuantizedLayer
+    from requant.sparse import SparseResidual
+
+    g = torch.Generator().manual_seed(0)
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, torch.nn.Linear) and name.startswith("model.layers"):
+            out, inp = mod.out_features, mod.in_features
+            if kind != "lut":
+                q = random_layer(out, inp, bits, kind, nnz=out * inp // 50, group=32, seed=len(name))
+                set_module(model, name, QuantLinear.from_layer(q))
+                continue
+            codes = torch.randint(0, 2**bits, (out, inp), generator=g, dtype=torch.uint8)
+            lut = (torch.randn(out, 2**bits, generator=g) * 0.1).half()
+            idx = torch.randperm(out * inp, generator=g)[: out * inp // 50].sort().values
+            sparse = SparseResidual(idx, (torch.randn(idx.numel(), generator=g) * 0.1).half(), (out, inp))
+            q = QuantizedLayer(LayerInfo(name, 0, name, out, inp), LUTTensor(codes, lut, bits), sparse)
+            set_module(model, name, QuantLinear.from_layer(q))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.half().float())
+    serve_dense(model, "auto", stored_dtype=torch.float16)
+    return model
+
+
+def random_layer(
+    out: int,
+    inp: int,
+    bits: int,
+    kind: str = "lut",
+    nnz: int = 0,
+    group: int | None = None,
+    sym: bool = False,
+    seed: int = 0,
+) -> object:
+    """A QuantizedLayer with random codes, tables (LUT, scale/zero per group, AWQ's per-input scale or a trellis
+    tensor's signs and scale) and sparse residual. Kind "trellis" uses tiles of 4 × 8 (L = 8): shapes must fit."""
+    from requant.model import LayerInfo
+    from requant.quantizers import LUTTensor, ScaledUniformTensor, TrellisTensor, UniformTensor
+    from requant.quantizers.qtip.hadamard import pack_signs, random_signs
+    from requant.results import QuantizedLayer
+    from requant.sparse import SparseResidual
+
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (out, inp), generator=g, dtype=torch.uint8)
+    if kind == "lut":
+        dense = LUTTensor(codes, torch.randn(out, 2**bits, generator=g).half(), bits)
+    elif kind == "trellis":
+        signs = pack_signs(random_signs(inp, g)), pack_signs(random_signs(out, g))
+        dense = TrellisTensor(codes, *signs, torch.tensor([0.03]).half(), bits, 8, 1, "1mad", (4, 8))
+    else:
+        group = group or inp
+        scale = (torch.rand(out, inp // group, generator=g) / 10 + 0.01).half()
+        zero = None if sym else torch.randint(0, 2**bits, (out, inp // group), generator=g).half()
+        dense = UniformTensor(codes, scale, zero, bits, group)
+        if kind == "awq":
+            in_scale = (torch.rand(inp, generator=g) * 4 + 0.25).half()
+            dense = ScaledUniformTensor(codes, scale, zero, bits, group, in_scale=in_scale)
+    index = torch.randperm(out * inp, generator=g)[:nnz].sort().values
+    sparse = SparseResidual(index, torch.randn(nnz, generator=g).half(), (out, inp))
+    return QuantizedLayer(LayerInfo("blk.0.proj", 0, "proj", out, inp), dense, sparse)

@@ -4,35 +4,11 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
+from helpers import packed_random
 from requant import decode
 from requant.decode import StaticDecoder, greedy_generate, plain_greedy
 from requant.errors import ConfigError
-from requant.format import QuantLinear, kernels
-from requant.format.serving import serve_dense
-from requant.model import set_module
-
-
-def _packed(model):
-    from requant.model import LayerInfo
-    from requant.quantizers import LUTTensor
-    from requant.results import QuantizedLayer
-    from requant.sparse import SparseResidual
-
-    g = torch.Generator().manual_seed(0)
-    for name, mod in list(model.named_modules()):
-        if isinstance(mod, torch.nn.Linear) and name.startswith("model.layers"):
-            out, inp = mod.out_features, mod.in_features
-            codes = torch.randint(0, 8, (out, inp), generator=g, dtype=torch.uint8)
-            lut = (torch.randn(out, 8, generator=g) * 0.1).half()
-            idx = torch.randperm(out * inp, generator=g)[: out * inp // 50].sort().values
-            sparse = SparseResidual(idx, (torch.randn(idx.numel(), generator=g) * 0.1).half(), (out, inp))
-            q = QuantizedLayer(LayerInfo(name, 0, name, out, inp), LUTTensor(codes, lut, 3), sparse)
-            set_module(model, name, QuantLinear.from_layer(q))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(p.half().float())
-    serve_dense(model, "auto", stored_dtype=torch.float16)
-    return model
+from requant.format import kernels
 
 
 def _reference(model, ids, n, eos=None):
@@ -49,7 +25,7 @@ def _reference(model, ids, n, eos=None):
 
 @pytest.mark.parametrize("packed", [False, True], ids=["fp32", "packed"])
 def test_greedy_tokens_equal_transformers_generate(model, packed):
-    model = _packed(model) if packed else model
+    model = packed_random(model) if packed else model
     g = torch.Generator().manual_seed(5)
     dec = StaticDecoder(model, 64)
     for p in (1, 9):  # the same decoder reused: the cache is reset per prompt
@@ -122,7 +98,7 @@ def test_a_failing_compile_falls_back_to_eager(model, monkeypatch):
 @pytest.mark.skipif(not decode.compiler_available() or kernels.library() is None, reason="no C++ compiler / kernels")
 def test_compiled_step_with_packed_layers_as_custom_ops(model):
     """torch.compile captures the step with the packed layers as requant::packed_linear: same greedy tokens."""
-    model = _packed(model)
+    model = packed_random(model)
     ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(1))
     dec = StaticDecoder(model, 32, compile="on")
     out = dec.generate(ids, 16)

@@ -9,6 +9,7 @@ matmuls of a small quantized model. `StaticDecoder` keeps, for one model:
 - optionally the step compiled with `torch.compile` (inductor's C++ backend, so it needs a C++ compiler; the
   quantized layers enter the graph as the custom ops of format.ops). Without a compiler, or when compilation
   fails, it runs eagerly with a warning: the result is the same, only slower.
+`FusedDecoder` replaces the step by one C call per token (requant.fused) for models with the Llama block layout.
 Greedy only; its tokens equal `model.generate(do_sample=False)` on the same model (tested), up to the rare
 near-tie that a different attention reduction length (max_len keys, masked) can flip.
 """
@@ -27,6 +28,8 @@ from .errors import ConfigError
 from .format import ops
 
 COMPILE_CHOICES = ("off", "on", "auto")
+# auto: the fused C step (requant.fused) where the model's structure allows it, else the static decoder
+DECODER_CHOICES = ("auto", "fused", "static")
 
 
 # generation-config settings that make transformers' greedy decoding differ from a plain argmax, with the value
@@ -63,6 +66,8 @@ def compiler_available() -> bool:
 
 class StaticDecoder:
     """Greedy batch-1 decoding of one model with a static KV cache of `max_len` positions."""
+
+    kind = "static"  # what decodes (reports)
 
     def __init__(self, model: nn.Module, max_len: int, *, compile: str = "off") -> None:
         from transformers import StaticCache
@@ -155,11 +160,90 @@ class StaticDecoder:
         return out[:, :n]
 
 
+class FusedDecoder(StaticDecoder):
+    """Greedy batch-1 decoding with the fused C step of requant.fused (prefill through the model's forward into the
+    StaticCache the step then extends). Construction raises fused.Unsupported for models outside its structure.
+    The first decode step after construction also runs through the model's forward: unless the logits agree
+    (fused.SELF_CHECK_RTOL), a warning says so and the static decoder's step takes over."""
+
+    def __init__(self, model: nn.Module, max_len: int) -> None:
+        from .fused import LlamaStep
+
+        self.fused_step = LlamaStep(model, max_len)  # raises Unsupported first, before the cache is allocated
+        super().__init__(model, max_len)
+        self.fused, self.checked = True, False
+
+    @property
+    def kind(self) -> str:  # type: ignore[override]
+        return "fused" if self.fused else "static"
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """The last fused step's next-token logits (vocab,), overwritten by the next step."""
+        return self.fused_step.logits
+
+    @torch.inference_mode()
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        from .fused import Unsupported
+
+        tok = super().prefill(ids)
+        if self.fused:
+            try:
+                self.fused_step.bind(self.cache)
+            except Unsupported as e:
+                self._give_up(str(e))
+        return tok
+
+    def _give_up(self, why: str) -> None:
+        warnings.warn(
+            f"requant: fused decode step off ({why}); decoding with the static decoder", RuntimeWarning, stacklevel=3
+        )
+        self.fused = False
+
+    @torch.inference_mode()
+    def step(self) -> torch.Tensor:
+        from .fused import SELF_CHECK_RTOL
+
+        pos = int(self.position)
+        if not self.fused or pos >= self.max_len:  # the static step (it refuses a full cache)
+            return super().step()
+        nxt = self.fused_step.run(int(self.token), pos)
+        if not self.checked:
+            self.checked = True
+            ref = self._forward_step(self.token, self.position)[0].float()  # rewrites this position's keys
+            err = (self.logits - ref).abs().max().item()
+            if not err <= SELF_CHECK_RTOL * (1.0 + ref.abs().max().item()):
+                self._give_up(f"its logits differ from the model's forward by {err:.3g}")
+                nxt = int(torch.argmax(ref))
+        self.token.fill_(nxt)
+        self.position += 1
+        return self.token
+
+
+def make_decoder(model: nn.Module, max_len: int, decoder: str = "auto", *, compile: str = "off") -> StaticDecoder:
+    """The greedy decoder of `max_len` positions for `model`: "fused" (requant.fused; ConfigError naming why when the
+    model is outside its structure), "static", or "auto" = fused when possible, else static. Asking to compile
+    (`compile="on"`) means the static decoder's step: the fused step is C already."""
+    if decoder not in DECODER_CHOICES:
+        raise ConfigError(f"decoder {decoder!r} is not one of {', '.join(DECODER_CHOICES)}")
+    if decoder == "static" or (decoder == "auto" and compile == "on"):
+        return StaticDecoder(model, max_len, compile=compile)
+    from .fused import Unsupported
+
+    try:
+        return FusedDecoder(model, max_len)
+    except Unsupported as e:
+        if decoder == "fused":
+            raise ConfigError(f"--decoder fused: {e}") from None
+        return StaticDecoder(model, max_len, compile=compile)
+
+
 def static_timer(
-    model: nn.Module, max_len: int, *, compile: str = "off"
+    model: nn.Module, max_len: int, *, compile: str = "off", decoder: str = "static"
 ) -> Callable[[torch.Tensor, int], tuple[float, float]]:
-    """A (prompt, new_tokens) -> (prefill s, decode s) timer over one StaticDecoder of `max_len` positions."""
-    dec = StaticDecoder(model, max_len, compile=compile)
+    """A (prompt, new_tokens) -> (prefill s, decode s) timer over one decoder (`make_decoder`) of `max_len`
+    positions."""
+    dec = make_decoder(model, max_len, decoder, compile=compile)
 
     def timer(prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
         t0 = time.perf_counter()
@@ -180,10 +264,20 @@ def greedy_generate(
     *,
     eos_token_id: int | list[int] | None = None,
     compile: str = "off",
+    decoder: str = "auto",
 ) -> torch.Tensor:
-    """Greedy continuation of one prompt (1, P) through a StaticDecoder sized for it; (1, P + n) token ids."""
-    dec = StaticDecoder(model, ids.shape[1] + max_new_tokens, compile=compile)
+    """Greedy continuation of one prompt (1, P) through a decoder sized for it (`make_decoder`); (1, P + n) ids."""
+    dec = make_decoder(model, ids.shape[1] + max_new_tokens, decoder, compile=compile)
     return dec.generate(ids, max_new_tokens, eos_token_id)
 
 
-__all__ = ["COMPILE_CHOICES", "StaticDecoder", "compiler_available", "greedy_generate", "static_timer"]
+__all__ = [
+    "COMPILE_CHOICES",
+    "DECODER_CHOICES",
+    "FusedDecoder",
+    "StaticDecoder",
+    "compiler_available",
+    "greedy_generate",
+    "make_decoder",
+    "static_timer",
+]

@@ -93,17 +93,17 @@ def test_bench_needs_a_checkpoint(capsys, model_dir):
     assert code == 2 and "not a requant checkpoint" in err
 
 
-def test_generate_static_and_transformers_decoders_agree(capsys, ckpt_and_model):
+def test_generate_fused_static_and_transformers_decoders_agree(capsys, ckpt_and_model):
     ckpt, _, _ = ckpt_and_model
     outs = {}
-    for decoder in ("static", "transformers"):
+    for decoder in ("auto", "fused", "static", "transformers"):
         code, out, _ = run(
             capsys, "generate", str(ckpt), "gamma delta", "--max-new-tokens", "12", "--json", "--decoder", decoder
         )
         assert code == 0
         outs[decoder] = json.loads(out)
-    assert outs["static"]["decoder"] == "static" and outs["transformers"]["decoder"] == "transformers"
-    assert outs["static"]["continuation"] == outs["transformers"]["continuation"]
+    assert [outs[d]["decoder"] for d in outs] == ["fused", "fused", "static", "transformers"]
+    assert len({o["continuation"] for o in outs.values()}) == 1
     code, out, _ = run(capsys, "generate", str(ckpt), "gamma", "--max-new-tokens", "4", "--lm-head", "int8", "--json")
     assert code == 0 and json.loads(out)["new_tokens"] >= 1
     with pytest.raises(SystemExit) as e:
@@ -114,8 +114,8 @@ def test_generate_static_and_transformers_decoders_agree(capsys, ckpt_and_model)
 def test_bench_runs_either_decoder(capsys, ckpt_and_model):
     ckpt, _, _ = ckpt_and_model
     base = ["bench", str(ckpt), "--prompt-tokens", "6", "--new-tokens", "2", "--repeats", "1", "--json"]
-    for decoder in ("static", "transformers"):
+    for decoder, used in (("auto", "fused"), ("static", "static"), ("transformers", "transformers")):
         code, out, _ = run(capsys, *base, "--decoder", decoder)
         assert code == 0
         d = json.loads(out)
-        assert d["decoder"] == decoder and d["quantized"]["decode_tok_s"] > 0
+        assert d["decoder"] == decoder and d["decoder_used"] == used and d["quantized"]["decode_tok_s"] > 0

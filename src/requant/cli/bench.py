@@ -35,8 +35,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     add_decoder_flags(
         p,
-        "the checkpoint's decode loop: static (default; requant.decode) or the model's forward with "
-        "transformers' DynamicCache; the fp32 baseline always runs the latter",
+        "the checkpoint's decode loop: auto (default: fused where the model has the Llama block layout, else "
+        "static), fused (one C call per token, requant.fused), static (static KV cache, requant.decode) or the "
+        "model's forward with transformers' DynamicCache; the fp32 baseline always runs the latter",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object, no progress bars")
     add_lm_head_flag(p)
@@ -97,10 +98,10 @@ def run(args: argparse.Namespace) -> int:
     vocab = quant.get_input_embeddings().num_embeddings
     prompt = random_prompt(vocab, args.prompt_tokens)
     runner = quant
-    if args.decoder == "static":
+    if args.decoder != "transformers":
         from ..decode import static_timer
 
-        runner = static_timer(quant, args.prompt_tokens + args.new_tokens, compile=args.compile)
+        runner = static_timer(quant, args.prompt_tokens + args.new_tokens, compile=args.compile, decoder=args.decoder)
     with bar(total=args.repeats, desc="bench", unit="round") as pbar:
         res = measure(
             {"fp32": fp32, "quantized": runner}, prompt, args.new_tokens, args.repeats, progress=lambda _: pbar.update()
@@ -115,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
         "threads": torch.get_num_threads(),
         "kernels": kernels.status(),
         "decoder": args.decoder,
+        "decoder_used": getattr(getattr(runner, "decoder", None), "kind", "transformers"),
         "compiled": bool(getattr(getattr(runner, "decoder", None), "compiled", False)),
         "lm_head": args.lm_head,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..decode import COMPILE_CHOICES
+from ..decode import COMPILE_CHOICES, DECODER_CHOICES
 
 
 def percent(s: str) -> float:
@@ -140,7 +140,7 @@ def add_lm_head_flag(p: argparse.ArgumentParser) -> None:
 def add_decoder_flags(p: argparse.ArgumentParser, decoder_help: str) -> None:
     """--decoder and --compile: which greedy decode loop runs on CPU (requant.decode), and whether its step is
     compiled."""
-    p.add_argument("--decoder", choices=("static", "transformers"), default="static", help=decoder_help)
+    p.add_argument("--decoder", choices=(*DECODER_CHOICES, "transformers"), default="auto", help=decoder_help)
     p.add_argument(
         "--compile",
         choices=COMPILE_CHOICES,

@@ -24,8 +24,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     add_decoder_flags(
         p,
-        "greedy decode loop on CPU: static (default; static KV cache, requant.decode) or transformers' generate "
-        "(sampling always uses transformers)",
+        "greedy decode loop on CPU: auto (default: fused where the model has the Llama block layout, else "
+        "static), fused (one C call per token, requant.fused), static (static KV cache, requant.decode) or "
+        "transformers' generate (sampling always uses transformers)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_lm_head_flag(p)
@@ -73,14 +74,17 @@ def run(args: argparse.Namespace) -> int:
     from ..decode import plain_greedy
 
     # the static decoder is a plain argmax: a model whose generation config adds penalties goes through generate
-    static = not sample and args.decoder == "static" and str(args.device) == "cpu"
+    static = not sample and args.decoder != "transformers" and str(args.device) == "cpu"
     static = static and plain_greedy(model.generation_config)
     t0 = time.perf_counter()
+    used = "transformers"
     if static:
-        from ..decode import greedy_generate
+        from ..decode import make_decoder
 
         eos = model.generation_config.eos_token_id if model.generation_config is not None else tok.eos_token_id
-        out = greedy_generate(model, ids, args.max_new_tokens, eos_token_id=eos, compile=args.compile)
+        dec = make_decoder(model, ids.shape[1] + args.max_new_tokens, args.decoder, compile=args.compile)
+        out = dec.generate(ids, args.max_new_tokens, eos)
+        used = dec.kind
     else:
         with torch.inference_mode():
             out = model.generate(
@@ -99,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         "new_tokens": int(new.numel()),
         "prompt_tokens": int(ids.shape[1]),
         "wall_s": wall,
-        "decoder": "static" if static else "transformers",
+        "decoder": used,
     }
     emit(args, obj, text)
     return 0

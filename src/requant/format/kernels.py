@@ -16,7 +16,7 @@ import torch
 from .. import native
 
 SOURCE = Path(__file__).parent / "csrc" / "qgemm.c"
-ABI_VERSION = 4
+ABI_VERSION = 5
 GEMM_MAX_M = 64  # RQ_MAX_M in qgemm.c: more input rows than this go through dequantize + BLAS
 
 
@@ -53,6 +53,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.rq_dequantize.restype = None
     lib.rq_pool_chunks.argtypes = [ctypes.c_int]
     lib.rq_pool_chunks.restype = ctypes.c_int64
+    lib.rq_llama_scratch.argtypes = [ctypes.c_void_p]
+    lib.rq_llama_scratch.restype = ctypes.c_int64
+    lib.rq_llama_step.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+    lib.rq_llama_step.restype = ctypes.c_int64
 
 
 _NATIVE = native.NativeLibrary(SOURCE, ABI_VERSION, _declare)
@@ -141,14 +145,19 @@ def describe(
     return d
 
 
-DENSE_MODES = {torch.float16: 2, torch.bfloat16: 3, torch.int8: 4}  # mode of a plain dense matrix, by dtype
+# mode of a plain dense matrix, by dtype
+DENSE_MODES = {torch.float16: 2, torch.bfloat16: 3, torch.int8: 4, torch.float32: 5}
 
 
-def describe_dense(weight: torch.Tensor, scale: torch.Tensor | None = None) -> LayerDesc:
-    """A kernel descriptor over a plain (out, in) fp16 / bf16 matrix, or int8 with fp32 per-row `scale`
-    (ŵ = q · scale[r]); the kernels widen it to fp32 in registers. The caller keeps the tensors alive."""
+def describe_dense(
+    weight: torch.Tensor, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None
+) -> LayerDesc:
+    """A kernel descriptor over a plain (out, in) fp32 / fp16 / bf16 matrix, or int8 with fp32 per-row `scale`
+    (ŵ = q · scale[r]), plus an optional fp32 bias; the kernels widen it to fp32 in registers. The caller keeps
+    the tensors alive."""
     assert weight.dim() == 2 and weight.is_contiguous() and weight.dtype in DENSE_MODES
     assert (scale is not None) == (weight.dtype == torch.int8)
+    assert bias is None or (bias.dtype == torch.float32 and bias.is_contiguous() and bias.shape == weight.shape[:1])
     d = LayerDesc()
     d.q, d.out, d.inp = weight.data_ptr(), weight.shape[0], weight.shape[1]
     d.row_bytes, d.bits, d.mode = (
@@ -159,7 +168,52 @@ def describe_dense(weight: torch.Tensor, scale: torch.Tensor | None = None) -> L
     if scale is not None:
         assert scale.dtype == torch.float32 and scale.is_contiguous() and scale.shape == (weight.shape[0],)
         d.scale, d.group, d.ngroups = scale.data_ptr(), weight.shape[1], 1
+    d.bias = _ptr(bias)
     return d
+
+
+class BlockDesc(ctypes.Structure):
+    """Mirror of `rq_block` in qgemm.c: one decoder block of the fused batch-1 step (pointers to LayerDescs)."""
+
+    _fields_ = [
+        *((n, ctypes.POINTER(LayerDesc)) for n in ("q", "k", "v", "o", "gate", "up", "down")),
+        ("norm1", ctypes.c_void_p),
+        ("norm2", ctypes.c_void_p),
+        ("kc", ctypes.c_void_p),
+        ("vc", ctypes.c_void_p),
+    ]
+
+
+class LlamaDesc(ctypes.Structure):
+    """Mirror of `rq_llama` in qgemm.c: sizes, blocks and tables of the fused batch-1 decode step."""
+
+    _fields_ = [
+        *(
+            (n, ctypes.c_int64)
+            for n in ("n_blocks", "hidden", "n_heads", "n_kv", "head_dim", "inter", "max_len", "vocab")
+        ),
+        ("eps", ctypes.c_float),
+        ("scaling", ctypes.c_float),
+        ("blocks", ctypes.POINTER(BlockDesc)),
+        ("final_norm", ctypes.c_void_p),
+        ("embed", ctypes.c_void_p),
+        ("embed_mode", ctypes.c_int32),
+        ("pad_", ctypes.c_int32),
+        ("head", ctypes.POINTER(LayerDesc)),
+        ("cos", ctypes.c_void_p),
+        ("sin", ctypes.c_void_p),
+        ("scratch", ctypes.c_void_p),
+        ("logits", ctypes.c_void_p),
+    ]
+
+
+def llama_step(lib: ctypes.CDLL, desc: LlamaDesc, token: int, pos: int) -> int:
+    """One fused decode step (token at position pos); the argmax of the next-token logits (in desc.logits)."""
+    _sync_threads(lib)
+    nxt = lib.rq_llama_step(ctypes.addressof(desc), token, pos)
+    if nxt < 0:
+        raise ValueError(f"rq_llama_step: token {token} or position {pos} out of range")
+    return nxt
 
 
 def gemm(lib: ctypes.CDLL, desc: LayerDesc, x: torch.Tensor) -> torch.Tensor:

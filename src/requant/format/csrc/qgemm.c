@@ -4,7 +4,7 @@
  * multiple of 8 codes, so every group of 8 codes fills exactly b bytes (3-bit: 8 codes in 3 bytes).
  * Dense decode: LUT mode  w = lut[r][code];  affine mode  w = ((float)code - zero) * scale  per group.
  * Plain dense rows (an output projection served as stored): mode 2 fp16, mode 3 bf16 (exact widening to fp32),
- * mode 4 int8 with one fp32 scale per row (w = q * scale[r]); `q` then points at the (out, in) matrix.
+ * mode 4 int8 with one fp32 scale per row (w = q * scale[r]), mode 5 fp32; `q` then points at the (out, in) matrix.
  * Sparse residual: CSR (row pointers, column indices, fp32 values), added to the row.
  *
  * rq_dequantize writes the fp32 weight with exactly the operations of the PyTorch reference (bit-exact).
@@ -18,6 +18,7 @@
  * is descheduled on a busy machine costs nothing (an OpenMP barrier would stall the whole call).
  */
 #define _GNU_SOURCE
+#include <math.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
@@ -42,7 +43,7 @@
 typedef struct {
     const uint8_t *q; /* (out, row_bytes) packed codes */
     int64_t out, in, row_bytes;
-    int32_t bits, mode; /* mode 0: LUT, 1: affine, 2: fp16, 3: bf16, 4: int8 x row scale */
+    int32_t bits, mode; /* mode 0: LUT, 1: affine, 2: fp16, 3: bf16, 4: int8 x row scale, 5: fp32 */
     const float *lut;   /* (out, 2^bits) */
     const float *scale; /* (out, ngroups) */
     const float *zero;  /* (out, ngroups) or NULL: zero_const */
@@ -54,7 +55,7 @@ typedef struct {
     const float *bias; /* (out) or NULL */
 } rq_layer;
 
-int rq_abi_version(void) { return 4; }
+int rq_abi_version(void) { return 5; }
 
 const char *rq_isa(void) {
 #if defined(RQ_AVX512)
@@ -315,7 +316,10 @@ static void decode_dense(const rq_layer *d, int64_t r, int64_t c0, int64_t n, fl
     int64_t valid = in - c0 < n ? in - c0 : n;
     if (valid < 0) valid = 0;
     int64_t j = 0;
-    if (d->mode == 4) {
+    if (d->mode == 5) {
+        memcpy(buf, (const float *)(d->q + r * d->row_bytes) + c0, (size_t)valid * sizeof(float));
+        j = valid;
+    } else if (d->mode == 4) {
         const int8_t *row = (const int8_t *)(d->q + r * d->row_bytes) + c0;
         const float s = d->scale[r];
         for (; j < valid; j++) buf[j] = (float)row[j] * s;
@@ -619,6 +623,7 @@ static float row_dot_dense(const rq_layer *d, int64_t r, const float *x) {
     const int64_t in = d->in;
     int64_t c = 0;
     float s = 0.0f;
+    if (d->mode == 5) return dot((const float *)(d->q + r * d->row_bytes), x, in);
 #if defined(RQ_AVX2) && defined(__F16C__)
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
     if (d->mode == 4) {
@@ -819,4 +824,138 @@ static void dequant_task(const void *arg, int64_t chunk) {
 void rq_dequantize(const rq_layer *d, float *w) {
     deq_ctx q = {d, w, rows_per_chunk(d, 4)};
     run_chunks(dequant_task, &q, (d->out + q.rows_per_chunk - 1) / q.rows_per_chunk);
+}
+
+/* ------------------------------------------------------------------------------------------------------
+ * A whole batch-1 decode step of a Llama-family decoder (RMSNorm, rotary attention with grouped KV heads over a
+ * static cache, gated SiLU MLP, final norm, output projection, argmax) in one call, so that a token costs one
+ * Python call instead of a few hundred framework calls per block. The linear layers are rq_layer descriptors
+ * (packed or plain dense), run by rq_gemm's tasks on the pool; everything in between is a few vector loops.
+ * The caller (requant.fused) checks the model's structure and builds the tables; nothing here allocates. */
+
+typedef struct {
+    const rq_layer *q, *k, *v, *o, *gate, *up, *down;
+    const float *norm1, *norm2; /* RMSNorm weights (hidden) */
+    float *kc, *vc;             /* this block's cache, (n_kv, max_len, head_dim) each, keys after rotation */
+} rq_block;
+
+typedef struct {
+    int64_t n_blocks, hidden, n_heads, n_kv, head_dim, inter, max_len, vocab;
+    float eps, scaling; /* RMSNorm epsilon; attention score scale */
+    const rq_block *blocks;
+    const float *final_norm;
+    const void *embed; /* (vocab_in, hidden) */
+    int32_t embed_mode; /* 2 fp16, 3 bf16, 5 fp32 (as rq_layer modes) */
+    int32_t pad_;
+    const rq_layer *head;
+    const float *cos, *sin; /* (max_len, head_dim): the model's own rotary tables */
+    float *scratch;         /* rq_llama_scratch() floats */
+    float *logits;          /* (vocab) */
+} rq_llama;
+
+int64_t rq_llama_scratch(const rq_llama *m) {
+    return 2 * m->hidden + (m->n_heads + 2 * m->n_kv) * m->head_dim + m->n_heads * m->head_dim + 2 * m->inter +
+           m->n_heads * m->max_len;
+}
+
+static void linear1(const rq_layer *d, const float *x, float *y) {
+    gemm_ctx g = {d, x, 1, d->in, rows_per_chunk(d, 1), y};
+    run_chunks(gemm_task, &g, (d->out + g.rows_per_chunk - 1) / g.rows_per_chunk);
+}
+
+/* y = x / sqrt(mean(x^2) + eps) * w, as transformers' RMSNorm (fp32 throughout). */
+static void rmsnorm(const float *x, const float *w, float eps, int64_t n, float *y) {
+    const float ss = dot(x, x, n);
+    const float r = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int64_t i = 0; i < n; i++) y[i] = w[i] * (x[i] * r);
+}
+
+/* Rotary embedding of one head in place: v*cos + rotate_half(v)*sin, rotate_half(v) = (-v[d/2:], v[:d/2]). */
+static void rope(float *v, const float *cos, const float *sin, int64_t d) {
+    const int64_t h = d / 2;
+    for (int64_t i = 0; i < h; i++) {
+        const float a = v[i], b = v[i + h];
+        v[i] = a * cos[i] - b * sin[i];
+        v[i + h] = b * cos[i + h] + a * sin[i + h];
+    }
+}
+
+typedef struct {
+    const rq_llama *m;
+    const rq_block *b;
+    const float *q;
+    float *out;
+    int64_t pos;
+} attn_ctx;
+
+/* One query head over cache positions 0..pos: softmax(q K^T * scaling) V. */
+static void attn_task(const void *arg, int64_t h) {
+    const attn_ctx *a = (const attn_ctx *)arg;
+    const rq_llama *m = a->m;
+    const int64_t d = m->head_dim, L = m->max_len, n = a->pos + 1;
+    const int64_t kvh = h / (m->n_heads / m->n_kv);
+    const float *q = a->q + h * d, *K = a->b->kc + kvh * L * d, *V = a->b->vc + kvh * L * d;
+    float *s = m->scratch + rq_llama_scratch(m) - m->n_heads * L + h * L;
+    float mx = -INFINITY;
+    for (int64_t t = 0; t < n; t++) {
+        s[t] = dot(q, K + t * d, d) * m->scaling;
+        if (s[t] > mx) mx = s[t];
+    }
+    float sum = 0.0f;
+    for (int64_t t = 0; t < n; t++) sum += (s[t] = expf(s[t] - mx));
+    const float inv = 1.0f / sum;
+    float *o = a->out + h * d;
+    for (int64_t i = 0; i < d; i++) o[i] = 0.0f;
+    for (int64_t t = 0; t < n; t++) {
+        const float p = s[t] * inv;
+        const float *vt = V + t * d;
+        for (int64_t i = 0; i < d; i++) o[i] += p * vt[i];
+    }
+}
+
+/* Feed `token` at position `pos` (0 <= pos < max_len; the cache holds positions < pos): logits of the next token
+ * in m->logits, and their argmax (the first maximum) returned; -1 for an argument out of range. */
+int64_t rq_llama_step(const rq_llama *m, int64_t token, int64_t pos) {
+    if (pos < 0 || pos >= m->max_len || token < 0) return -1;
+    const int64_t H = m->hidden, d = m->head_dim, I = m->inter;
+    float *x = m->scratch, *h = x + H, *q = h + H, *k = q + m->n_heads * d, *v = k + m->n_kv * d;
+    float *att = v + m->n_kv * d, *g = att + m->n_heads * d, *u = g + I;
+    if (m->embed_mode == 5) {
+        memcpy(x, (const float *)m->embed + token * H, (size_t)H * sizeof(float));
+    } else {
+        const uint16_t *e = (const uint16_t *)m->embed + token * H;
+        for (int64_t i = 0; i < H; i++) x[i] = m->embed_mode == 2 ? half_to_float(e[i]) : bf16_to_float(e[i]);
+    }
+    const float *cs = m->cos + pos * d, *sn = m->sin + pos * d;
+    for (int64_t l = 0; l < m->n_blocks; l++) {
+        const rq_block *b = m->blocks + l;
+        rmsnorm(x, b->norm1, m->eps, H, h);
+        linear1(b->q, h, q);
+        linear1(b->k, h, k);
+        linear1(b->v, h, v);
+        for (int64_t j = 0; j < m->n_heads; j++) rope(q + j * d, cs, sn, d);
+        for (int64_t j = 0; j < m->n_kv; j++) {
+            rope(k + j * d, cs, sn, d);
+            memcpy(b->kc + (j * m->max_len + pos) * d, k + j * d, (size_t)d * sizeof(float));
+            memcpy(b->vc + (j * m->max_len + pos) * d, v + j * d, (size_t)d * sizeof(float));
+        }
+        attn_ctx a = {m, b, q, att, pos};
+        /* heads in parallel once the keys are many enough to outweigh waking the pool */
+        if ((pos + 1) * d * m->n_heads >= (1 << 16)) run_chunks(attn_task, &a, m->n_heads);
+        else for (int64_t j = 0; j < m->n_heads; j++) attn_task(&a, j);
+        linear1(b->o, att, h);
+        for (int64_t i = 0; i < H; i++) x[i] += h[i];
+        rmsnorm(x, b->norm2, m->eps, H, h);
+        linear1(b->gate, h, g);
+        linear1(b->up, h, u);
+        for (int64_t i = 0; i < I; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+        linear1(b->down, g, h);
+        for (int64_t i = 0; i < H; i++) x[i] += h[i];
+    }
+    rmsnorm(x, m->final_norm, m->eps, H, h);
+    linear1(m->head, h, m->logits);
+    int64_t best = 0;
+    for (int64_t i = 1; i < m->vocab; i++)
+        if (m->logits[i] > m->logits[best]) best = i;
+    return best;
 }
