@@ -50,6 +50,7 @@ def _linear(mod: nn.Module, name: str) -> tuple[kernels.LayerDesc, list]:
             raise Unsupported(f"{name}: no kernel for its storage")
         desc = getattr(runner, "desc", None)
         if desc is not None and getattr(runner, "in_scale", None) is None:
+            kernels.interleave(kernels.library(), desc)
             return desc, [runner]
         if runner.gemm is None:  # a decoded fp32 Ŵ (trellis): a plain fp32 matrix
             w = runner.weight()

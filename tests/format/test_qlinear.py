@@ -16,8 +16,9 @@ from requant.format.qlinear import (
 
 needs_kernels = pytest.mark.skipif(kernels.library() is None, reason=f"C kernels unavailable: {kernels.status()}")
 
-# widths not divisible by 8, 16, 32 or 64 included; 1100 spans two 1024-column decode blocks
-SHAPES = [(1, 1), (3, 7), (5, 13), (17, 100), (33, 129), (8, 1100), (64, 64)]
+# widths not divisible by 8, 16, 32 or 64 included; 1100 spans two 1024-column decode blocks; from 256 columns
+# the AVX2 single-row kernel reads interleaved blocks of 256 codes (rq_interleave), the rest from the packed row
+SHAPES = [(1, 1), (3, 7), (5, 13), (17, 100), (33, 129), (8, 1100), (64, 64), (6, 512), (3, 256), (2, 775), (4, 72)]
 KINDS = [
     dict(kind="lut"),
     dict(kind="uniform"),  # asymmetric, one group per row
@@ -61,6 +62,22 @@ def test_fast_path_matches_reference(bits, kind, make_layer):
                 assert torch.equal(y, ref)  # prefill: dequantize + BLAS is bit-exact
             else:
                 assert_within_tolerance(y, ref, w, x, bias)
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_single_row_calls_interleave_whole_blocks_once(bits, make_layer):
+    ql = QuantLinear.from_layer(make_layer(5, 600, bits, nnz=40))
+    desc = ql._prepare().desc
+    assert not desc.qi
+    x = torch.randn(1, 600)
+    with torch.no_grad():
+        ql(torch.randn(3, 600))  # several rows: no copy
+        assert not desc.qi
+        y = ql(x)
+    if "avx2" in kernels.status():  # the build whose kernel reads the copy (AVX-512 decodes the packed form)
+        assert desc.qi and desc.nblk == 2 and desc.keep_qi.numel() == 5 * (2 * 32 * bits + -(-11 * bits // 32) * 32)
+    assert_within_tolerance(y, F.linear(x, ql.dequantize()), ql.dequantize(), x)
 
 
 @needs_kernels

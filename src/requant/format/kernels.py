@@ -41,6 +41,8 @@ class LayerDesc(ctypes.Structure):
         ("val", ctypes.c_void_p),
         ("row", ctypes.c_void_p),
         ("bias", ctypes.c_void_p),
+        ("qi", ctypes.c_void_p),
+        ("nblk", ctypes.c_int64),
     ]
 
 
@@ -53,6 +55,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.rq_dequantize.restype = None
     lib.rq_pool_chunks.argtypes = [ctypes.c_int]
     lib.rq_pool_chunks.restype = ctypes.c_int64
+    lib.rq_interleave.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    lib.rq_interleave.restype = ctypes.c_int64
     lib.rq_llama_scratch.argtypes = [ctypes.c_void_p]
     lib.rq_llama_scratch.restype = ctypes.c_int64
     lib.rq_llama_step.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
@@ -216,9 +220,24 @@ def llama_step(lib: ctypes.CDLL, desc: LlamaDesc, token: int, pos: int) -> int:
     return nxt
 
 
+def interleave(lib: ctypes.CDLL, desc: LayerDesc) -> None:
+    """Give a packed layer's descriptor the single-row kernel's interleaved copy of its codes (rq_interleave in
+    qgemm.c; as many bytes as the packed blocks it covers), once; nothing when this build's kernel has no use for
+    it. Made on a layer's first single-row call, so prefill- or perplexity-only use never pays its memory."""
+    if getattr(desc, "interleave_done", False):
+        return
+    desc.interleave_done = True
+    n = lib.rq_interleave(ctypes.addressof(desc), None)
+    if n > 0:
+        desc.keep_qi = torch.empty(n, dtype=torch.uint8)
+        lib.rq_interleave(ctypes.addressof(desc), desc.keep_qi.data_ptr())
+
+
 def gemm(lib: ctypes.CDLL, desc: LayerDesc, x: torch.Tensor) -> torch.Tensor:
     """x (m, in) fp32 contiguous, m ≤ GEMM_MAX_M → x Ŵᵀ + bias (m, out), without materialising Ŵ."""
     _sync_threads(lib)
+    if x.shape[0] == 1:
+        interleave(lib, desc)
     y = torch.empty(x.shape[0], desc.out, dtype=torch.float32)
     if lib.rq_gemm(ctypes.addressof(desc), x.data_ptr(), x.shape[0], x.stride(0), y.data_ptr()) != 0:
         raise ValueError(f"rq_gemm takes 1..{GEMM_MAX_M} input rows, got {x.shape[0]}")
