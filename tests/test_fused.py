@@ -169,3 +169,59 @@ def test_a_full_cache_is_refused():
     dec.step()
     with pytest.raises(ConfigError, match="full"):
         dec.step()
+
+
+def _big_vocab(dtype=torch.float16, tie=True):
+    """A tiny Llama with a vocabulary large enough for the int8 screen, its head served in `dtype` (as loaded)."""
+    model = tiny_llama(4, vocab=_screen_rows() + 904, tie=tie)
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        head.weight[7] = head.weight[3]  # an exact tie: the first of the two rows must win, as in torch.argmax
+        for p in model.parameters():  # a checkpoint's values: exactly representable in the stored dtype
+            p.copy_(p.to(dtype).float())
+    if dtype != torch.float32:
+        serve_dense(model, "auto", stored_dtype=dtype)
+    return model
+
+
+def _screen_rows():
+    from requant.fused import SCREEN_MIN_ROWS
+
+    return SCREEN_MIN_ROWS
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_the_int8_screen_returns_the_heads_own_argmax(dtype):
+    """Every step runs twice on the same cache slot: screened and exact; the tokens must be identical (the screen
+    recomputes every row it cannot rule out), including the tie between rows 3 and 7."""
+    model = _big_vocab(dtype)
+    dec = FusedDecoder(model, 80)
+    step = dec.fused_step
+    assert step.screen_desc is not None
+    g = torch.Generator().manual_seed(11)
+    vocab = step.desc.vocab
+    with torch.inference_mode():
+        dec.prefill(torch.randint(0, vocab, (1, 5), generator=g))
+        for pos in range(5, 75):
+            tok = int(torch.randint(0, vocab, (1,), generator=g)) if pos % 3 else 3
+            screened = step.run(tok, pos)
+            exact = step.run(tok, pos, exact=True)
+            assert screened == exact == int(torch.argmax(step.logits)), pos
+
+
+def test_greedy_with_the_screen_equals_the_static_decoder():
+    model = _big_vocab(torch.float16, tie=False)
+    ids = torch.arange(1, 8)[None]
+    out = FusedDecoder(model, 72).generate(ids, 64)
+    assert torch.equal(out, StaticDecoder(model, 72).generate(ids, 64))
+
+
+def test_the_screen_keeps_the_first_of_tied_maxima():
+    model = _big_vocab(torch.float16, tie=False)
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        head.weight.copy_(head.weight[5].expand_as(head.weight))  # every logit equal: argmax is row 0
+    dec = FusedDecoder(model, 16)
+    with torch.inference_mode():
+        dec.prefill(torch.arange(3)[None])
+        assert dec.fused_step.run(9, 3) == dec.fused_step.run(9, 3, exact=True) == 0

@@ -179,7 +179,8 @@ class FusedDecoder(StaticDecoder):
 
     @property
     def logits(self) -> torch.Tensor:
-        """The last fused step's next-token logits (vocab,), overwritten by the next step."""
+        """The last fused step's next-token logits (vocab,), overwritten by the next step: the head's own on the
+        first (checked) step, after it the int8 screen's where the head has one (fused.LlamaStep.run)."""
         return self.fused_step.logits
 
     @torch.inference_mode()
@@ -207,7 +208,7 @@ class FusedDecoder(StaticDecoder):
         pos = int(self.position)
         if not self.fused or pos >= self.max_len:  # the static step (it refuses a full cache)
             return super().step()
-        nxt = self.fused_step.run(int(self.token), pos)
+        nxt = self.fused_step.run(int(self.token), pos, exact=not self.checked)
         if not self.checked:
             self.checked = True
             ref = self._forward_step(self.token, self.position)[0].float()  # rewrites this position's keys

@@ -4,7 +4,12 @@ calls per block (the loop around it: requant.decode.FusedDecoder).
 At batch 1 a small quantized model spends as much time in Python and torch dispatch (norms, rotary, cache updates,
 residuals: ~25 ops per block) as in its matmuls. `rq_llama_step` (format/csrc/qgemm.c) runs the whole step in C:
 RMSNorm, q/k/v (with biases), rotary embedding from the model's own cos/sin tables, grouped-query attention over
-a static cache, o-projection, gated SiLU MLP, final norm, output projection and argmax. Its linear layers are the
+a static cache, o-projection, gated SiLU MLP, final norm, output projection and argmax. For a large 16/32-bit
+output projection (a vocabulary of ≥ SCREEN_MIN_ROWS rows: the largest matrix of a small model, read in full per
+token) an int8 copy with per-row scales screens the rows first: each screened logit is within a known bound of the
+head's (half a step per weight times ‖x‖₁), so only rows whose bound reaches the best lower bound can hold the
+argmax, and those few are recomputed by the head: the greedy token is the 16-bit head's own, to the bit, for a
+quarter of its bytes (the screen costs that quarter again in memory). Its linear layers are the
 same kernel descriptors the modules use (packed QuantLinear codes + sparse residual, 16-bit/int8 served heads,
 fp32 nn.Linear), so a quantized layer reads its b bits per weight exactly as in the module path.
 
@@ -27,7 +32,7 @@ from torch import nn
 
 from .format import kernels
 from .format.qlinear import QuantLinear
-from .format.serving import ServedEmbedding, ServedLinear
+from .format.serving import ServedEmbedding, ServedLinear, quantize_rows_int8
 
 BLOCK_LAYOUT = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
 ATTN_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -36,6 +41,9 @@ ACTIVATIONS = ("silu", "swish")
 # Self-check: max |fused − forward| over the logits, relative to 1 + max |logits|. Both sides sum in fp32 in
 # different orders (~1e-6 relative); a missing multiplier or norm variant differs by O(1).
 SELF_CHECK_RTOL = 1e-3
+# Output projections of at least this many rows get an int8 screen (a quarter of a 16-bit head's bytes per token);
+# the argmax stays the head's own, exactly (qgemm.c: rq_llama_step).
+SCREEN_MIN_ROWS = 4096
 
 
 class Unsupported(Exception):
@@ -176,12 +184,29 @@ class LlamaStep:
         m.final_norm, m.embed, m.embed_mode = w_final.data_ptr(), emb.weight.data_ptr(), modes[emb.weight.dtype]
         self.head_desc = head_desc
         m.head = ctypes.pointer(head_desc)
+        self.screen_desc = self._screen(head_desc)
+        if self.screen_desc is not None:
+            m.screen = ctypes.pointer(self.screen_desc)
         m.cos, m.sin = self.cos.data_ptr(), self.sin.data_ptr()
         self.scratch = torch.empty(int(self.lib.rq_llama_scratch(ctypes.addressof(m))), dtype=torch.float32)
         self.logits = torch.empty(m.vocab, dtype=torch.float32)
         m.scratch, m.logits = self.scratch.data_ptr(), self.logits.data_ptr()
         self.desc = m
         self.n_blocks = len(blocks)
+
+    def _screen(self, head: kernels.LayerDesc) -> kernels.LayerDesc | None:
+        """An int8 copy (per-row scales) of a 16- or 32-bit output projection of many rows, which the step reads
+        instead of the head to find the few rows that can hold the argmax (recomputed exactly from the head)."""
+        if head.mode not in (2, 3, 5) or head.out < SCREEN_MIN_ROWS:
+            return None
+        dtype = {2: torch.float16, 3: torch.bfloat16, 5: torch.float32}[head.mode]
+        w = torch.frombuffer((ctypes.c_char * (head.out * head.row_bytes)).from_address(head.q), dtype=dtype)
+        q, scale = quantize_rows_int8(w.view(head.out, head.inp))
+        bias = None
+        if head.bias:
+            bias = torch.frombuffer((ctypes.c_float * head.out).from_address(head.bias), dtype=torch.float32).clone()
+        self.keep.append((q, scale, bias))
+        return kernels.describe_dense(q, scale, bias)
 
     def bind(self, cache: object) -> None:
         """Point each block at a StaticCache's key/value tensors (allocated by the first prefill)."""
@@ -196,9 +221,10 @@ class LlamaStep:
                     raise Unsupported(f"cache layer {i} is not an fp32 {shape} tensor pair")
             self.block_array[i].kc, self.block_array[i].vc = k.data_ptr(), v.data_ptr()
 
-    def run(self, token: int, pos: int) -> int:
-        """Feed `token` at position `pos` (the cache holds the positions before it); the greedy next token."""
-        return kernels.llama_step(self.lib, self.desc, token, pos)
+    def run(self, token: int, pos: int, exact: bool = False) -> int:
+        """Feed `token` at position `pos` (the cache holds the positions before it); the greedy next token (the
+        head's own argmax either way). `logits` then holds the head's logits with `exact`, else the screen's."""
+        return kernels.llama_step(self.lib, self.desc, token, pos, exact)
 
 
 __all__ = ["LlamaStep", "Unsupported"]

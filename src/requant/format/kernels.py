@@ -59,7 +59,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.rq_interleave.restype = ctypes.c_int64
     lib.rq_llama_scratch.argtypes = [ctypes.c_void_p]
     lib.rq_llama_scratch.restype = ctypes.c_int64
-    lib.rq_llama_step.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+    lib.rq_llama_step.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
     lib.rq_llama_step.restype = ctypes.c_int64
 
 
@@ -204,6 +204,7 @@ class LlamaDesc(ctypes.Structure):
         ("embed_mode", ctypes.c_int32),
         ("pad_", ctypes.c_int32),
         ("head", ctypes.POINTER(LayerDesc)),
+        ("screen", ctypes.POINTER(LayerDesc)),
         ("cos", ctypes.c_void_p),
         ("sin", ctypes.c_void_p),
         ("scratch", ctypes.c_void_p),
@@ -211,10 +212,11 @@ class LlamaDesc(ctypes.Structure):
     ]
 
 
-def llama_step(lib: ctypes.CDLL, desc: LlamaDesc, token: int, pos: int) -> int:
-    """One fused decode step (token at position pos); the argmax of the next-token logits (in desc.logits)."""
+def llama_step(lib: ctypes.CDLL, desc: LlamaDesc, token: int, pos: int, exact: bool = False) -> int:
+    """One fused decode step (token at position pos); the argmax of the head's next-token logits. The logits land
+    in desc.logits: the head's own with `exact` or without a screen, else the int8 screen's (see qgemm.c)."""
     _sync_threads(lib)
-    nxt = lib.rq_llama_step(ctypes.addressof(desc), token, pos)
+    nxt = lib.rq_llama_step(ctypes.addressof(desc), token, pos, int(exact))
     if nxt < 0:
         raise ValueError(f"rq_llama_step: token {token} or position {pos} out of range")
     return nxt

@@ -947,6 +947,7 @@ typedef struct {
     int32_t embed_mode; /* 2 fp16, 3 bf16, 5 fp32 (as rq_layer modes) */
     int32_t pad_;
     const rq_layer *head;
+    const rq_layer *screen; /* NULL, or the head as int8 with per-row scales: see rq_llama_step */
     const float *cos, *sin; /* (max_len, head_dim): the model's own rotary tables */
     float *scratch;         /* rq_llama_scratch() floats */
     float *logits;          /* (vocab) */
@@ -1012,9 +1013,16 @@ static void attn_task(const void *arg, int64_t h) {
     }
 }
 
-/* Feed `token` at position `pos` (0 <= pos < max_len; the cache holds positions < pos): logits of the next token
- * in m->logits, and their argmax (the first maximum) returned; -1 for an argument out of range. */
-int64_t rq_llama_step(const rq_llama *m, int64_t token, int64_t pos) {
+/* Bound on |screen logit - head logit| per row, in units of scale[r] * ||x||_1: int8 rounding (q = round(w / s),
+ * |w - q s| <= s / 2) plus fp32 rounding of both sums (|w| <= 127.5 s, relative error well under 1e-5). */
+#define RQ_SCREEN_SLACK 0.51f
+
+/* Feed `token` at position `pos` (0 <= pos < max_len; the cache holds positions < pos); returns the argmax (first
+ * maximum) of the next token's logits, -1 for an argument out of range. With `exact` or no screen, m->logits holds
+ * the head's logits. Otherwise the int8 screen reads a quarter of a 16-bit head's bytes (half of 32-bit): every
+ * row whose screened logit plus its error bound reaches the best lower bound is recomputed by the head itself, so
+ * the returned argmax is the head's own, to the bit; m->logits then holds the screen's logits. */
+int64_t rq_llama_step(const rq_llama *m, int64_t token, int64_t pos, int exact) {
     if (pos < 0 || pos >= m->max_len || token < 0) return -1;
     const int64_t H = m->hidden, d = m->head_dim, I = m->inter;
     float *x = m->scratch, *h = x + H, *q = h + H, *k = q + m->n_heads * d, *v = k + m->n_kv * d;
@@ -1052,9 +1060,30 @@ int64_t rq_llama_step(const rq_llama *m, int64_t token, int64_t pos) {
         for (int64_t i = 0; i < H; i++) x[i] += h[i];
     }
     rmsnorm(x, m->final_norm, m->eps, H, h);
-    linear1(m->head, h, m->logits);
-    int64_t best = 0;
-    for (int64_t i = 1; i < m->vocab; i++)
-        if (m->logits[i] > m->logits[best]) best = i;
+    if (exact || !m->screen) {
+        linear1(m->head, h, m->logits);
+        int64_t best = 0;
+        for (int64_t i = 1; i < m->vocab; i++)
+            if (m->logits[i] > m->logits[best]) best = i;
+        return best;
+    }
+    const rq_layer *sc = m->screen;
+    linear1(sc, h, m->logits);
+    float l1 = 0.0f;
+    for (int64_t i = 0; i < H; i++) l1 += fabsf(h[i]);
+    const float c = RQ_SCREEN_SLACK * l1 * 1.0001f; /* the 1.0001: rounding of l1 itself */
+    float lower = -INFINITY;
+    for (int64_t r = 0; r < m->vocab; r++) {
+        const float lo = m->logits[r] - c * sc->scale[r];
+        if (lo > lower) lower = lo;
+    }
+    int64_t best = -1;
+    float bestv = 0.0f;
+    for (int64_t r = 0; r < m->vocab; r++) {
+        if (m->logits[r] + c * sc->scale[r] < lower) continue;
+        /* exactly what linear1(m->head) computes for row r */
+        const float v = row_dot_dense(m->head, r, h) + (m->head->bias ? m->head->bias[r] : 0.0f);
+        if (best < 0 || v > bestv) best = r, bestv = v;
+    }
     return best;
 }
