@@ -2,8 +2,9 @@
 
 For each variant (the fp32 SmolLM2, the 3-bit SqueezeLLM D&S checkpoint with its output projection upcast to fp32 as
 before, and the same checkpoint as served now: 16-bit embeddings/lm_head), after a 128-token prompt:
-- the step time without instrumentation (median of the steps, transformers' forward + DynamicCache, and the
-  static decoder of requant.decode);
+- the step time without instrumentation (median of the steps, transformers' forward + DynamicCache, the static
+  decoder of requant.decode, and the fused decoder: one C call per token), the fused step split into its linear
+  layers, its output projection (the int8 screen where it has one) and the rest;
 - an attribution: forward hooks on every module measure exclusive wall time per category (lm_head, quantized or
   fp32 linear layers, attention core = rotary application + KV-cache update + SDPA, norms, rotary tables, MLP
   activation, block glue); what no module covers is "outside the modules" (the cache object, output objects,
@@ -193,6 +194,48 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
     return {"lm_head": head_b, "linear layers": layers}
 
 
+@torch.inference_mode()
+def fused_steps(model: nn.Module, prompt: torch.Tensor, steps: int) -> dict[str, float]:
+    """The fused decoder's step (median ms) and where it goes: its linear layers and output projection timed
+    through the very descriptors the step uses (one C call each, so a few µs of ctypes per call are included),
+    the rest (norms, rotary, attention over the cache, glue) by difference."""
+    import ctypes
+
+    from requant.decode import FusedDecoder
+    from requant.format import kernels
+
+    dec = FusedDecoder(model, prompt.shape[1] + steps + 2)
+    dec.prefill(prompt)
+    dec.step()  # the checked first step
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        dec.step()
+        times.append(time.perf_counter() - t0)
+    st, lib = dec.fused_step, kernels.library()
+
+    def timed(descs: list) -> float:
+        xs = {d.inp: torch.randn(1, d.inp) for d in descs}
+        ys = {d.out: torch.empty(1, d.out) for d in descs}
+        runs = []
+        for _ in range(max(3, steps // 2)):
+            t0 = time.perf_counter()
+            for d in descs:
+                lib.rq_gemm(ctypes.addressof(d), xs[d.inp].data_ptr(), 1, d.inp, ys[d.out].data_ptr())
+            runs.append(time.perf_counter() - t0)
+        return statistics.median(runs) * 1e3
+
+    step_ms = statistics.median(times) * 1e3
+    linears = timed(st.layer_descs)
+    head = timed([st.screen_desc if st.screen_desc is not None else st.head_desc])
+    return {
+        "step": step_ms,
+        "linear layers": linears,
+        "output projection (int8 screen where present)": head,
+        "rest (norms, rotary, attention, glue, rescoring)": step_ms - linears - head,
+    }
+
+
 def profile_variant(model: nn.Module, prompt: torch.Tensor, steps: int) -> dict:
     plain = reference_steps(model, prompt, steps)
     lean = static_steps(model, prompt, steps)
@@ -208,6 +251,7 @@ def profile_variant(model: nn.Module, prompt: torch.Tensor, steps: int) -> dict:
     return {
         "step_ms_median": statistics.median(plain) * 1e3,
         "static_step_ms_median": statistics.median(lean) * 1e3,
+        "fused_ms": fused_steps(model, prompt, steps),
         "instrumented_step_ms_mean": instr_ms,
         "categories_ms": per_cat,
         "aten_ms": attention_ops(model, prompt, max(4, steps // 4)),
@@ -289,7 +333,14 @@ def main() -> None:
         "| step, requant static decoder (median) | "
         + " | ".join(f"{results[n]['static_step_ms_median']:.1f}" for n in names)
         + " |",
-        "| step with hooks (mean; the attribution below) | "
+        "| step, requant fused decoder (median; one C call per token) | "
+        + " | ".join(f"{results[n]['fused_ms']['step']:.1f}" for n in names)
+        + " |",
+    ]
+    for k in list(results[names[0]]["fused_ms"])[1:]:
+        lines.append(f"| · fused: {k} | " + " | ".join(f"{results[n]['fused_ms'][k]:.2f}" for n in names) + " |")
+    lines += [
+        "| step with hooks (mean; the attribution below: transformers forward) | "
         + " | ".join(f"{results[n]['instrumented_step_ms_mean']:.1f}" for n in names)
         + " |",
     ]

@@ -5,11 +5,13 @@ repeat (prefill of a random prompt, then greedy decode), figures are medians. Va
 - fp32 model through transformers' forward + DynamicCache (what `generate` runs; the baseline of the ratios) and
   through requant's static decoder (requant.decode; the same lean loop the checkpoints get);
 - each checkpoint (3-bit SqueezeLLM D&S, 3-bit ReQuant) served as loaded by default (16-bit embeddings / lm_head)
-  through the static decoder, and through transformers' loop; the D&S one also with the opt-in int8 lm_head and
-  with its static decoder step compiled by torch.compile (compiled once, in the warm-up; `--no-compile` skips it).
-Then: greedy text of the static decoder vs transformers' `generate` on the same loaded checkpoint (64 tokens of a
-fixed prompt), and the peak RSS of `requant generate` (a fresh process per model; its VmHWM, and the same after
-`import requant` alone, so the model's own share is visible).
+  through the fused decoder (requant.fused: one C call per token; what `generate`/`bench` run by default), the
+  static decoder, and transformers' loop; the D&S one also with the opt-in int8 lm_head and with its static
+  decoder step compiled by torch.compile (compiled once, in the warm-up; `--no-compile` skips it); the fp32 model
+  through the fused decoder too (what the fused step alone buys without quantization).
+Then: greedy text of the fused and static decoders vs transformers' `generate` on the same loaded checkpoint (64
+tokens of a fixed prompt), and the peak RSS of `requant generate` (a fresh process per model; its VmHWM, and the
+same after `import requant` alone, so the model's own share is visible).
 
 Usage (one command, prints the table):  python benchmarks/decode_speed.py
     [--dns DIR] [--requant DIR] [--threads 1,2] [--repeats 5] [--prompt-tokens 128] [--new-tokens 32] [--no-compile]
@@ -55,16 +57,16 @@ PROMPT = "The history of the city begins"
 RSS_SCRIPT = """
 import json, sys, torch
 torch.set_num_threads(1)
-from requant.memory import peak_rss
+from requant.memory import anon_rss, peak_rss
 import requant
-base = peak_rss()
+base, base_anon = peak_rss(), anon_rss()
 if sys.argv[1] == "-":
-    print(json.dumps({"import_mib": base / 2**20})); sys.exit()
+    print(json.dumps({"import_mib": base / 2**20, "anon_mib": base_anon / 2**20})); sys.exit()
 from requant.cli import main
 import contextlib, io
 with contextlib.redirect_stdout(io.StringIO()):
     main(["generate", sys.argv[1], sys.argv[2], "--max-new-tokens", "32", *sys.argv[3:]])
-print(json.dumps({"import_mib": base / 2**20, "peak_mib": peak_rss() / 2**20}))
+print(json.dumps({"import_mib": base / 2**20, "peak_mib": peak_rss() / 2**20, "anon_mib": anon_rss() / 2**20}))
 """
 
 
@@ -84,8 +86,18 @@ def peak_rss(spec: str, *flags: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def same_greedy(model, tok, new_tokens: int = 64) -> dict:
-    from requant.decode import greedy_generate
+def measure_rss(ckpts: dict[str, Path], source: str) -> dict:
+    return {
+        "interpreter + import requant": peak_rss("-"),
+        "fp32 model (generate --decoder transformers)": peak_rss(source, "--decoder", "transformers"),
+        "3-bit D&S (generate, defaults)": peak_rss(str(ckpts["3-bit D&S"])),
+        "3-bit ReQuant (generate, defaults)": peak_rss(str(ckpts["3-bit ReQuant"])),
+        "3-bit D&S (generate --decoder static)": peak_rss(str(ckpts["3-bit D&S"]), "--decoder", "static"),
+    }
+
+
+def same_greedy(model, tok, decoder: str, new_tokens: int = 64) -> dict:
+    from requant.decode import make_decoder
 
     ids = tok(PROMPT, return_tensors="pt")["input_ids"]
     with torch.inference_mode():
@@ -93,8 +105,10 @@ def same_greedy(model, tok, new_tokens: int = 64) -> dict:
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False, pad_token_id=0
         )
     eos = model.generation_config.eos_token_id
-    lean = greedy_generate(model, ids, new_tokens, eos_token_id=eos)
+    dec = make_decoder(model, ids.shape[1] + new_tokens, decoder)
+    lean = dec.generate(ids, new_tokens, eos)
     return {
+        "decoder": dec.kind,
         "identical": bool(torch.equal(lean, ref)),
         "tokens": int(ref.shape[1] - ids.shape[1]),
         "text": tok.decode(ref[0, ids.shape[1] :], skip_special_tokens=True),
@@ -113,9 +127,22 @@ def main() -> None:
         "--no-compile", dest="compile", action="store_false", help="skip the D&S checkpoint's torch.compiled decoder"
     )
     ap.add_argument("--render", action="store_true", help="only rewrite the Markdown from the saved JSON")
+    ap.add_argument("--rss-only", action="store_true", help="only re-measure the peak RSS into the saved JSON")
     args = ap.parse_args()
     if args.render:
         text = render(json.loads((RESULTS / "decode_speed.json").read_text()))
+        (RESULTS / "decode_speed.md").write_text(text)
+        print(text)
+        return
+
+    if args.rss_only:
+        from requant.format.checkpoint import read_meta
+
+        out = json.loads((RESULTS / "decode_speed.json").read_text())
+        ckpts = {"3-bit D&S": ensure(args.dns, "dns"), "3-bit ReQuant": ensure(args.requant, "requant")}
+        out["peak_rss"] = measure_rss(ckpts, read_meta(ckpts["3-bit D&S"])["metadata"]["model"])
+        (RESULTS / "decode_speed.json").write_text(json.dumps(out, indent=2))
+        text = render(out)
         (RESULTS / "decode_speed.md").write_text(text)
         print(text)
         return
@@ -137,11 +164,13 @@ def main() -> None:
     variants = {
         "fp32, transformers loop": fp32,
         "fp32, static decoder": static_timer(fp32, max_len),
+        "fp32, fused decoder": static_timer(fp32, max_len, decoder="fused"),
     }
     for name, m in models.items():
         variants[f"{name}, transformers loop"] = functools.partial(time_generation, m)
         variants[f"{name}, static decoder"] = static_timer(m, max_len)
-    variants["3-bit D&S + int8 lm_head, static decoder"] = static_timer(int8, max_len)
+        variants[f"{name}, fused decoder"] = static_timer(m, max_len, decoder="fused")
+    variants["3-bit D&S + int8 lm_head, fused decoder"] = static_timer(int8, max_len, decoder="fused")
     compile_s = None
     if args.compile:  # one compiled variant (compiling takes minutes on a small machine)
         variants["3-bit D&S, static decoder compiled"] = static_timer(models["3-bit D&S"], max_len, compile="on")
@@ -156,13 +185,12 @@ def main() -> None:
         table[n] = {k: v.to_dict() for k, v in res.items()}
         print(f"{n} thread(s) done", file=sys.stderr)
     torch.set_num_threads(1)
-    greedy = {name: same_greedy(m, tok) for name, (m, tok) in loaded.items()}
-    rss = {
-        "interpreter + import requant": peak_rss("-"),
-        "fp32 model (generate --decoder transformers)": peak_rss(source, "--decoder", "transformers"),
-        "3-bit D&S (generate, defaults)": peak_rss(str(ckpts["3-bit D&S"])),
-        "3-bit ReQuant (generate, defaults)": peak_rss(str(ckpts["3-bit ReQuant"])),
+    greedy = {
+        f"{name}, {dec} decoder": same_greedy(m, tok, dec)
+        for name, (m, tok) in loaded.items()
+        for dec in ("fused", "static")
     }
+    rss = measure_rss(ckpts, source)
     meta = {
         "checkpoints": {k: str(v) for k, v in ckpts.items()},
         "source": source,
@@ -209,35 +237,45 @@ def render(out: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Decode × fp32 is against the fp32 model through transformers' loop (the issue's baseline).", ""]
     for t in threads:
-        f = table[t]["fp32, static decoder"]["decode_tok_s"]
-        parts = [
-            f"{n.removesuffix(', static decoder')} {table[t][n]['decode_tok_s'] / f:.2f}×"
-            for n in names
-            if "static decoder" in n and not n.startswith("fp32")
-        ]
-        lines.append(f"- {t} thread(s), against fp32 through the same static decoder: " + ", ".join(parts))
+        for dec in ("fused", "static"):
+            f = table[t][f"fp32, {dec} decoder"]["decode_tok_s"]
+            parts = [
+                f"{n.removesuffix(f', {dec} decoder')} {table[t][n]['decode_tok_s'] / f:.2f}×"
+                for n in names
+                if n.endswith(f"{dec} decoder") and not n.startswith("fp32")
+            ]
+            lines.append(f"- {t} thread(s), against fp32 through the same {dec} decoder: " + ", ".join(parts))
     lines += [
         "",
-        "Greedy text, static decoder vs transformers' generate on the same loaded checkpoint (64 tokens):",
+        "Greedy text, requant's decoders vs transformers' generate on the same loaded checkpoint (64 tokens):",
         "",
     ]
     for name, g in out["greedy_identical"].items():
-        lines.append(f"- {name}: {'identical' if g['identical'] else 'DIFFERENT'} ({g['tokens']} tokens)")
+        ran = f", ran {g['decoder']}" if "decoder" in g else ""
+        lines.append(f"- {name}: {'identical' if g['identical'] else 'DIFFERENT'} ({g['tokens']} tokens{ran})")
     rss = out["peak_rss"]
-    base = rss["interpreter + import requant"]["import_mib"]
-    fp = rss["fp32 model (generate --decoder transformers)"]["peak_mib"]
+    base = rss["interpreter + import requant"]
+    fp = rss["fp32 model (generate --decoder transformers)"]
     lines += [
         "",
-        "| peak RSS of `requant generate` (32 tokens) | MiB | above the interpreter | × fp32 (total / above) |",
+        "Peak RSS counts the checkpoint's memory-mapped file pages the process touched (clean page cache the kernel "
+        "can reclaim) as well as its anonymous memory; the anonymous column is what the process holds itself "
+        "(measured after generating, where it peaks).",
+        "",
+        "| `requant generate` (32 tokens) | peak RSS MiB | above the interpreter | anonymous above the interpreter | "
+        "× fp32 (peak / above / anonymous above) |",
+        "|---|---|---|---|---|",
     ]
-    lines.append("|---|---|---|---|")
     for name, r in rss.items():
         if "peak_mib" not in r:
-            lines.append(f"| {name} | {r['import_mib']:.0f} | 0 | |")
+            lines.append(f"| {name} | {r['import_mib']:.0f} | 0 | 0 | |")
             continue
+        above, anon = r["peak_mib"] - base["import_mib"], r.get("anon_mib", float("nan")) - base.get("anon_mib", 0)
+        fp_above = fp["peak_mib"] - base["import_mib"]
+        fp_anon = fp.get("anon_mib", float("nan")) - base.get("anon_mib", 0)
         lines.append(
-            f"| {name} | {r['peak_mib']:.0f} | {r['peak_mib'] - base:.0f} | "
-            f"{r['peak_mib'] / fp:.2f} / {(r['peak_mib'] - base) / (fp - base):.2f} |"
+            f"| {name} | {r['peak_mib']:.0f} | {above:.0f} | {anon:.0f} | "
+            f"{r['peak_mib'] / fp['peak_mib']:.2f} / {above / fp_above:.2f} / {anon / fp_anon:.2f} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -138,7 +138,8 @@ GRAPH_TOP, GRAPH_ALL = import_graph()
 
 # Lower layer -> the layers above it that it must never import (at module level or inside a function).
 RULES = [
-    ("requant.format", ("requant.pipeline", "requant.analysis", "requant.cli", "requant.decode")),
+    ("requant.format", ("requant.pipeline", "requant.analysis", "requant.cli", "requant.decode", "requant.fused")),
+    ("requant.fused", ("requant.pipeline", "requant.analysis", "requant.cli", "requant.decode")),
     ("requant.decode", ("requant.pipeline", "requant.analysis", "requant.cli")),
     ("requant.sensitivity", ("requant.pipeline", "requant.analysis", "requant.cli")),
     ("requant.sparse", ("requant.pipeline", "requant.analysis", "requant.cli", "requant.distributed")),

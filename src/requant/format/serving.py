@@ -31,12 +31,17 @@ SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 
 
 def quantize_rows_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 codes, fp32 per-row scales) of a matrix: symmetric, s = max|w_row| / 127, q = round(w / s)."""
-    w = w.float()
-    scale = w.abs().amax(dim=1) / 127.0
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row: any scale, codes 0
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q.contiguous(), scale.contiguous()
+    """(int8 codes, fp32 per-row scales) of a matrix: symmetric, s = max|w_row| / 127, q = round(w / s). Works
+    through DENSE_BLOCK_ROWS rows at a time, so a 16-bit vocabulary-sized matrix never has an fp32 copy."""
+    q = torch.empty(w.shape, dtype=torch.int8)
+    scale = torch.empty(w.shape[0], dtype=torch.float32)
+    for r0 in range(0, w.shape[0], DENSE_BLOCK_ROWS):
+        blk = w[r0 : r0 + DENSE_BLOCK_ROWS].float()
+        s = blk.abs().amax(dim=1) / 127.0
+        s = torch.where(s > 0, s, torch.ones_like(s))  # an all-zero row: any scale, codes 0
+        q[r0 : r0 + DENSE_BLOCK_ROWS] = torch.round(blk / s[:, None]).clamp_(-127, 127).to(torch.int8)
+        scale[r0 : r0 + DENSE_BLOCK_ROWS] = s
+    return q, scale
 
 
 class ServedLinear(nn.Module):
