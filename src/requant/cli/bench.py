@@ -130,7 +130,8 @@ def run(args: argparse.Namespace) -> int:
         [
             f"batch 1, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, "
             f"{torch.get_num_threads()} threads, median of {args.repeats} alternating runs; kernels: {obj['kernels']}; "
-            f"checkpoint: {args.decoder} decoder{' (compiled)' if obj['compiled'] else ''}, lm_head {args.lm_head}; "
+            f"checkpoint: {obj['decoder_used']} decoder{' (compiled)' if obj['compiled'] else ''}"
+            f"{' (--decoder auto)' if args.decoder == 'auto' else ''}, lm_head {args.lm_head}; "
             "fp32: the model's forward + DynamicCache",
             "| model | prefill tok/s | decode tok/s |",
             "|---|---|---|",

@@ -876,9 +876,11 @@ static void dequant_task(const void *arg, int64_t chunk) {
     }
 }
 
-/* w (out, in) = dense decode + sparse residual, bit-exact with the PyTorch reference. */
+/* w (out, in) = dense decode + sparse residual, bit-exact with the PyTorch reference. Split like a decode call
+ * (from 256K weights, ~64K per chunk): decoding is a few cycles per weight, so even R's smallest layers pay for a
+ * second thread, and prefill at 2 threads would otherwise wait on a serial decode before every BLAS call. */
 void rq_dequantize(const rq_layer *d, float *w) {
-    deq_ctx q = {d, w, rows_per_chunk(d, 4)};
+    deq_ctx q = {d, w, rows_per_chunk(d, 1)};
     run_chunks(dequant_task, &q, (d->out + q.rows_per_chunk - 1) / q.rows_per_chunk);
 }
 
