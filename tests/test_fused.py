@@ -124,8 +124,8 @@ def test_threads_give_the_same_tokens(threads):
 
 
 def test_a_model_with_the_layout_but_other_arithmetic_falls_back():
-    """Granite has Llama's module layout but multipliers on embeddings, residuals, scores and logits: the self-check
-    sees the logits differ, warns once, and the tokens are still the model's own."""
+    """Granite has Llama's module layout but multipliers on embeddings, residuals and scores: the self-check sees
+    the blocks' output differ, warns once, and the tokens are still the model's own."""
     torch.manual_seed(2)
     cfg = GraniteConfig(
         vocab_size=128,
@@ -137,7 +137,7 @@ def test_a_model_with_the_layout_but_other_arithmetic_falls_back():
         embedding_multiplier=4.0,
         residual_multiplier=0.5,
         attention_multiplier=0.3,
-        logits_scaling=2.0,
+        logits_scaling=1.0,
         initializer_range=0.1,
     )
     model = GraniteForCausalLM(cfg).eval()
@@ -147,6 +147,10 @@ def test_a_model_with_the_layout_but_other_arithmetic_falls_back():
         out = dec.generate(ids, 20)
     assert not dec.fused
     assert torch.equal(out, StaticDecoder(model, 40).generate(ids, 20))
+    model.config.logits_scaling = 2.0  # a change after the head: refused up front, auto takes the static decoder
+    with pytest.raises(Unsupported, match="logits_scaling"):
+        FusedDecoder(model, 40)
+    assert type(make_decoder(model, 40)) is StaticDecoder
 
 
 def test_other_structures_are_refused_and_auto_picks_the_static_decoder():

@@ -112,13 +112,16 @@ class StaticDecoder:
             self._step, self.compiled = self._forward_step, False
             return self._step(self.token, self.position)
 
-    @torch.inference_mode()
-    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
-        """Reset the cache, run the prompt (1, P); the greedy next token (1, 1), also the next step's input."""
+    def _check_prompt(self, ids: torch.Tensor) -> None:
         if ids.dim() != 2 or ids.shape[0] != 1:
             raise ConfigError(f"the decoder takes one sequence (1, P), got shape {tuple(ids.shape)}")
         if ids.shape[1] < 1 or ids.shape[1] >= self.max_len:
             raise ConfigError(f"a {ids.shape[1]}-token prompt does not fit a {self.max_len}-position cache")
+
+    @torch.inference_mode()
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        """Reset the cache, run the prompt (1, P); the greedy next token (1, 1), also the next step's input."""
+        self._check_prompt(ids)
         self.cache.reset()
         positions = torch.arange(ids.shape[1], device=self.device)[None]
         out = self.model(input_ids=ids, position_ids=positions, cache=self.cache, use_cache=True, logits_to_keep=1)
@@ -163,8 +166,8 @@ class StaticDecoder:
 class FusedDecoder(StaticDecoder):
     """Greedy batch-1 decoding with the fused C step of requant.fused (prefill through the model's forward into the
     StaticCache the step then extends). Construction raises fused.Unsupported for models outside its structure.
-    The first decode step after construction also runs through the model's forward: unless the logits agree
-    (fused.SELF_CHECK_RTOL), a warning says so and the static decoder's step takes over."""
+    The first decode step after construction also runs through the model's blocks: unless the final hidden states
+    agree (fused.SELF_CHECK_RTOL), a warning says so and the static decoder's step takes over."""
 
     def __init__(self, model: nn.Module, max_len: int) -> None:
         from .fused import LlamaStep
@@ -179,21 +182,45 @@ class FusedDecoder(StaticDecoder):
 
     @property
     def logits(self) -> torch.Tensor:
-        """The last fused step's next-token logits (vocab,), overwritten by the next step: the head's own on the
-        first (checked) step, after it the int8 screen's where the head has one (fused.LlamaStep.run)."""
+        """The last fused step's next-token logits (vocab,), overwritten by the next step: the int8 screen's where
+        the head has one (its argmax is the head's own; fused.LlamaStep.run), else the head's."""
         return self.fused_step.logits
 
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        """As StaticDecoder.prefill, but the first token comes from the fused head (its int8 screen) on the blocks'
+        last hidden state: the same argmax, without a full pass over a 16-bit vocabulary-sized head."""
         from .fused import Unsupported
 
-        tok = super().prefill(ids)
-        if self.fused:
-            try:
-                self.fused_step.bind(self.cache)
-            except Unsupported as e:
-                self._give_up(str(e))
-        return tok
+        if not self.fused:
+            return super().prefill(ids)
+        self._check_prompt(ids)
+        self.cache.reset()
+        positions = torch.arange(ids.shape[1], device=self.device)[None]
+        hidden = self._hidden(ids, positions)
+        try:
+            self.fused_step.bind(self.cache)
+        except Unsupported as e:
+            self._give_up(str(e))
+            return super().prefill(ids)
+        self.token.fill_(self.fused_step.head(hidden[0, -1]))
+        self.position.fill_(ids.shape[1])
+        return self.token
+
+    def _hidden(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The decoder blocks + final norm (no head) over ids at positions, extending the cache; (1, P, hidden)."""
+        out = self.model.get_decoder()(input_ids=ids, position_ids=positions, cache=self.cache, use_cache=True)
+        return out.last_hidden_state
+
+    def _sync_cache(self, pos: int) -> None:
+        """Set the StaticCache's own fill counters to `pos`: the fused step writes keys and values without them,
+        and a model forward writes where its counter points."""
+        for layer in self.cache.layers:
+            n = getattr(layer, "cumulative_length", None)
+            if isinstance(n, torch.Tensor):
+                n.fill_(pos)
+            elif n is not None:
+                layer.cumulative_length = pos
 
     def _give_up(self, why: str) -> None:
         warnings.warn(
@@ -208,14 +235,16 @@ class FusedDecoder(StaticDecoder):
         pos = int(self.position)
         if not self.fused or pos >= self.max_len:  # the static step (it refuses a full cache)
             return super().step()
-        nxt = self.fused_step.run(int(self.token), pos, exact=not self.checked)
-        if not self.checked:
+        nxt = self.fused_step.run(int(self.token), pos)
+        if not self.checked:  # the blocks' output must match the model's own, else the static step goes on
             self.checked = True
-            ref = self._forward_step(self.token, self.position)[0].float()  # rewrites this position's keys
-            err = (self.logits - ref).abs().max().item()
+            self._sync_cache(pos)
+            ref = self._hidden(self.token, self.position)[0, -1].float()  # rewrites this position's keys
+            err = (self.fused_step.hidden - ref).abs().max().item()
             if not err <= SELF_CHECK_RTOL * (1.0 + ref.abs().max().item()):
-                self._give_up(f"its logits differ from the model's forward by {err:.3g}")
-                nxt = int(torch.argmax(ref))
+                self._give_up(f"its hidden state differs from the model's forward by {err:.3g}")
+                self._sync_cache(pos)
+                return super().step()  # this position once more, through the whole model
         self.token.fill_(nxt)
         self.position += 1
         return self.token

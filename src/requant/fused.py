@@ -30,10 +30,14 @@ import ctypes
 import torch
 from torch import nn
 
+from . import memory
 from .format import kernels
 from .format.qlinear import QuantLinear
 from .format.serving import ServedEmbedding, ServedLinear, quantize_rows_int8
 
+# Config fields of families that change the logits after the output projection (Granite, Gemma 2, Cohere): the
+# fused head is a plain projection, so a non-neutral value is refused.
+HEAD_MODIFIERS = ("logits_scaling", "final_logit_softcapping", "logit_scale")
 BLOCK_LAYOUT = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
 ATTN_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
@@ -104,6 +108,9 @@ class LlamaStep:
 
     def _build(self) -> None:
         model, cfg = self.model, self.model.config
+        for field in HEAD_MODIFIERS:
+            if getattr(cfg, field, None) not in (None, 1, 1.0):
+                raise Unsupported(f"{field} = {getattr(cfg, field)} changes the logits after the output projection")
         act = getattr(cfg, "hidden_act", None)
         if act not in ACTIVATIONS:
             raise Unsupported(f"MLP activation {act!r} (the fused step computes {'/'.join(ACTIVATIONS)})")
@@ -201,7 +208,15 @@ class LlamaStep:
             return None
         dtype = {2: torch.float16, 3: torch.bfloat16, 5: torch.float32}[head.mode]
         w = torch.frombuffer((ctypes.c_char * (head.out * head.row_bytes)).from_address(head.q), dtype=dtype)
-        q, scale = quantize_rows_int8(w.view(head.out, head.inp))
+        w = w.view(head.out, head.inp)
+        q = torch.empty(w.shape, dtype=torch.int8)
+        scale = torch.empty(head.out, dtype=torch.float32)
+        for r0 in range(0, head.out, SCREEN_MIN_ROWS):
+            q[r0 : r0 + SCREEN_MIN_ROWS], scale[r0 : r0 + SCREEN_MIN_ROWS] = quantize_rows_int8(
+                w[r0 : r0 + SCREEN_MIN_ROWS]
+            )
+            # decoding reads a few rows of the head per token from here on: a zero-copy checkpoint's pages can go
+            memory.release_file_pages(w[r0].data_ptr(), w[r0 : r0 + SCREEN_MIN_ROWS].numel() * w.element_size())
         bias = None
         if head.bias:
             bias = torch.frombuffer((ctypes.c_float * head.out).from_address(head.bias), dtype=torch.float32).clone()
@@ -220,6 +235,16 @@ class LlamaStep:
                 if t is None or tuple(t.shape) != shape or t.dtype != torch.float32 or not t.is_contiguous():
                     raise Unsupported(f"cache layer {i} is not an fp32 {shape} tensor pair")
             self.block_array[i].kc, self.block_array[i].vc = k.data_ptr(), v.data_ptr()
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        """The last step's final hidden state (after the final norm; what the head reads), (hidden,)."""
+        return self.scratch[self.desc.hidden : 2 * self.desc.hidden]
+
+    def head(self, h: torch.Tensor, exact: bool = False) -> int:
+        """The head's argmax for a final hidden state h (hidden,), through the screen unless `exact`."""
+        h = h.detach().float().contiguous()
+        return int(self.lib.rq_llama_head(ctypes.addressof(self.desc), h.data_ptr(), int(exact)))
 
     def run(self, token: int, pos: int, exact: bool = False) -> int:
         """Feed `token` at position `pos` (the cache holds the positions before it); the greedy next token (the

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 GIB = 2**30
+MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages now (file pages are dropped, re-read on the next access)
 
 
 def _status(field: str) -> int | None:
@@ -30,6 +31,38 @@ def _status(field: str) -> int | None:
     except OSError:
         return None
     return None
+
+
+def _file_mapping(addr: int) -> tuple[int, int] | None:
+    """(start, end) of the file-backed mapping of this process that holds `addr`, or None."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        parts = line.split()
+        lo, hi = (int(v, 16) for v in parts[0].split("-"))
+        if lo <= addr < hi:
+            file_backed = len(parts) >= 6 and parts[5].startswith("/") and parts[4] != "0"
+            return (lo, hi) if file_backed else None
+    return None
+
+
+def release_file_pages(addr: int, nbytes: int) -> bool:
+    """Drop from this process's resident set the whole pages of [addr, addr + nbytes) when they belong to a file
+    mapping (a checkpoint's tensors loaded zero-copy), e.g. after a faster copy of them was made: they are clean
+    page cache, read back from the file if ever touched again. Anonymous memory is never touched. True when the
+    kernel took the hint (Linux 5.4+)."""
+    span = _file_mapping(addr)
+    if span is None or nbytes <= 0:
+        return False
+    page = os.sysconf("SC_PAGE_SIZE")
+    lo = max(-(-addr // page) * page, span[0])
+    hi = min((addr + nbytes) // page * page, span[1])
+    if hi <= lo:
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_PAGEOUT) == 0
 
 
 def peak_rss() -> int:

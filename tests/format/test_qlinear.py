@@ -51,7 +51,7 @@ def test_fast_path_matches_reference(bits, kind, make_layer):
         w = q.weight()
         assert torch.equal(ql.dequantize(), w)
         assert torch.equal(kernels.dequantize(kernels.library(), ql._prepare().desc), w)  # bit-exact decode
-        for m in (1, 3, 4, 5, 64):
+        for m in (1, 3, 4, 5, 64, 1):  # the second single row after the interleaved copy exists
             x = torch.randn(2, m, inp) if m == 64 else torch.randn(m, inp)
             ql.gemm_max_m = 64 if m == 5 else DECODE_MAX_ROWS  # the kernel on 5 rows too
             ref = F.linear(x, w, bias)
@@ -62,6 +62,8 @@ def test_fast_path_matches_reference(bits, kind, make_layer):
                 assert torch.equal(y, ref)  # prefill: dequantize + BLAS is bit-exact
             else:
                 assert_within_tolerance(y, ref, w, x, bias)
+        # after single-row calls (interleaved copy, if this build makes one) the decode is still bit-exact
+        assert torch.equal(kernels.dequantize(kernels.library(), ql._prepare().desc), w)
 
 
 @needs_kernels
@@ -77,7 +79,13 @@ def test_single_row_calls_interleave_whole_blocks_once(bits, make_layer):
         y = ql(x)
     if "avx2" in kernels.status():  # the build whose kernel reads the copy (AVX-512 decodes the packed form)
         assert desc.qi and desc.nblk == 2 and desc.keep_qi.numel() == 5 * (2 * 32 * bits + -(-11 * bits // 32) * 32)
-    assert_within_tolerance(y, F.linear(x, ql.dequantize()), ql.dequantize(), x)
+    w = ql.dequantize()
+    assert_within_tolerance(y, F.linear(x, w), w, x)
+    # every later decode reads whole chunks from the copy: still bit-exact (600 = 75 chunks, no partial one)
+    assert torch.equal(kernels.dequantize(kernels.library(), desc), w)
+    x3 = torch.randn(9, 600)
+    with torch.no_grad():
+        assert torch.equal(ql(x3), F.linear(x3, w))
 
 
 @needs_kernels

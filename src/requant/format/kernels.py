@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .. import native
+from .. import memory, native
 
 SOURCE = Path(__file__).parent / "csrc" / "qgemm.c"
 ABI_VERSION = 5
@@ -60,6 +60,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.rq_llama_scratch.argtypes = [ctypes.c_void_p]
     lib.rq_llama_scratch.restype = ctypes.c_int64
     lib.rq_llama_step.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+    lib.rq_llama_head.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    lib.rq_llama_head.restype = ctypes.c_int64
     lib.rq_llama_step.restype = ctypes.c_int64
 
 
@@ -233,6 +235,8 @@ def interleave(lib: ctypes.CDLL, desc: LayerDesc) -> None:
     if n > 0:
         desc.keep_qi = torch.empty(n, dtype=torch.uint8)
         lib.rq_interleave(ctypes.addressof(desc), desc.keep_qi.data_ptr())
+        if desc.inp % 8 == 0:  # every later decode reads the copy: a zero-copy checkpoint's pages can go
+            memory.release_file_pages(desc.q, desc.out * desc.row_bytes)
 
 
 def gemm(lib: ctypes.CDLL, desc: LayerDesc, x: torch.Tensor) -> torch.Tensor:

@@ -339,6 +339,10 @@ static void decode_dense(const rq_layer *d, int64_t r, int64_t c0, int64_t n, fl
     for (; j < n; j++) buf[j] = 0.0f;
 }
 
+#if defined(RQ_AVX2) && !defined(RQ_AVX512)
+static void decode_qi(const rq_layer *d, int64_t r, int64_t j0, int64_t j1, float *out);
+#endif
+
 /* Decode columns [c0, c0 + n) of row r into buf; n a multiple of 64 (ISA paths may write up to there),
  * columns past `in` hold arbitrary finite values. */
 static void decode_block(const rq_layer *d, int64_t r, int64_t c0, int64_t n, float *buf) {
@@ -346,6 +350,18 @@ static void decode_block(const rq_layer *d, int64_t r, int64_t c0, int64_t n, fl
         decode_dense(d, r, c0, n, buf);
         return;
     }
+#if defined(RQ_AVX2) && !defined(RQ_AVX512)
+    if (d->qi) { /* whole chunks from the interleaved copy (the packed rows are then never read again) */
+        const int64_t full = d->in / 8, j0 = c0 / 8;
+        int64_t j1 = (c0 + n) / 8;
+        if (j1 > full) j1 = full;
+        if (j1 > j0) decode_qi(d, r, j0, j1, buf);
+        if (j1 * 8 >= c0 + n || j1 < j0) return;
+        buf += j1 * 8 - c0; /* a final partial chunk (in % 8 columns) from the packed row, below */
+        n = c0 + n - j1 * 8;
+        c0 = j1 * 8;
+    }
+#endif
     const uint8_t *row = d->q + r * d->row_bytes;
     const int bits = d->bits;
     const uint32_t mask = (1u << bits) - 1u;
@@ -547,6 +563,32 @@ static inline __attribute__((always_inline)) __m256 values8_idx(const rq_layer *
     /* (code - zero) * scale: the reference's two roundings, so each weight equals the reference's */
     return _mm256_mul_ps(_mm256_sub_ps(codes, _mm256_set1_ps(z)), _mm256_set1_ps(d->scale[r * d->ngroups + g]));
 }
+
+#ifndef RQ_AVX512
+/* Chunks [j0, j1) of row r from the interleaved copy, as fp32 into out (8 per chunk): the same table lookups or
+ * (code - zero) * scale as every other path, so bit-exact with the reference decode. */
+static void decode_qi(const rq_layer *d, int64_t r, int64_t j0, int64_t j1, float *out) {
+    const int bits = d->bits, mode = d->mode;
+    const int64_t tail = d->in / 8 - 32 * d->nblk, tail_dw = (tail * bits + 31) / 32;
+    const uint8_t *rowp = d->qi + r * (d->nblk * 32 * bits + tail_dw * 32);
+    __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+    if (mode == 0) {
+        const float *lut = d->lut + (r << bits);
+        if (bits == 2) lo = _mm256_castsi256_ps(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)lut)));
+        else lo = _mm256_loadu_ps(lut);
+        if (bits == 4) hi = _mm256_loadu_ps(lut + 8);
+    }
+    for (int64_t j = j0; j < j1; j++) {
+        const uint8_t *bp = rowp + (j / 32) * 32 * bits;
+        const int o = bits * (int)(j % 32), dw = o >> 5, sh = o & 31;
+        __m256i idx = _mm256_srl_epi32(_mm256_loadu_si256((const __m256i *)(bp + 32 * dw)), _mm_cvtsi32_si128(sh));
+        if (sh + bits > 32)
+            idx = _mm256_or_si256(idx, _mm256_sll_epi32(_mm256_loadu_si256((const __m256i *)(bp + 32 * (dw + 1))),
+                                                        _mm_cvtsi32_si128(32 - sh)));
+        _mm256_storeu_ps(out + 8 * (j - j0), values8_idx(d, r, 8 * j, idx, lo, hi, bits, mode));
+    }
+}
+#endif
 
 static inline __attribute__((always_inline)) __m256 values8_avx2(const rq_layer *d, int64_t r, int64_t c, uint32_t u,
                                                                  __m256 lo, __m256 hi, const int bits,
@@ -1019,6 +1061,37 @@ static void attn_task(const void *arg, int64_t h) {
  * |w - q s| <= s / 2) plus fp32 rounding of both sums (|w| <= 127.5 s, relative error well under 1e-5). */
 #define RQ_SCREEN_SLACK 0.51f
 
+/* Argmax of the head's logits for hidden state h (see rq_llama_step for `exact` and the screen). */
+static int64_t head_argmax(const rq_llama *m, const float *h, int exact) {
+    const int64_t H = m->hidden;
+    if (exact || !m->screen) {
+        linear1(m->head, h, m->logits);
+        int64_t best = 0;
+        for (int64_t i = 1; i < m->vocab; i++)
+            if (m->logits[i] > m->logits[best]) best = i;
+        return best;
+    }
+    const rq_layer *sc = m->screen;
+    linear1(sc, h, m->logits);
+    float l1 = 0.0f;
+    for (int64_t i = 0; i < H; i++) l1 += fabsf(h[i]);
+    const float c = RQ_SCREEN_SLACK * l1 * 1.0001f; /* the 1.0001: rounding of l1 itself */
+    float lower = -INFINITY;
+    for (int64_t r = 0; r < m->vocab; r++) {
+        const float lo = m->logits[r] - c * sc->scale[r];
+        if (lo > lower) lower = lo;
+    }
+    int64_t best = -1;
+    float bestv = 0.0f;
+    for (int64_t r = 0; r < m->vocab; r++) {
+        if (m->logits[r] + c * sc->scale[r] < lower) continue;
+        /* exactly what linear1(m->head) computes for row r */
+        const float v = row_dot_dense(m->head, r, h) + (m->head->bias ? m->head->bias[r] : 0.0f);
+        if (best < 0 || v > bestv) best = r, bestv = v;
+    }
+    return best;
+}
+
 /* Feed `token` at position `pos` (0 <= pos < max_len; the cache holds positions < pos); returns the argmax (first
  * maximum) of the next token's logits, -1 for an argument out of range. With `exact` or no screen, m->logits holds
  * the head's logits. Otherwise the int8 screen reads a quarter of a 16-bit head's bytes (half of 32-bit): every
@@ -1062,30 +1135,9 @@ int64_t rq_llama_step(const rq_llama *m, int64_t token, int64_t pos, int exact) 
         for (int64_t i = 0; i < H; i++) x[i] += h[i];
     }
     rmsnorm(x, m->final_norm, m->eps, H, h);
-    if (exact || !m->screen) {
-        linear1(m->head, h, m->logits);
-        int64_t best = 0;
-        for (int64_t i = 1; i < m->vocab; i++)
-            if (m->logits[i] > m->logits[best]) best = i;
-        return best;
-    }
-    const rq_layer *sc = m->screen;
-    linear1(sc, h, m->logits);
-    float l1 = 0.0f;
-    for (int64_t i = 0; i < H; i++) l1 += fabsf(h[i]);
-    const float c = RQ_SCREEN_SLACK * l1 * 1.0001f; /* the 1.0001: rounding of l1 itself */
-    float lower = -INFINITY;
-    for (int64_t r = 0; r < m->vocab; r++) {
-        const float lo = m->logits[r] - c * sc->scale[r];
-        if (lo > lower) lower = lo;
-    }
-    int64_t best = -1;
-    float bestv = 0.0f;
-    for (int64_t r = 0; r < m->vocab; r++) {
-        if (m->logits[r] + c * sc->scale[r] < lower) continue;
-        /* exactly what linear1(m->head) computes for row r */
-        const float v = row_dot_dense(m->head, r, h) + (m->head->bias ? m->head->bias[r] : 0.0f);
-        if (best < 0 || v > bestv) best = r, bestv = v;
-    }
-    return best;
+    return head_argmax(m, h, exact);
 }
+
+/* The head's argmax for a final hidden state h (after the final norm), as rq_llama_step ends: a prefill that ran
+ * the blocks elsewhere picks its first token here, through the same screen. */
+int64_t rq_llama_head(const rq_llama *m, const float *h, int exact) { return head_argmax(m, h, exact); }
