@@ -95,3 +95,30 @@ def test_transient_allocations_reuse_the_heap_and_restore_the_pinned_threshold()
     assert r["pinned"] >= 40 * 1000  # every 4 MiB temporary is a fresh mapping: ~1024 page faults each
     assert r["transient"] < r["pinned"] / 10  # inside: the same heap pages, reused
     assert r["returned"] >= 15 << 20
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and madvise")
+def test_release_file_pages_drops_a_file_mappings_pages_and_never_anonymous_memory(tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    def rss_file() -> int:
+        for line in open("/proc/self/status"):
+            if line.startswith("RssFile:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    path = tmp_path / "w.safetensors"
+    save_file({"w": torch.arange(8 << 20, dtype=torch.int32)}, str(path))  # 32 MiB
+    w = load_file(str(path))["w"]  # zero-copy: a view of the file mapping
+    if memory._file_mapping(w.data_ptr()) is None:
+        pytest.skip("safetensors copied the tensor instead of mapping the file")
+    assert int(w.sum()) == (8 << 20) * ((8 << 20) - 1) // 2  # every page touched
+    before = rss_file()
+    if not memory.release_file_pages(w.data_ptr(), w.numel() * 4):
+        pytest.skip("the kernel has no MADV_PAGEOUT")
+    assert rss_file() < before - (24 << 20)  # most of the 32 MiB left the resident set
+    assert int(w.sum()) == (8 << 20) * ((8 << 20) - 1) // 2  # and read back from the file, unchanged
+    anon = torch.arange(1 << 20, dtype=torch.int32)
+    assert not memory.release_file_pages(anon.data_ptr(), anon.numel() * 4)  # anonymous: untouched
+    assert int(anon[-1]) == (1 << 20) - 1
