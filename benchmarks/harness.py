@@ -97,10 +97,11 @@ def write_table(
             f"{r.get('quantize_s', 0):.0f} |"
         )
     some = next((results[n] for n in order if n in results), {})
+    seeds = sorted({results[n].get("config", {}).get("seed", 0) for n in order if n in results}) or [0]
     tokens = ", ".join(f"{t}: {some[t]['tokens']} tokens ({some[t]['windows']} windows)" for t in texts if t in some)
     lines.append(
         f"\nSetting R: SmolLM2-135M-Instruct fp32, seqlen 512, {tokens}; calibration {args.nsamples} "
-        f"windows × 512 of wiki:train (seed 0). {note}"
+        f"windows × 512 of wiki:train (seed {', '.join(map(str, seeds))}). {note}"
     )
     (RESULTS / f"{args.tag or tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -64,6 +64,7 @@ MODELS = {
     "llama-packed-lut4": lambda: packed_random(tiny_llama(), bits=4),
     "llama-packed-uniform3": lambda: packed_random(tiny_llama(), bits=3, kind="uniform"),
     "llama-packed-trellis2": lambda: packed_random(tiny_llama(), bits=2, kind="trellis"),
+    "llama-packed-awq4": lambda: packed_random(tiny_llama(inter=256, hidden=256), bits=4, kind="awq"),
     "llama-int8-head": lambda: _int8_head(),
     "llama3-rope": _llama3_rope,
     "qwen2-bias-untied-gqa4": _qwen2,
@@ -92,7 +93,7 @@ def test_each_step_matches_the_model_forward(name):
             ref.position += 1
             fused.step()
             scale = want.abs().max().item()
-            assert (fused.logits - want).abs().max().item() <= 1e-5 * (1 + scale), name
+            assert (fused.logits - want).abs().max().item() <= 1e-4 * (1 + scale), name  # fp32 reassociation
     assert fused.fused and fused.checked
 
 
@@ -159,9 +160,6 @@ def test_other_structures_are_refused_and_auto_picks_the_static_decoder():
         FusedDecoder(gpt2, 32)
     assert type(make_decoder(gpt2, 32, "auto")) is StaticDecoder
     assert type(make_decoder(tiny_llama(), 32, "auto")) is FusedDecoder
-    awq = packed_random(tiny_llama(), bits=4, kind="awq")
-    with pytest.raises(Unsupported, match="scales its inputs"):
-        FusedDecoder(awq, 32)
     with pytest.raises(ConfigError, match="fused"):
         make_decoder(gpt2, 32, "fused")
 

@@ -61,14 +61,18 @@ def _linear(mod: nn.Module, name: str) -> tuple[kernels.LayerDesc, list]:
         if runner is None:
             raise Unsupported(f"{name}: no kernel for its storage")
         desc = getattr(runner, "desc", None)
-        if desc is not None and getattr(runner, "in_scale", None) is None:
+        if desc is not None:
             kernels.interleave(kernels.library(), desc)
+            in_scale = getattr(runner, "in_scale", None)  # AWQ: the kernel runs on x / s
+            if in_scale is not None:
+                desc = kernels.LayerDesc.from_buffer_copy(desc)  # the module's own descriptor stays as it is
+                desc.in_div = in_scale.data_ptr()
             return desc, [runner]
         if runner.gemm is None:  # a decoded fp32 Ŵ (trellis): a plain fp32 matrix
             w = runner.weight()
             b = None if mod.bias is None else mod.bias.detach().float().contiguous()
             return kernels.describe_dense(w, bias=b), [w, b]
-        raise Unsupported(f"{name}: kind {mod.layout.kind} scales its inputs (no fused kernel)")
+        raise Unsupported(f"{name}: kind {mod.layout.kind} has no single-row kernel")
     if isinstance(mod, ServedLinear):
         w = mod.weight.detach().contiguous()
         b = None if mod.bias is None else mod.bias.detach().float().contiguous()

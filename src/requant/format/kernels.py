@@ -43,6 +43,7 @@ class LayerDesc(ctypes.Structure):
         ("bias", ctypes.c_void_p),
         ("qi", ctypes.c_void_p),
         ("nblk", ctypes.c_int64),
+        ("in_div", ctypes.c_void_p),
     ]
 
 

@@ -55,6 +55,7 @@ typedef struct {
     const float *bias; /* (out) or NULL */
     const uint8_t *qi; /* NULL, or the first nblk blocks of 256 codes of every row in lane order (rq_interleave) */
     int64_t nblk;
+    const float *in_div; /* NULL, or (in): the fused step feeds x / in_div (AWQ's per-input scale), see linear1 */
 } rq_layer;
 
 int rq_abi_version(void) { return 5; }
@@ -1003,6 +1004,12 @@ int64_t rq_llama_scratch(const rq_llama *m) {
 }
 
 static void linear1(const rq_layer *d, const float *x, float *y) {
+    float *xs = NULL;
+    if (d->in_div) { /* x / s as the module computes it in fp32 (IEEE division: the same values) */
+        xs = (float *)__builtin_alloca((size_t)d->in * sizeof(float));
+        for (int64_t i = 0; i < d->in; i++) xs[i] = x[i] / d->in_div[i];
+        x = xs;
+    }
     gemm_ctx g = {d, x, 1, d->in, rows_per_chunk(d, 1), y};
     run_chunks(gemm_task, &g, (d->out + g.rows_per_chunk - 1) / g.rows_per_chunk);
 }
