@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -103,7 +104,7 @@ def test_release_file_pages_drops_a_file_mappings_pages_and_never_anonymous_memo
     from safetensors.torch import load_file, save_file
 
     def rss_file() -> int:
-        for line in open("/proc/self/status"):
+        for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("RssFile:"):
                 return int(line.split()[1]) * 1024
         return 0
