@@ -9,18 +9,19 @@ output projection (a vocabulary of ≥ SCREEN_MIN_ROWS rows: the largest matrix 
 token) an int8 copy with per-row scales screens the rows first: each screened logit is within a known bound of the
 head's (half a step per weight times ‖x‖₁), so only rows whose bound reaches the best lower bound can hold the
 argmax, and those few are recomputed by the head: the greedy token is the 16-bit head's own, to the bit, for a
-quarter of its bytes (the screen costs that quarter again in memory). Its linear layers are the
-same kernel descriptors the modules use (packed QuantLinear codes + sparse residual, 16-bit/int8 served heads,
-fp32 nn.Linear), so a quantized layer reads its b bits per weight exactly as in the module path.
+quarter of its bytes (the screen costs that quarter again in memory; the head's pages of a zero-copy checkpoint
+are released once screened). Its linear layers are the same kernel descriptors the modules use (packed
+QuantLinear codes + sparse residual, AWQ's x / s, 16-bit/int8 served heads, fp32 nn.Linear), so a quantized layer
+reads its b bits per weight as in the module path.
 
 Which models: the decoder's blocks (`get_decoder().layers`) must have exactly the Llama layout — `self_attn` with
 q/k/v/o projections, `mlp` with gate/up/down projections, two RMSNorms — a SiLU MLP, full attention, and a rotary
 module on the decoder; that covers Llama, Mistral (within its window), Qwen2, SmolLM and their fine-tunes.
-Families that share the layout but not the arithmetic (multipliers, softcapping, norms of 1 + w) are caught by a
-self-check: the first decode step runs both ways, through the fused step and through the model's own forward, and
-the fused path is kept only when the logits agree (else a warning, and the static decoder goes on). Prefill runs
-through the model's forward (batched, BLAS) into a transformers StaticCache whose key/value tensors the fused step
-then reads and extends in place.
+Config fields that change the logits after the head (HEAD_MODIFIERS) are refused; other families that share the
+layout but not the arithmetic (multipliers, norms of 1 + w) are caught by a self-check: the first decode step
+runs both ways, through the fused step and through the model's own blocks, and the fused path is kept only when
+their outputs agree (else a warning, and the static decoder goes on). Prefill runs the model's blocks (batched,
+BLAS) into a transformers StaticCache whose key/value tensors the fused step then reads and extends in place.
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ BLOCK_LAYOUT = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm
 ATTN_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 ACTIVATIONS = ("silu", "swish")
-# Self-check: max |fused − forward| over the logits, relative to 1 + max |logits|. Both sides sum in fp32 in
-# different orders (~1e-6 relative); a missing multiplier or norm variant differs by O(1).
+# Self-check: max |fused − forward| over the blocks' final (normed) hidden state, relative to 1 + its max. Both
+# sides sum in fp32 in different orders (~1e-6 relative); a missing multiplier differs by O(1e-2) and more.
 SELF_CHECK_RTOL = 1e-3
 # Output projections of at least this many rows get an int8 screen (a quarter of a 16-bit head's bytes per token);
 # the argmax stays the head's own, exactly (qgemm.c: rq_llama_step).
