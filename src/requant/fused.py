@@ -44,7 +44,7 @@ ATTN_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 ACTIVATIONS = ("silu", "swish")
 # Self-check: max |fused − forward| over the blocks' final (normed) hidden state, relative to 1 + its max. Both
-# sides sum in fp32 in different orders (~1e-6 relative); a missing multiplier differs by O(1e-2) and more.
+# sides sum in fp32 in different orders (~1e-6 relative); Granite's multipliers, say, differ by O(1).
 SELF_CHECK_RTOL = 1e-3
 # Output projections of at least this many rows get an int8 screen (a quarter of a 16-bit head's bytes per token);
 # the argmax stays the head's own, exactly (qgemm.c: rq_llama_step).
