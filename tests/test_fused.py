@@ -227,3 +227,11 @@ def test_the_screen_keeps_the_first_of_tied_maxima():
     with torch.inference_mode():
         dec.prefill(torch.arange(3)[None])
         assert dec.fused_step.run(9, 3) == dec.fused_step.run(9, 3, exact=True) == 0
+
+
+def test_out_of_range_tokens_and_positions_are_refused_by_the_step():
+    dec = FusedDecoder(tiny_llama(), 16)
+    dec.prefill(torch.arange(3)[None])
+    for token, pos in ((257, 3), (-1, 3), (5, 16), (5, -1)):
+        with pytest.raises(ValueError, match="out of range"):
+            dec.fused_step.run(token, pos)

@@ -1105,7 +1105,7 @@ static int64_t head_argmax(const rq_llama *m, const float *h, int exact) {
  * row whose screened logit plus its error bound reaches the best lower bound is recomputed by the head itself, so
  * the returned argmax is the head's own, to the bit; m->logits then holds the screen's logits. */
 int64_t rq_llama_step(const rq_llama *m, int64_t token, int64_t pos, int exact) {
-    if (pos < 0 || pos >= m->max_len || token < 0) return -1;
+    if (pos < 0 || pos >= m->max_len || token < 0 || token >= m->vocab) return -1;
     const int64_t H = m->hidden, d = m->head_dim, I = m->inter;
     float *x = m->scratch, *h = x + H, *q = h + H, *k = q + m->n_heads * d, *v = k + m->n_kv * d;
     float *att = v + m->n_kv * d, *g = att + m->n_heads * d, *u = g + I;
