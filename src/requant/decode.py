@@ -165,7 +165,8 @@ class StaticDecoder:
 
 class FusedDecoder(StaticDecoder):
     """Greedy batch-1 decoding with the fused C step of requant.fused (prefill through the model's blocks into the
-    StaticCache the step then extends, its first token from the fused head). Construction raises fused.Unsupported for models outside its structure.
+    StaticCache the step then extends, its first token from the fused head). Construction raises
+    fused.Unsupported for models outside its structure.
     The first decode step after construction also runs through the model's blocks: unless the final hidden states
     agree (fused.SELF_CHECK_RTOL), a warning says so and the static decoder's step takes over."""
 
