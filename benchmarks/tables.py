@@ -187,7 +187,13 @@ def fulltext_table() -> str:
     for label, key in [
         ("ReQuant, the paper's reading (PQI of 2 Gauss nodes)", "squeezellm-3bit-ReQuant"),
         ("ReQuant, the recipe (detach by the gradient at w̃)", "squeezellm-3bit-ReQuant-right1"),
+        (
+            "feedback + IQR outliers + ReQuant's detach (`squeezellm-fb-3bit-IQR+detach`)",
+            "squeezellm-fb-3bit-IQR+detach",
+        ),
     ]:
+        if key not in full:
+            continue
         v = {t: get(key, t) for t in texts}
         rows.append([label, *(ppl(v[t]) for t in texts)])
         rows.append(["P1", *(f"{p1(v[t], dns[t], fp[t]):.3f}" for t in texts)])
