@@ -1010,8 +1010,7 @@ static void linear1(const rq_layer *d, const float *x, float *y) {
         for (int64_t i = 0; i < d->in; i++) xs[i] = x[i] / d->in_div[i];
         x = xs;
     }
-    gemm_ctx g = {d, x, 1, d->in, rows_per_chunk(d, 1), y};
-    run_chunks(gemm_task, &g, (d->out + g.rows_per_chunk - 1) / g.rows_per_chunk);
+    rq_gemm(d, x, 1, d->in, y);
 }
 
 /* y = x / sqrt(mean(x^2) + eps) * w, as transformers' RMSNorm (fp32 throughout). */
