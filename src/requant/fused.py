@@ -167,11 +167,10 @@ class LlamaStep:
         emb = model.get_input_embeddings()
         if not isinstance(emb, nn.Embedding | ServedEmbedding):
             raise Unsupported(f"input embeddings {type(emb).__name__}")
-        modes = {torch.float16: 2, torch.bfloat16: 3, torch.float32: 5}
-        if emb.weight.dtype not in modes:
+        if emb.weight.dtype not in kernels.DENSE_MODES or emb.weight.dtype == torch.int8:
             raise Unsupported(f"input embeddings in {emb.weight.dtype}")
-        head_desc, keep = _linear(model.get_output_embeddings(), "output projection")
-        self.keep += [keep, w_final, emb.weight]
+        head_desc, head_keep = _linear(model.get_output_embeddings(), "output projection")
+        self.keep += [head_keep, w_final, emb.weight]
 
         a0 = blocks[0].self_attn
         n_heads, n_kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
@@ -193,10 +192,11 @@ class LlamaStep:
         m.eps, m.scaling = eps_all.pop(), float(getattr(a0, "scaling", head_dim**-0.5))
         self.block_array = (kernels.BlockDesc * len(descs))(*descs)
         m.blocks = self.block_array
-        m.final_norm, m.embed, m.embed_mode = w_final.data_ptr(), emb.weight.data_ptr(), modes[emb.weight.dtype]
+        m.final_norm, m.embed = w_final.data_ptr(), emb.weight.data_ptr()
+        m.embed_mode = kernels.DENSE_MODES[emb.weight.dtype]
         self.head_desc = head_desc
         m.head = ctypes.pointer(head_desc)
-        self.screen_desc = self._screen(head_desc)
+        self.screen_desc = self._screen(head_desc, head_keep)
         if self.screen_desc is not None:
             m.screen = ctypes.pointer(self.screen_desc)
         m.cos, m.sin = self.cos.data_ptr(), self.sin.data_ptr()
@@ -206,26 +206,21 @@ class LlamaStep:
         self.desc = m
         self.n_blocks = len(blocks)
 
-    def _screen(self, head: kernels.LayerDesc) -> kernels.LayerDesc | None:
+    def _screen(self, head: kernels.LayerDesc, keep: list) -> kernels.LayerDesc | None:
         """An int8 copy (per-row scales) of a 16- or 32-bit output projection of many rows, which the step reads
-        instead of the head to find the few rows that can hold the argmax (recomputed exactly from the head)."""
+        instead of the head to find the few rows that can hold the argmax (recomputed exactly from the head).
+        `keep`: what `_linear` returned beside the head's descriptor (a dense head: its weight, then its bias)."""
         if head.mode not in (2, 3, 5) or head.out < SCREEN_MIN_ROWS:
             return None
-        dtype = {2: torch.float16, 3: torch.bfloat16, 5: torch.float32}[head.mode]
-        w = torch.frombuffer((ctypes.c_char * (head.out * head.row_bytes)).from_address(head.q), dtype=dtype)
-        w = w.view(head.out, head.inp)
+        w, bias = keep[0], keep[1]
         q = torch.empty(w.shape, dtype=torch.int8)
         scale = torch.empty(head.out, dtype=torch.float32)
         for r0 in range(0, head.out, SCREEN_MIN_ROWS):
-            q[r0 : r0 + SCREEN_MIN_ROWS], scale[r0 : r0 + SCREEN_MIN_ROWS] = quantize_rows_int8(
-                w[r0 : r0 + SCREEN_MIN_ROWS]
-            )
+            rows = w[r0 : r0 + SCREEN_MIN_ROWS]
+            q[r0 : r0 + SCREEN_MIN_ROWS], scale[r0 : r0 + SCREEN_MIN_ROWS] = quantize_rows_int8(rows)
             # decoding reads a few rows of the head per token from here on: a zero-copy checkpoint's pages can go
-            memory.release_file_pages(w[r0].data_ptr(), w[r0 : r0 + SCREEN_MIN_ROWS].numel() * w.element_size())
-        bias = None
-        if head.bias:
-            bias = torch.frombuffer((ctypes.c_float * head.out).from_address(head.bias), dtype=torch.float32).clone()
-        self.keep.append((q, scale, bias))
+            memory.release_file_pages(rows.data_ptr(), rows.numel() * rows.element_size())
+        self.keep.append((q, scale))
         return kernels.describe_dense(q, scale, bias)
 
     def bind(self, cache: object) -> None:

@@ -61,9 +61,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.rq_llama_scratch.argtypes = [ctypes.c_void_p]
     lib.rq_llama_scratch.restype = ctypes.c_int64
     lib.rq_llama_step.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+    lib.rq_llama_step.restype = ctypes.c_int64
     lib.rq_llama_head.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     lib.rq_llama_head.restype = ctypes.c_int64
-    lib.rq_llama_step.restype = ctypes.c_int64
 
 
 _NATIVE = native.NativeLibrary(SOURCE, ABI_VERSION, _declare)
