@@ -93,6 +93,11 @@ def grid() -> dict[str, QuantConfig]:
         out[f"qtip-L12-{bits}bit+ReQuant-right1"] = replace(
             out[f"qtip-{bits}bit+ReQuant-right1"], base_options={"L": 12}
         )
+        if bits == 3:
+            # All the sparse budget below 3.3 bits (3.003 + 0.6% × 48 = 3.29): the ≤ 3.3-bit point of the goals.
+            out[f"qtip-L12-{bits}bit+ReQuant-right1-0.6%"] = replace(
+                out[f"qtip-L12-{bits}bit+ReQuant-right1"], significant=0.6, step=0.3
+            )
         out[f"qtip-{bits}bit+ReQuant-0.25%"] = replace(
             qt, outliers=0.0, significant=0.25, significant_select="pqi", step=0.125, pqi_nodes=2, pqi_rule="gauss"
         )

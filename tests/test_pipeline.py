@@ -1,6 +1,8 @@
 """The pipeline end to end on tiny models: the D&S baseline and ReQuant (Algorithms 1 and 2), budgets, the report,
 gradient dtypes, resume."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -260,6 +262,7 @@ def test_the_report_keeps_its_json_keys(tokenizer, text_file):
         "outlier_entries": 0,
         "significant_entries": 0,
         "sparse_percent": 0.0,
+        "values": "restore",
     }
 
 
@@ -316,3 +319,30 @@ def test_fisher_objective_of_algorithm1_over_rtn(tokenizer, text_file):
     assert a != b  # the same dense fit, scored with and without the Fisher's weights
     for r in runs.values():
         assert r.report["sparse"]["outlier_entries"] <= round(0.01 * sum(q.info.numel for q in r.layers.values()))
+
+
+def test_fitted_sparse_values_keep_the_positions_and_lower_every_layers_output_error(tokenizer, text_file):
+    """--sparse-values fit: the same dense part and sparse positions as restoring (the fit comes after every
+    selection), values solved on the fp model's layer inputs, a lower output error on every layer."""
+    from requant.calibration import layer_inputs
+    from requant.sparse.values import output_error
+
+    cfg = requant_config(text_file, base="rtn", bits=3)
+    runs = {}
+    for values in ("restore", "fit"):
+        model = tiny_llama()
+        ref = {i.name: model.get_submodule(i.name).weight.detach().clone() for i in quantizable_layers(model)}
+        runs[values] = quantize(model, tokenizer, replace(cfg, sparse_values=values))
+    restore, fit = runs["restore"], runs["fit"]
+    assert fit.report["sparse"]["values"] == "fit" and "output_error" not in restore.report["sparse"]
+    reported = fit.report["sparse"]["output_error"]
+    assert reported["fit"] < reported["restore"]
+    windows = pipeline.text_windows(tokenizer, cfg.calib, cfg.seqlen, nsamples=cfg.nsamples, seed=cfg.seed)
+    h = {n: x.hessian for n, x in layer_inputs(tiny_llama(), list(ref), windows).items()}
+    for n, q in fit.layers.items():
+        r = restore.layers[n]
+        assert torch.equal(q.dense.dequantize(), r.dense.dequantize())
+        assert torch.equal(q.sparse.index, r.sparse.index)
+        assert output_error(ref[n], q.weight(), h[n]) <= output_error(ref[n], r.weight(), h[n]) * (1 + 1e-6)
+    total = sum(output_error(ref[n], q.weight(), h[n]) for n, q in fit.layers.items())
+    assert total == pytest.approx(reported["fit"], rel=1e-6)

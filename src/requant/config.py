@@ -31,6 +31,7 @@ ALG1_GRANULARITY = ("module", "block")
 ALG1_ALLOCATORS = tuple(ALLOCATORS)
 DETACH_SCOPES = SCOPES
 DETACH_RANKINGS = RANKINGS
+SPARSE_VALUES = ("restore", "fit")
 # group_size value: the recipe picks the group size at which the outliers cost no more bits than the base
 # method's tables at g128 (requant.recipes.equal_bits_group_size); resolved by the pipeline from the widths.
 EQUAL_BITS = "equal-bits"
@@ -128,6 +129,13 @@ class QuantConfig:
         help="Algorithm 2 ranking: abs (|ΔF_PQI|) or positive (ΔF_PQI > 0 only)",
         what="detach ranking",
         choices=DETACH_RANKINGS,
+    )
+    sparse_values: str = option(
+        "restore",
+        help="values of the sparse entries: restore (the original weights) or fit (least squares on each "
+        "layer's calibration inputs, the dense part fixed)",
+        what="sparse values",
+        choices=SPARSE_VALUES,
     )
     calib: str = option("wiki:train", help="calibration text (wiki:train, c4:train, ... or a file)")
     nsamples: int = option(32, help="calibration windows")

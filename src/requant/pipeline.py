@@ -9,7 +9,8 @@ the work directory, the typed report, timings and the lazily drawn calibration d
                                                                                   stages `pqi_pre`, `alg1`
   dense_fit            re-quantize with the sparse entries left out of the fit                 stage `dense`
   detach_significant   Algorithm 2: step-wise detach by PQI (or random)                        stage `detach`
-  assemble             ŵ = dense + sparse outliers + sparse significant weights, into the model
+  assemble             ŵ = dense + sparse outliers + sparse significant weights, into the model; the sparse
+                       values restore w, or (`sparse_values=fit`) are fitted to the layer inputs
 
 The algorithms are pure functions in quantizers/, sparse/ and sensitivity/; this module walks the model,
 stores each finished stage in the work directory (WorkDir.cached), times stages and reports.
@@ -53,6 +54,7 @@ from .sparse import SparseResidual, iqr_outlier_masks, topk_masks_per_module
 from .sparse.adaptive import LayerMap, allocate_outliers, outlier_masks
 from .sparse.detach import select_top, step_counts, stepwise_detach
 from .sparse.outliers import budget
+from .sparse.values import fit_sparse_values, output_error
 from .workdir import DENSE, META, TENSORS, WorkDir, decode_masks, encode_masks
 
 Masks = dict[str, torch.Tensor]
@@ -773,14 +775,25 @@ def assemble(
     """ŵ = D + outliers + significant, stored as one fp16 residual per layer, written into the model; the result
     with its report."""
     layers = {}
-    for n, info in run.layers.items():
-        d = dense[n]
-        m = exclude[n] | significant[n] if significant else exclude[n]  # one layer's union, not a model-wide mask
-        if m.any():
-            sp = SparseResidual.restore(run.weights[n], d.dequantize(), m)
-        else:
-            sp = SparseResidual.empty((info.out_features, info.in_features))
-        layers[n] = QuantizedLayer(info, d, sp)
+    fit = run.config.sparse_values == "fit"
+    stats = run.calibration.layer_inputs() if fit else {}  # the fp model's inputs (its weights are the masters)
+    errors = [0.0, 0.0]  # Σ layer output error with restored / fitted sparse values
+    with run.timings("sparse_values_s"):
+        for n, info in run.layers.items():
+            d = dense[n]
+            m = exclude[n] | significant[n] if significant else exclude[n]  # one layer's union, not a model-wide mask
+            if not m.any():
+                layers[n] = QuantizedLayer(info, d, SparseResidual.empty((info.out_features, info.in_features)))
+                continue
+            dq = d.dequantize()
+            sp = SparseResidual.restore(run.weights[n], dq, m)
+            h = stats[n].hessian if n in stats else None
+            if h is not None:
+                fitted = fit_sparse_values(run.weights[n], dq, m, h)
+                errors[0] += output_error(run.weights[n], sp.add_to(dq), h)
+                errors[1] += output_error(run.weights[n], fitted.add_to(dq), h)
+                sp = fitted
+            layers[n] = QuantizedLayer(info, d, sp)
     apply_to_model(run.model, layers)
     # Ranks decide independently from identical all-reduced sums; a cheap cross-check of the outcome.
     distributed.check_same(
@@ -798,7 +811,10 @@ def assemble(
         "outlier_entries": _count(outliers),
         "significant_entries": _count(significant),
         "sparse_percent": bits.sparse_percent,
+        "values": run.config.sparse_values,
     }
+    if fit:
+        r.sparse["output_error"] = {"restore": errors[0], "fit": errors[1]}
     r.layers = len(layers)
     if run.has_experts:
         r.experts = expert_report(run)
