@@ -346,3 +346,26 @@ def test_fitted_sparse_values_keep_the_positions_and_lower_every_layers_output_e
         assert output_error(ref[n], q.weight(), h[n]) <= output_error(ref[n], r.weight(), h[n]) * (1 + 1e-6)
     total = sum(output_error(ref[n], q.weight(), h[n]) for n, q in fit.layers.items())
     assert total == pytest.approx(reported["fit"], rel=1e-6)
+
+
+def test_detach_refit_refits_the_dense_part_without_every_sparse_entry(tokenizer, text_file, tmp_path):
+    """--detach-refit: the same sparse positions (chosen before the refit), the dense part equal to the base's fit
+    with all of them left out, stored as its own stage; without detached entries it is refused."""
+    from requant.quantizers import make_quantizer
+
+    cfg = requant_config(text_file, base="rtn", bits=3)
+    plain = quantize(tiny_llama(), tokenizer, cfg)
+    model = tiny_llama()
+    ref = {i.name: model.get_submodule(i.name).weight.detach().clone() for i in quantizable_layers(model)}
+    refit = quantize(model, tokenizer, replace(cfg, detach_refit=True), workdir=tmp_path / "w")
+    assert "refit_s" in refit.report["timings"] and (tmp_path / "w" / "refit.json").is_file()
+    q = make_quantizer("rtn", 3)
+    changed = 0
+    for n, layer in refit.layers.items():
+        mask = layer.sparse.mask()
+        assert torch.equal(mask, plain.layers[n].sparse.mask())
+        assert torch.equal(layer.dense.dequantize(), q.fit(ref[n], exclude=mask).dequantize())
+        changed += not torch.equal(layer.dense.dequantize(), plain.layers[n].dense.dequantize())
+    assert changed  # rows with detached entries got new scales
+    with pytest.raises(ConfigError, match="detach refit needs detached entries"):
+        replace(cfg, significant_select="fisher", detach_refit=True)

@@ -130,6 +130,11 @@ class QuantConfig:
         what="detach ranking",
         choices=DETACH_RANKINGS,
     )
+    detach_refit: bool = option(
+        False,
+        help="after Algorithm 2, refit the dense part with the detached entries left out too (inside the base "
+        "method's error feedback, as the outliers are) instead of restoring them over the first fit",
+    )
     sparse_values: str = option(
         "restore",
         help="values of the sparse entries: restore (the original weights) or fit (least squares on each "
@@ -187,6 +192,10 @@ class QuantConfig:
                 _choice(getattr(self, f.name), f.metadata["choices"], f.metadata["what"])
         if self.step is not None and not 0 < self.step <= max(self.significant, 0):
             raise ConfigError(f"detach step {self.step} must be in (0, significant={self.significant}] percent")
+        if self.detach_refit and not (self.significant > 0 and self.significant_select != "fisher"):
+            raise ConfigError(
+                "detach refit needs detached entries: --significant > 0 with --significant-select pqi or random"
+            )
         _positive(self.pqi_nodes, "PQI nodes")
         if self.pqi_nsamples is not None:
             _positive(self.pqi_nsamples, "PQI nsamples")

@@ -9,6 +9,7 @@ the work directory, the typed report, timings and the lazily drawn calibration d
                                                                                   stages `pqi_pre`, `alg1`
   dense_fit            re-quantize with the sparse entries left out of the fit                 stage `dense`
   detach_significant   Algorithm 2: step-wise detach by PQI (or random)                        stage `detach`
+  dense_fit again      with `detach_refit`: the dense part refitted without the detached entries  stage `refit`
   assemble             ŵ = dense + sparse outliers + sparse significant weights, into the model; the sparse
                        values restore w, or (`sparse_values=fit`) are fitted to the layer inputs
 
@@ -546,6 +547,10 @@ def quantize(
     run.fisher = None  # used up (the sensitive values were chosen before the fit): free it for PQI
     release_free_memory()
     significant = detach_significant(run, dense, exclude)
+    if significant is not None and run.config.detach_refit:
+        exclude = _union(exclude, significant)
+        with run.timings("refit_s"), transient_allocations():
+            dense = dense_fit(run, exclude, stage="refit")
     return assemble(run, dense, exclude, sensitive=sensitive, outliers=outliers, significant=significant)
 
 
@@ -652,9 +657,9 @@ def algorithm1(run: Run, skip: Masks, *, gbar: Masks | None, pre_scores: Masks |
     return outlier_masks(run.weights, stored["counts"], criterion=c.alg1_criterion, pre_scores=pre_scores, skip=skip)
 
 
-def dense_fit(run: Run, exclude: Masks) -> dict[str, QuantizedTensor]:
-    """(Re-)quantize every layer with the sparse entries left out of the fit (stage `dense`); sequential
-    methods (GPTQ) fit block by block on the inputs of the blocks already quantized."""
+def dense_fit(run: Run, exclude: Masks, *, stage: str = "dense") -> dict[str, QuantizedTensor]:
+    """(Re-)quantize every layer with the sparse entries left out of the fit (stage `dense`, or `refit` after
+    the detach); sequential methods (GPTQ) fit block by block on the inputs of the blocks already quantized."""
     q = run.quantizer
 
     def compute() -> dict[str, QuantizedTensor]:
@@ -681,7 +686,7 @@ def dense_fit(run: Run, exclude: Masks) -> dict[str, QuantizedTensor]:
             progress=_layer_bar(f"quantize {q.name}"),
         )
 
-    return run.work.cached("dense", compute, DENSE)
+    return run.work.cached(stage, compute, DENSE)
 
 
 def detach_significant(run: Run, dense: Mapping[str, QuantizedTensor], exclude: Masks) -> Masks | None:

@@ -69,7 +69,8 @@ BEST_TEXTS = ("wiki:test", "c4")  # a point is ranked by its mean log-perplexity
 BEST_SETTINGS = (
     "base", "bits", "group_size", "sym", "outliers", "outlier_select", "significant", "significant_select", "step",
     "pqi_nodes", "pqi_rule", "alg1_objective", "alg1_criterion", "alg1_granularity", "alg1_steps", "alg1_max_factor",
-    "alg1_allocator", "detach_scope", "detach_ranking", "sparse_values", "base_options",
+    "alg1_allocator", "detach_scope", "detach_ranking", "detach_refit",
+    "sparse_values", "base_options",
 )  # fmt: skip
 
 # The settings some recipe sets: their CLI flags default to "unset" so a recipe can fill them.

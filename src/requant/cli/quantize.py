@@ -31,6 +31,7 @@ VARIANTS = (
     "alg1_max_factor",
     "detach_scope",
     "detach_ranking",
+    "detach_refit",
     "sparse_values",
 )
 LAYERS = ("include", "exclude", "expert_min_tokens", "grad_dtype")
