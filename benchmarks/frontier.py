@@ -76,6 +76,12 @@ def grid() -> dict[str, QuantConfig]:
         # Algorithm 1 refits every candidate (33 per layer, each a GPTQ pass with feedback): the IQR outliers with
         # ReQuant's detach are the affordable reading.
         out[f"squeezellm-fb-{bits}bit-IQR+detach"] = replace(rq, outlier_select="iqr", **fb)
+        if bits == 3:
+            # The detached entries refitted inside the feedback (--detach-refit) / values fitted to the layer
+            # inputs (--sparse-values fit).
+            iqr_fb = out[f"squeezellm-fb-{bits}bit-IQR+detach"]
+            out[f"squeezellm-fb-{bits}bit-IQR+detach-refit"] = replace(iqr_fb, detach_refit=True)
+            out[f"squeezellm-fb-{bits}bit-IQR+detach-fit"] = replace(iqr_fb, sparse_values="fit")
         # A LUT fitted with error feedback (GPTQ over the per-row LUT grid), alone and with the sparse parts.
         lut = QuantConfig(base="gptq", bits=bits, base_options={"grid": "lut"})
         out[f"gptq-lut-{bits}bit-row"] = lut
@@ -97,6 +103,9 @@ def grid() -> dict[str, QuantConfig]:
             # All the sparse budget below 3.3 bits (3.003 + 0.6% × 48 = 3.29): the ≤ 3.3-bit point of the goals.
             out[f"qtip-L12-{bits}bit+ReQuant-right1-0.6%"] = replace(
                 out[f"qtip-L12-{bits}bit+ReQuant-right1"], significant=0.6, step=0.3
+            )
+            out[f"qtip-L12-{bits}bit+ReQuant-right1-0.6%-fit"] = replace(
+                out[f"qtip-L12-{bits}bit+ReQuant-right1-0.6%"], sparse_values="fit"
             )
         out[f"qtip-{bits}bit+ReQuant-0.25%"] = replace(
             qt, outliers=0.0, significant=0.25, significant_select="pqi", step=0.125, pqi_nodes=2, pqi_rule="gauss"
@@ -325,6 +334,7 @@ def main() -> int:
         "--fresh", action="store_true", help="run the --only points even if another benchmark measured them"
     )
     ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--save", default=None, metavar="DIR", help="also write each point's checkpoint to DIR/NAME")
     ap.add_argument(
         "--runs",
         default="frontier-runs",
@@ -344,6 +354,7 @@ def main() -> int:
             texts=",".join(TEXTS),
             batch_size=args.batch_size,
             tag=args.runs + ("" if args.seed == 0 else f"-seed{args.seed}"),
+            save=args.save,
         )
         variants = {n: replace(grid()[n], seed=args.seed) for n in todo}
         run_variants(variants, run, run.tag, note="Grid points of benchmarks/frontier.py.")

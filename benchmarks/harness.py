@@ -16,6 +16,7 @@ from typing import Any
 from requant.config import QuantConfig
 from requant.data import text_windows
 from requant.eval import evaluate
+from requant.format import save_checkpoint
 from requant.loading import load_model
 from requant.memory import GIB, peak_rss
 from requant.model import quantizable_layers
@@ -62,6 +63,8 @@ def run_variants(
                 fisher[key] = compute_fisher(model, tok, cfg, [i.name for i in quantizable_layers(model)])
                 results.setdefault("_fisher_s", {})[key] = time.perf_counter() - t
             res = quantize(model, tok, cfg, fisher=fisher.get(key) if cfg.needs_fisher else None)
+            if getattr(args, "save", None):  # for evaluations beyond the harness's (e.g. the whole texts)
+                save_checkpoint(Path(args.save) / name, model, tok, res, metadata={"variant": name}, force=True)
             row.update(
                 quantize_s=time.perf_counter() - t,
                 bits_per_weight=res.bit_count().bits_per_weight,
