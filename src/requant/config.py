@@ -73,6 +73,11 @@ class QuantConfig:
     # inputs per group; None = per row; EQUAL_BITS = chosen by the recipe from the layers' widths
     group_size: int | str | None = option(None, help="inputs per scale group")
     sym: bool = option(False, help="symmetric uniform grid (rtn)")
+    widen_bits: float = option(
+        0.0,
+        help="bits per weight spent on codes one bit wider (--bits + 1) for the layers where they lower the "
+        "Fisher-weighted error Σ F (w − ŵ)² most per extra bit (0: every layer at --bits)",
+    )
     outliers: float = option(0.0, help="outlier percent of quantized weights (r_o)")
     outlier_select: str = option(
         "iqr",
@@ -179,6 +184,11 @@ class QuantConfig:
         _choice(self.bits, ALLOWED_BITS, "bits")
         if self.group_size is not None and self.group_size != EQUAL_BITS:
             _positive(self.group_size, "group size")
+        if not 0 <= self.widen_bits < 1:
+            raise ConfigError(f"widen bits {self.widen_bits} is outside the allowed range [0, 1) bits per weight")
+        if self.widen_bits > 0 and self.bits + 1 not in ALLOWED_BITS:
+            wider = ", ".join(str(b) for b in ALLOWED_BITS if b + 1 in ALLOWED_BITS)
+            raise ConfigError(f"--widen-bits needs codes of bits + 1 = {self.bits + 1}; use --bits {wider} with it")
         for pct, what in ((self.outliers, "outlier percent"), (self.significant, "significant percent")):
             if not 0 <= pct < 100:
                 raise ConfigError(f"{what} {pct} is outside the allowed range [0, 100)")
@@ -225,6 +235,7 @@ class QuantConfig:
             QUANTIZERS[self.base].uses_importance
             or (self.significant > 0 and self.significant_select == "fisher")
             or (self.outliers > 0 and self.outlier_select == "adaptive" and self.alg1_objective == "fisher")
+            or self.widen_bits > 0
         )
 
     @property

@@ -48,6 +48,7 @@ from .model import (
 from .offload import is_offloaded, spill, spill_zeros
 from .progress import bar
 from .quantizers import BaseQuantizer, LayerInputs, QuantizedTensor, make_quantizer
+from .quantizers.base import quantizer_of
 from .recipes import equal_bits_group_size
 from .results import QuantizationResult, QuantizedLayer
 from .sensitivity import PQIResult, fisher_information, post_quantization_integral
@@ -56,6 +57,7 @@ from .sparse.adaptive import LayerMap, allocate_outliers, outlier_masks
 from .sparse.detach import select_top, step_counts, stepwise_detach
 from .sparse.outliers import budget
 from .sparse.values import fit_sparse_values, output_error
+from .widths import fisher_error, plan_widths
 from .workdir import DENSE, META, TENSORS, WorkDir, decode_masks, encode_masks
 
 Masks = dict[str, torch.Tensor]
@@ -153,7 +155,7 @@ def compute_fisher(
 
 
 def fit_dense(
-    quantizer: BaseQuantizer,
+    quantizer: BaseQuantizer | Mapping[str, BaseQuantizer],
     weights: Mapping[str, torch.Tensor],
     *,
     importance: Mapping[str, torch.Tensor] | None = None,
@@ -161,9 +163,10 @@ def fit_dense(
     inputs: Mapping[str, LayerInputs] | None = None,
     progress: Progress = iter,
 ) -> dict[str, QuantizedTensor]:
-    """Fit the base quantizer on every layer, each with its excluded entries left out of the fit."""
+    """Fit the base quantizer (or each layer's, from a mapping) on every layer, each with its excluded entries
+    left out of the fit."""
     return {
-        n: quantizer.fit(
+        n: quantizer_of(quantizer, n).fit(
             weights[n],
             importance=importance.get(n) if importance else None,
             exclude=exclude.get(n) if exclude else None,
@@ -175,7 +178,7 @@ def fit_dense(
 
 def fit_sequential(
     model: nn.Module,
-    quantizer: BaseQuantizer,
+    quantizer: BaseQuantizer | Mapping[str, BaseQuantizer],
     weights: Mapping[str, torch.Tensor],
     windows: torch.Tensor,
     *,
@@ -194,7 +197,7 @@ def fit_sequential(
         if fallback is not None and name in expert_fallback:
             fallback.append(name)
         ex = exclude.get(name) if exclude else None
-        q = quantizer.fit(
+        q = quantizer_of(quantizer, name).fit(
             weights[name], importance=importance.get(name) if importance else None, exclude=ex, inputs=inputs
         )
         dense[name] = q
@@ -206,7 +209,7 @@ def fit_sequential(
         list(weights),
         windows,
         fit,
-        desc=f"quantize {quantizer.name} (sequential)",
+        desc="quantize sequentially",
         min_tokens=min_tokens,
         on_stats=lambda st: expert_fallback.update(st.fallback),
     )
@@ -299,6 +302,7 @@ class QuantReport:
     resumed_from_world_size: int | None = None  # set when a resume changed the number of processes
     coverage: dict[str, Any] = field(default_factory=dict)  # model.Coverage.to_dict(): share of block weights
     experts: dict[str, Any] | None = None  # MoE: tokens routed to each expert, which fell back and how
+    widths: dict[str, Any] | None = None  # --widen-bits: the layers given wider codes and the plan's figures
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -308,6 +312,7 @@ class QuantReport:
             "iqr_range_factor": self.iqr_range_factor,
             "algorithm1": self.algorithm1,
             "detach_steps": self.detach_steps,
+            "widths": self.widths,
         }
         out.update({k: v for k, v in optional.items() if v is not None})
         out.update(
@@ -400,7 +405,7 @@ class Run:
     tokenizer: object
     config: QuantConfig  # as given; `group_size` below is the resolved one
     group_size: int | None
-    quantizer: BaseQuantizer
+    quantizer: BaseQuantizer  # at config.bits; the run's flags (inputs, importance, order) are its
     layers: dict[str, LayerInfo]
     weights: Mapping[str, torch.Tensor]  # fp32 master copy of every layer's weight (memory-mapped when offloaded)
     work: WorkDir
@@ -410,6 +415,13 @@ class Run:
     report: QuantReport = field(default_factory=QuantReport)
     fisher: Mapping[str, torch.Tensor] | None = None  # the base method's sensitivity, until the dense fit
     fallback: dict[str, list[str]] = field(default_factory=dict)  # MoE fallbacks applied: "fisher", "inputs"
+    wide: BaseQuantizer | None = None  # --widen-bits: the quantizer at config.bits + 1, for the layers in `widened`
+    widened: frozenset[str] = frozenset()
+
+    @property
+    def quantizers(self) -> dict[str, BaseQuantizer]:
+        """Each layer's base quantizer (the wider one for widened layers)."""
+        return {n: self.wide if self.wide is not None and n in self.widened else self.quantizer for n in self.layers}
 
     @property
     def has_experts(self) -> bool:
@@ -468,6 +480,11 @@ def start_run(
     work = WorkDir(workdir, config, resume=resume, fingerprint={"layers": names, "weights": checksum})
     timings = Timings()
     report = QuantReport(coverage=coverage(model, layers, config.exclude).to_dict())
+    wide = None
+    if config.widen_bits > 0:  # refused before any work when the wider codes do not fit a layer either
+        wide = make_quantizer(config.base, config.bits + 1, group_size, **config.quantizer_options())  # type: ignore[arg-type]
+        for info in layers:
+            wide.check_shape(info.name, (info.out_features, info.in_features))
     return Run(
         model=model,
         tokenizer=tokenizer,
@@ -481,6 +498,7 @@ def start_run(
         timings=timings,
         started=started,
         report=report,
+        wide=wide,
     )
 
 
@@ -537,6 +555,8 @@ def quantize(
     tune_allocator()  # freed whole-layer tensors go back to the system (requant.memory)
     run = start_run(model, tokenizer, config, workdir, resume)
     base_sensitivity(run, fisher)
+    with run.timings("widths_s"):
+        widen_layers(run)
     sensitive = sensitive_values(run)
     skip = sensitive or {n: torch.zeros(s, dtype=torch.bool) for n, s in run.shapes.items()}
     with run.timings("outliers_s"):
@@ -579,6 +599,46 @@ def base_sensitivity(run: Run, fisher: Mapping[str, torch.Tensor] | None) -> Non
     run.fisher = fisher
 
 
+def widen_layers(run: Run) -> None:
+    """--widen-bits: the layers whose codes get one bit more (stage `widths`), from a fit of every layer at
+    both widths scored by Σ F (w − ŵ)² (requant.widths); the other stages then fit each layer at its width."""
+    c = run.config
+    if c.widen_bits <= 0:
+        return
+    assert run.fisher is not None and run.wide is not None
+    fisher = run.fisher
+    pair = (run.quantizer, run.wide)
+
+    def layer(n: str) -> list[float]:
+        """[error at bits, error at bits + 1, extra bits of the wider fit] of layer n."""
+        inputs = run.inputs()
+        imp = run.importance[n] if run.importance is not None else None
+        fits = [q.fit(run.weights[n], importance=imp, inputs=inputs.get(n) if inputs else None) for q in pair]
+        errors = [fisher_error(run.weights[n], t.dequantize(), fisher[n]) for t in fits]
+        return [*errors, float(fits[1].bit_count(0).total_bits - fits[0].bit_count(0).total_bits)]
+
+    def compute() -> dict[str, Any]:
+        table = distributed.map_layers(run.names, layer, progress=_layer_bar(f"widths {c.bits}/{c.bits + 1} bits"))
+        room = int(c.widen_bits * run.total)
+        gain = {n: table[n][0] - table[n][1] for n in run.names}
+        wide = plan_widths(gain, {n: int(table[n][2]) for n in run.names}, room)
+        spent = sum(int(table[n][2]) for n in wide)
+        return {
+            "bits": c.bits + 1,
+            "layers": wide,
+            "share": sum(run.weights[n].numel() for n in wide) / run.total,
+            "extra_bits_per_weight": spent / run.total,
+            "fisher_error": {
+                "narrow": sum(t[0] for t in table.values()),
+                "planned": sum(table[n][1] if n in wide else table[n][0] for n in run.names),
+            },
+        }
+
+    stored = run.work.cached("widths", compute, META)
+    run.widened = frozenset(stored["layers"])
+    run.report.widths = stored
+
+
 def sensitive_values(run: Run) -> Masks | None:
     """SqueezeLLM's sensitive values: the top Fisher entries of each layer, kept sparse and out of every fit."""
     c = run.config
@@ -611,7 +671,7 @@ def pre_quantize(run: Run, skip: Masks) -> tuple[Masks | None, Masks | None]:
 
     def compute() -> dict[str, torch.Tensor]:
         pre = fit_dense(
-            run.quantizer,
+            run.quantizers,
             run.weights,
             importance=run.importance,
             exclude=skip,
@@ -634,7 +694,7 @@ def algorithm1(run: Run, skip: Masks, *, gbar: Masks | None, pre_scores: Masks |
         progress_map: LayerMap = functools.partial(distributed.map_layers, progress=_layer_bar("algorithm 1"))
         alloc = allocate_outliers(
             run.weights,
-            run.quantizer,
+            run.quantizers,
             c.outliers,
             importance=run.importance,
             skip=skip,
@@ -667,7 +727,7 @@ def dense_fit(run: Run, exclude: Masks, *, stage: str = "dense") -> dict[str, Qu
             fallback: list[str] = []
             out = fit_sequential(
                 run.model,
-                q,
+                run.quantizers,
                 run.weights,
                 run.calibration.windows(),
                 importance=run.importance,
@@ -678,7 +738,7 @@ def dense_fit(run: Run, exclude: Masks, *, stage: str = "dense") -> dict[str, Qu
             run.fallback["inputs"] = fallback
             return out
         return fit_dense(
-            q,
+            run.quantizers,
             run.weights,
             importance=run.importance,
             exclude=exclude,

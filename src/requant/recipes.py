@@ -67,9 +67,9 @@ BEST_TABLE = Path(__file__).with_name("frontier.json")
 BEST_TEXTS = ("wiki:test", "c4")  # a point is ranked by its mean log-perplexity over these texts
 # What a table point fixes: how to quantize; not what to calibrate on or which layers (the user's flags keep those).
 BEST_SETTINGS = (
-    "base", "bits", "group_size", "sym", "outliers", "outlier_select", "significant", "significant_select", "step",
-    "pqi_nodes", "pqi_rule", "alg1_objective", "alg1_criterion", "alg1_granularity", "alg1_steps", "alg1_max_factor",
-    "alg1_allocator", "detach_scope", "detach_ranking", "detach_refit",
+    "base", "bits", "widen_bits", "group_size", "sym", "outliers", "outlier_select", "significant",
+    "significant_select", "step", "pqi_nodes", "pqi_rule", "alg1_objective", "alg1_criterion", "alg1_granularity",
+    "alg1_steps", "alg1_max_factor", "alg1_allocator", "detach_scope", "detach_ranking", "detach_refit",
     "sparse_values", "base_options",
 )  # fmt: skip
 

@@ -11,7 +11,7 @@ from typing import Any
 from .common import add_calib, add_config_options, add_offload, build_config, emit, offload_folder
 
 # QuantConfig settings with a flag, by argument group (the flags, types, defaults and help come from the fields).
-GENERAL = ("base", "bits", "group_size", "sym")
+GENERAL = ("base", "bits", "group_size", "sym", "widen_bits")
 DENSE_AND_SPARSE = (
     "outliers",
     "outlier_select",

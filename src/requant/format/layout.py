@@ -164,11 +164,13 @@ class LayerLayout:
 
 def check_table_summary(where: str, qc: Mapping[str, Any], layouts: Mapping[str, LayerLayout]) -> None:
     """A quantization_config's summary (its `bits`, `sparse_entries`) agrees with its per-layer layouts."""
+    widened = isinstance(qc.get("bits"), int) and bool((qc.get("config") or {}).get("widen_bits"))
+    allowed = {qc.get("bits"), qc["bits"] + 1} if widened else {qc.get("bits")}  # --widen-bits: some one wider
     for name, layout in layouts.items():
-        if qc.get("bits") != layout.bits:
+        if layout.bits not in allowed:
             raise CheckpointError(
-                f"{where}: quantization_config.bits = {qc.get('bits')!r}, but layer {name} is stored with "
-                f"{layout.bits} bits"
+                f"{where}: quantization_config.bits = {qc.get('bits')!r}"
+                f"{' (some layers one more)' if widened else ''}, but layer {name} is stored with {layout.bits} bits"
             )
     nnz = sum(lo.nnz for lo in layouts.values())
     if qc.get("sparse_entries") != nnz:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -200,6 +201,11 @@ def output_error_rows(delta: torch.Tensor, hessian: torch.Tensor) -> torch.Tenso
     """Layer output error per output row, Σ_tokens (δ_r·x)² = δ_r H δ_rᵀ (fp64), for ΔW (out, in), H = Σ x xᵀ."""
     d = delta.to(hessian.dtype)
     return ((d @ hessian) * d).sum(1, dtype=torch.float64)
+
+
+def quantizer_of(quantizer: BaseQuantizer | Mapping[str, BaseQuantizer], name: str) -> BaseQuantizer:
+    """The quantizer of layer `name`: the one given, or its entry in a per-layer mapping."""
+    return quantizer if isinstance(quantizer, BaseQuantizer) else quantizer[name]
 
 
 def layer_hessian(method: str, weight: torch.Tensor, inputs: LayerInputs | None) -> torch.Tensor:

@@ -18,6 +18,7 @@ import torch
 
 from ..errors import ConfigError
 from ..quantizers import BaseQuantizer, LayerInputs
+from ..quantizers.base import quantizer_of
 from .allocation import ALLOCATORS, candidate_percents, topk_mask
 from .outliers import budget as budget_entries
 
@@ -162,7 +163,7 @@ def outlier_masks(
 
 def allocate_outliers(
     weights: Mapping[str, torch.Tensor],
-    quantizer: BaseQuantizer,
+    quantizer: BaseQuantizer | Mapping[str, BaseQuantizer],
     budget_pct: float,
     *,
     importance: Mapping[str, torch.Tensor] | None = None,
@@ -203,7 +204,7 @@ def allocate_outliers(
             mask = topk_mask(scores, c, sk)
             excludes.append(mask if sk is None else mask | sk)
         return candidate_objectives(
-            quantizer,
+            quantizer_of(quantizer, n),
             w,
             excludes,
             kind=objective,
