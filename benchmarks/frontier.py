@@ -37,6 +37,7 @@ SOURCES = ("methods", "methods-qtip", "baselines", "ablation-3bit", "ablation-4b
 LEVELS = (2.25, 3.0, 3.3, 3.5, 4.0, 4.62)  # bit budgets of the summary (4.62: the 4-bit D&S budget)
 LLAMACPP = Path(__file__).parent / "reference" / "llamacpp.json"
 IQR_DNS = {"outliers": 0.45, "outlier_select": "iqr", "significant": 0.05, "significant_select": "fisher"}
+WIDEN = 0.2395  # bits per weight of 0.5% sparse entries (3.188 → 3.427 at 3 bits), for --widen-bits at equal bits
 ALG1 = {"outlier_select": "adaptive", "alg1_steps": 2}  # 9 candidate fits per layer (methods.py's grid)
 
 
@@ -67,6 +68,13 @@ def grid() -> dict[str, QuantConfig]:
             out[f"squeezellm-{bits}bit-ReQuant-{r_o}+{0.5 - r_o:g}"] = replace(
                 rq, outliers=r_o, significant=round(0.5 - r_o, 4), step=0.05
             )
+        if bits == 3:
+            # The D&S budget's 0.24 bits per weight spent on 4-bit codes for the layers that gain most
+            # (--widen-bits, no sparse entries), and half of it so (+ ReQuant at 0.25%).
+            out[f"squeezellm-{bits}bit-widen"] = replace(sq, widen_bits=WIDEN)
+            out[f"squeezellm-{bits}bit-widen-half+ReQuant-0.25%"] = replace(
+                out[f"squeezellm-{bits}bit-ReQuant-0.25%"], widen_bits=WIDEN / 2
+            )
         # SqueezeLLM's tables with GPTQ's error-feedback rounding (--base-option feedback=true), with its D&S and
         # ReQuant (same settings as the plain rows).
         fb = {"base_options": {"feedback": True}}
@@ -82,6 +90,10 @@ def grid() -> dict[str, QuantConfig]:
             iqr_fb = out[f"squeezellm-fb-{bits}bit-IQR+detach"]
             out[f"squeezellm-fb-{bits}bit-IQR+detach-refit"] = replace(iqr_fb, detach_refit=True)
             out[f"squeezellm-fb-{bits}bit-IQR+detach-fit"] = replace(iqr_fb, sparse_values="fit")
+            out[f"squeezellm-fb-{bits}bit-widen"] = replace(out[f"squeezellm-fb-{bits}bit-row"], widen_bits=WIDEN)
+            out[f"squeezellm-fb-{bits}bit-widen-half+IQR+detach-0.25%"] = replace(
+                iqr_fb, outliers=0.2, widen_bits=WIDEN / 2
+            )
         # A LUT fitted with error feedback (GPTQ over the per-row LUT grid), alone and with the sparse parts.
         lut = QuantConfig(base="gptq", bits=bits, base_options={"grid": "lut"})
         out[f"gptq-lut-{bits}bit-row"] = lut
