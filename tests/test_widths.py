@@ -5,6 +5,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from helpers import byte_tokenizer, tiny_llama
 from requant.config import QuantConfig
@@ -77,6 +78,10 @@ def test_a_mixed_width_checkpoint_round_trips(runs, tmp_path):
         assert torch.equal(loaded(ids).logits, model(ids).logits)
     _, _, back = load_checkpoint(ckpt)
     assert back.bit_count() == result.bit_count()
+    plain = AutoModelForCausalLM.from_pretrained(ckpt)  # transformers builds each layer at its stored width
+    set_kernel_mode(plain, "reference")
+    with torch.no_grad():
+        assert torch.equal(plain(ids).logits, model(ids).logits)
     # The summary check still refuses a layer stored at a width the config does not allow.
     cfg = json.loads((ckpt / "config.json").read_text())
     cfg["quantization_config"]["config"]["widen_bits"] = 0.0
