@@ -369,3 +369,21 @@ def test_detach_refit_refits_the_dense_part_without_every_sparse_entry(tokenizer
     assert changed  # rows with detached entries got new scales
     with pytest.raises(ConfigError, match="detach refit needs detached entries"):
         replace(cfg, significant_select="fisher", detach_refit=True)
+
+
+
+def test_detach_refit_of_an_importance_weighted_base_keeps_its_fisher(tokenizer, text_file):
+    """SqueezeLLM's refit is weighted by the same Fisher as its first fit (not plain k-means)."""
+    from requant.quantizers import make_quantizer
+
+    cfg = replace(requant_config(text_file), detach_refit=True)
+    model = tiny_llama()
+    names = [i.name for i in quantizable_layers(model)]
+    ref = {n: model.get_submodule(n).weight.detach().clone() for n in names}
+    fisher = compute_fisher(model, tokenizer, cfg, names)
+    r = quantize(model, tokenizer, cfg, fisher=fisher)
+    q = make_quantizer("squeezellm", 3)
+    for n in names[:3]:
+        mask = r.layers[n].sparse.mask()
+        expect = q.fit(ref[n], importance=fisher[n], exclude=mask).dequantize()
+        assert torch.equal(r.layers[n].dense.dequantize(), expect)

@@ -564,8 +564,9 @@ def quantize(
     exclude = _union(skip, outliers)
     with run.timings("dense_fit_s"), transient_allocations():
         dense = dense_fit(run, exclude)
-    run.fisher = None  # used up (the sensitive values were chosen before the fit): free it for PQI
-    release_free_memory()
+    if not (run.config.detach_refit and run.quantizer.uses_importance):  # the refit weighs by it again
+        run.fisher = None  # used up (the sensitive values were chosen before the fit): free it for PQI
+        release_free_memory()
     significant = detach_significant(run, dense, exclude)
     if significant is not None and run.config.detach_refit:
         exclude = _union(exclude, significant)
