@@ -107,3 +107,18 @@ def test_dry_run_prints_estimate_and_writes_nothing(capsys, model_dir, tmp_path)
     assert cost["passes"]["fisher_fwd_bwd"] == 32 and cost["world_size"] == 1
     assert main([*dry, "--offload", str(tmp_path / "off")]) == 0
     assert "memory-mapped from disk" in capsys.readouterr().out and not (tmp_path / "off").exists()
+
+
+def test_estimate_cost_of_the_options_after_the_selection():
+    """Fitted sparse values read the fp model's statistics once (a pass and their memory); a detach refit of
+    SqueezeLLM keeps its Fisher through the detach (one more fp32 copy); a sequential base's width plan reads
+    the one-pass statistics too."""
+    base = QuantConfig(significant=0.5, significant_select="pqi")
+    plain, fit = (estimate_cost(c, _info()) for c in (base, QuantConfig(**{**base.to_dict(), "sparse_values": "fit"})))
+    assert plain["passes"]["calibration_fwd"] == 0 and fit["passes"]["calibration_fwd"] == base.nsamples
+    assert fit["memory_bytes_per_rank"]["input_statistics"] == 4 * 2000
+    refit = estimate_cost(QuantConfig(**{**base.to_dict(), "detach_refit": True}), _info())
+    assert refit["memory_bytes_per_rank"]["gradient_work"] - plain["memory_bytes_per_rank"]["gradient_work"] == 4 * 800
+    fb = {"base_options": {"feedback": True}}
+    seq, widen = (estimate_cost(QuantConfig(**fb, widen_bits=w), _info()) for w in (0.0, 0.2))
+    assert widen["passes"]["calibration_fwd"] == seq["passes"]["calibration_fwd"] + 32

@@ -371,7 +371,6 @@ def test_detach_refit_refits_the_dense_part_without_every_sparse_entry(tokenizer
         replace(cfg, significant_select="fisher", detach_refit=True)
 
 
-
 def test_detach_refit_of_an_importance_weighted_base_keeps_its_fisher(tokenizer, text_file):
     """SqueezeLLM's refit is weighted by the same Fisher as its first fit (not plain k-means)."""
     from requant.quantizers import make_quantizer

@@ -96,10 +96,16 @@ def estimate_cost(
     pqi_passes = _pqi_passes(config, info["quantized_params"])
     pqi_evals = pqi_passes * config.pqi_nodes * m
     calib_fwd = 0
-    if quant.uses_inputs:
-        calib_fwd = n  # one pass of the fp model, or the block-by-block sequential pass (≈ one forward)
-        if quant.sequential and config.outliers > 0 and config.outlier_select == "adaptive":
-            calib_fwd += n  # Algorithm 1 also reads the fp model's statistics
+    alg1 = config.outliers > 0 and config.outlier_select == "adaptive"
+    # The fp model's one-pass statistics: read by a base that fits on them, by Algorithm 1 and the width plan
+    # of a sequential base, and by fitted sparse values.
+    one_pass = (quant.uses_inputs and (not quant.sequential or alg1 or config.widen_bits > 0)) or (
+        config.sparse_values == "fit"
+    )
+    if quant.uses_inputs and quant.sequential:
+        calib_fwd += n  # the block-by-block sequential pass (≈ one forward)
+    if one_pass:
+        calib_fwd += n
     fwd_bwd = fisher_windows + pqi_evals
     # Each sum is split separately, so a rank's share is rounded up per sum (per PQI node).
     fwd_bwd_rank = math.ceil(fisher_windows / k) + pqi_passes * config.pqi_nodes * math.ceil(m / k)
@@ -127,7 +133,9 @@ def estimate_cost(
     # masters, Fisher, sums and reconstruction are memory-mapped files (file-backed): only a PQI pass to w̃_pre
     # keeps w̃_pre and the scores (2).
     pre = config.needs_pqi_pre
-    resident_copies = max(2 if fisher_windows else 1, 4 if pre else 0, 3 if detach else 0)
+    # (A detach refit of a Fisher-weighted base keeps the Fisher through the detach: one more.)
+    keep = config.detach_refit and quant.uses_importance
+    resident_copies = max(2 if fisher_windows else 1, 4 if pre else 0, (4 if keep else 3) if detach else 0)
     host_copies = (2 if pre else 0) if offload else resident_copies
     device_copies = 0
     if accel:  # the sums live on the device; the masters, reconstruction and scores on the host
@@ -147,14 +155,11 @@ def estimate_cost(
         act_floats = seqlen * (info["blocks"] * block_floats + logits)
     activations = 4 * act_floats if fwd_bwd else 4 * seqlen * (2 * info["hidden"] + 3 * info["vocab"])
     stats = 0
-    if quant.uses_inputs:
-        if quant.sequential:
-            hidden_states = 2 * math.ceil(n / k) * seqlen * info["hidden"] * 4
-            stats = 4 * info["input_stat_floats_block"] + hidden_states
-            if config.outliers > 0 and config.outlier_select == "adaptive":
-                stats = max(stats, 4 * info["input_stat_floats"])
-        else:
-            stats = 4 * info["input_stat_floats"]
+    if quant.uses_inputs and quant.sequential:
+        hidden_states = 2 * math.ceil(n / k) * seqlen * info["hidden"] * 4
+        stats = 4 * info["input_stat_floats_block"] + hidden_states
+    if one_pass:
+        stats = max(stats, 4 * info["input_stat_floats"])
     resident_weights = 0 if offload else weights
     if accel:
         device_peak = weights + 4 * q * device_copies + max(activations, stats)
