@@ -209,7 +209,7 @@ def fit_sequential(
         list(weights),
         windows,
         fit,
-        desc="quantize sequentially",
+        desc=f"quantize {quantizer_of(quantizer, next(iter(weights), '')).name} (sequential)" if weights else "",
         min_tokens=min_tokens,
         on_stats=lambda st: expert_fallback.update(st.fallback),
     )
