@@ -191,6 +191,16 @@ def fulltext_table() -> str:
             "feedback + IQR outliers + ReQuant's detach (`squeezellm-fb-3bit-IQR+detach`)",
             "squeezellm-fb-3bit-IQR+detach",
         ),
+        (
+            "4-bit codes on the layers that gain most (0.12 bits) + ReQuant at 0.25% "
+            "(`squeezellm-3bit-widen-half+ReQuant-0.25%`)",
+            "squeezellm-3bit-widen-half+ReQuant-0.25%",
+        ),
+        (
+            "the same widths, feedback + IQR outliers + ReQuant's detach at 0.25% "
+            "(`squeezellm-fb-3bit-widen-half+IQR+detach-0.25%`)",
+            "squeezellm-fb-3bit-widen-half+IQR+detach-0.25%",
+        ),
     ]:
         if key not in full:
             continue
