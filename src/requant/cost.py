@@ -217,7 +217,8 @@ def format_cost(cost: dict[str, Any]) -> str:
         f"  Fisher         {p['fisher_fwd_bwd']} forward+backward passes",
         f"  PQI            {cost['pqi_passes']} integral(s) x {cost['pqi_nodes']} nodes x {cost['windows']['pqi']} "
         f"windows = {p['pqi_fwd_bwd']} forward+backward passes",
-        f"  calibration    {p['calibration_fwd']} forward passes (layer input statistics Σxxᵀ: AWQ, GPTQ, QTIP, fitted values)",
+        f"  calibration    {p['calibration_fwd']} forward passes (layer input statistics Σxxᵀ: AWQ, GPTQ, QTIP, "
+        "fitted sparse values)",
         f"  total          {p['fwd_bwd']} forward+backward + {p['fwd']} forward passes; "
         f"{cost['flops']['total'] / 1e12:.2f} TFLOP",
     ]
