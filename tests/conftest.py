@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import byte_tokenizer, tiny_llama
+from helpers import byte_tokenizer, tiny_llama, word_text
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -43,9 +43,4 @@ def windows() -> torch.Tensor:
 
 @pytest.fixture
 def text_file(tmp_path: Path) -> Path:
-    p = tmp_path / "text.txt"
-    words = ["alpha", "beta", "gamma", "delta", "quant", "weight", "loss", "model", "token", "layer"]
-    g = torch.Generator().manual_seed(3)
-    idx = torch.randint(0, len(words), (3000,), generator=g).tolist()
-    p.write_text(" ".join(words[i] for i in idx), encoding="utf-8")
-    return p
+    return word_text(tmp_path / "text.txt")

@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+
+WORDS = ("alpha", "beta", "gamma", "delta", "quant", "weight", "loss", "model", "token", "layer")
+
+
+def word_text(path: Path, *, seed: int = 3, n: int = 3000) -> Path:
+    """`n` words drawn (seeded) from a 10-word vocabulary, written to `path`: calibration text for tiny models."""
+    idx = torch.randint(0, len(WORDS), (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+    path.write_text(" ".join(WORDS[i] for i in idx), encoding="utf-8")
+    return path
 
 
 def byte_tokenizer(*, add_bos: bool = False, bos: bool = True):

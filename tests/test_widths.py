@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers import byte_tokenizer, tiny_llama
+from helpers import byte_tokenizer, tiny_llama, word_text
 from requant.config import QuantConfig
 from requant.errors import CheckpointError, ConfigError
 from requant.format import load_checkpoint, load_quantized, save_checkpoint, set_kernel_mode
@@ -41,9 +41,7 @@ def test_fisher_error_is_the_weighted_square():
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     text = tmp_path_factory.mktemp("text") / "t.txt"
-    g = torch.Generator().manual_seed(5)
-    words = ["alpha", "beta", "gamma", "delta", "quant", "weight", "loss", "model", "token", "layer"]
-    text.write_text(" ".join(words[i] for i in torch.randint(0, 10, (3000,), generator=g).tolist()))
+    word_text(text, seed=5)
     cfg = QuantConfig(base="squeezellm", bits=3, outliers=0.5, significant=0.1, calib=str(text), nsamples=2, seqlen=32)
     tok = byte_tokenizer()
     out = {}

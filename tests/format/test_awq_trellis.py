@@ -41,11 +41,9 @@ Q = "model.layers.0.self_attn.q_proj"
 
 @pytest.fixture(scope="module")
 def calib_text(tmp_path_factory) -> Path:
-    text = tmp_path_factory.mktemp("text") / "t.txt"
-    g = torch.Generator().manual_seed(3)
-    words = ["alpha", "beta", "gamma", "delta", "quant", "weight", "loss", "model", "token", "layer"]
-    text.write_text(" ".join(words[i] for i in torch.randint(0, 10, (3000,), generator=g).tolist()))
-    return text
+    from helpers import word_text
+
+    return word_text(tmp_path_factory.mktemp("text") / "t.txt")
 
 
 @pytest.fixture(scope="module")

@@ -24,12 +24,10 @@ from requant.pipeline import quantize
 
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory):
-    from helpers import byte_tokenizer, tiny_llama
+    from helpers import byte_tokenizer, tiny_llama, word_text
 
     text = tmp_path_factory.mktemp("text") / "t.txt"
-    g = torch.Generator().manual_seed(3)
-    words = ["alpha", "beta", "gamma", "delta", "quant", "weight", "loss", "model", "token", "layer"]
-    text.write_text(" ".join(words[i] for i in torch.randint(0, 10, (3000,), generator=g).tolist()))
+    word_text(text)
     model, tok = tiny_llama(), byte_tokenizer()
     cfg = QuantConfig(base="squeezellm", bits=3, outliers=1.0, significant=0.5, calib=str(text), nsamples=2, seqlen=32)
     result = quantize(model, tok, cfg)

@@ -35,12 +35,10 @@ IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from helpers import byte_tokenizer, tiny_llama
+    from helpers import byte_tokenizer, tiny_llama, word_text
 
     text = tmp_path_factory.mktemp("text") / "t.txt"
-    g = torch.Generator().manual_seed(3)
-    words = ["alpha", "beta", "gamma", "delta", "quant", "weight", "loss", "model", "token", "layer"]
-    text.write_text(" ".join(words[i] for i in torch.randint(0, 10, (3000,), generator=g).tolist()))
+    word_text(text)
     cache = {}
 
     def get(kind: str):
