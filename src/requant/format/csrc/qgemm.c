@@ -546,6 +546,18 @@ static float row_dot1(const rq_layer *d, int64_t r, const float *x) {
  * mask) and multiplied into one of 4 accumulators; no decode buffer. The 4-byte load reads up to 2 bytes past
  * the chunk: inside the matrix for every row but the last, whose final chunk is loaded bytewise.
  * bits and mode are compile-time constants at every call site (specialised copies). */
+/* Row r's table in the two registers values8_idx permutes from: entries 0-7 in lo (2-bit: entries 0-3 twice), 8-15
+ * in hi for 4 bits; zeros for a uniform grid (mode != 0). */
+static inline __attribute__((always_inline)) void lut_regs(const rq_layer *d, int64_t r, const int bits,
+                                                           const int mode, __m256 *lo, __m256 *hi) {
+    *lo = _mm256_setzero_ps(), *hi = _mm256_setzero_ps();
+    if (mode != 0) return;
+    const float *lut = d->lut + (r << bits);
+    if (bits == 2) *lo = _mm256_castsi256_ps(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)lut)));
+    else *lo = _mm256_loadu_ps(lut);
+    if (bits == 4) *hi = _mm256_loadu_ps(lut + 8);
+}
+
 static inline __attribute__((always_inline)) __m256 values8_idx(const rq_layer *d, int64_t r, int64_t c, __m256i idx,
                                                                 __m256 lo, __m256 hi, const int bits, const int mode) {
     /* idx: each lane's code in its low `bits` bits, anything above */
@@ -572,13 +584,8 @@ static void decode_qi(const rq_layer *d, int64_t r, int64_t j0, int64_t j1, floa
     const int bits = d->bits, mode = d->mode;
     const int64_t tail = d->in / 8 - 32 * d->nblk, tail_dw = (tail * bits + 31) / 32;
     const uint8_t *rowp = d->qi + r * (d->nblk * 32 * bits + tail_dw * 32);
-    __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
-    if (mode == 0) {
-        const float *lut = d->lut + (r << bits);
-        if (bits == 2) lo = _mm256_castsi256_ps(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)lut)));
-        else lo = _mm256_loadu_ps(lut);
-        if (bits == 4) hi = _mm256_loadu_ps(lut + 8);
-    }
+    __m256 lo, hi;
+    lut_regs(d, r, bits, mode, &lo, &hi);
     for (int64_t j = j0; j < j1; j++) {
         const uint8_t *bp = rowp + (j / 32) * 32 * bits;
         const int o = bits * (int)(j % 32), dw = o >> 5, sh = o & 31;
@@ -606,13 +613,8 @@ static inline __attribute__((always_inline)) float row_dot1_avx2_impl(const rq_l
     const int64_t in = d->in, nchunks = (in + 7) / 8, full = in / 8;
     /* chunks whose 4-byte load stays inside the matrix */
     const int64_t safe = r + 1 < d->out ? nchunks : d->row_bytes >= 4 ? (d->row_bytes - 4) / bits + 1 : 0;
-    __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
-    if (mode == 0) {
-        const float *lut = d->lut + (r << bits);
-        if (bits == 2) lo = _mm256_castsi256_ps(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)lut)));
-        else lo = _mm256_loadu_ps(lut);
-        if (bits == 4) hi = _mm256_loadu_ps(lut + 8);
-    }
+    __m256 lo, hi;
+    lut_regs(d, r, bits, mode, &lo, &hi);
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps(),
            acc3 = _mm256_setzero_ps();
     const int64_t main_end = (full < safe ? full : safe) / 4 * 4;
