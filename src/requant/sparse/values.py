@@ -4,8 +4,8 @@ with H = Σ x xᵀ, instead of restoring the original weights there (S = W − D
 
 Row by row, with J the row's sparse positions and r = w − d its dense error, the minimiser is the solution of
 H_JJ s_J = (H r)_J: the restored residual r_J plus the share of the row's remaining error that columns J can
-absorb (OBS's compensation, here for free-valued sparse entries instead of quantized ones). The objective can
-only fall (restoring is one feasible S); the values are rounded to fp16 as they are stored.
+absorb (OBS's compensation, here for free-valued sparse entries instead of quantized ones). Restoring is one
+feasible S, so the (dampened) objective cannot rise beyond the rounding of the values to fp16, as they are stored.
 """
 
 from __future__ import annotations
