@@ -19,11 +19,10 @@ def fisher_error(weight: torch.Tensor, recon: torch.Tensor, fisher: torch.Tensor
 
 
 def plan_widths(gain: Mapping[str, float], cost: Mapping[str, int], room: int) -> list[str]:
-    """The layers to widen, in the order taken: by gain per extra bit (ties: the earlier layer), each only if
-    its positive gain comes at a cost that still fits in `room` bits."""
+    """The layers to widen, in the order taken: by gain per extra bit (ties: the earlier layer, as the sort is
+    stable), each only if its positive gain comes at a cost that still fits in `room` bits."""
     chosen = []
-    order = sorted(gain, key=lambda n: (-gain[n] / max(cost[n], 1), list(gain).index(n)))
-    for n in order:
+    for n in sorted(gain, key=lambda n: -gain[n] / max(cost[n], 1)):
         if gain[n] > 0 and cost[n] <= room:
             chosen.append(n)
             room -= cost[n]

@@ -32,7 +32,6 @@ def fit_sparse_values(
     index = mask.flatten().nonzero().squeeze(1)  # row-major: row i's positions are contiguous, ascending
     value = torch.empty(index.numel(), dtype=torch.float64)
     if rows.numel():
-        g = r[rows] @ h  # (H r)ᵀ of every row with sparse entries
         starts = torch.cumsum(counts, 0) - counts  # row i's first slot in `index`
         order = torch.argsort(counts[rows], stable=True)
         for chunk in torch.split(rows[order], ROW_CHUNK):
@@ -46,8 +45,8 @@ def fit_sparse_values(
             eye = torch.eye(k, dtype=torch.float64).expand_as(a)
             pair = valid[:, :, None] & valid[:, None, :]
             a = torch.where(pair, a, eye)
-            pos = torch.searchsorted(rows, chunk)  # the chunk's rows in g
-            b = torch.where(valid, g[pos[:, None], cols], 0.0)
+            g = r[chunk] @ h  # (H r)ᵀ of the chunk's rows
+            b = torch.where(valid, g.gather(1, cols), 0.0)
             s = torch.linalg.solve(a, b)
             value[slot[valid]] = s[valid]
     if not torch.isfinite(value).all():
