@@ -119,6 +119,11 @@ def grid() -> dict[str, QuantConfig]:
             out[f"qtip-L12-{bits}bit+ReQuant-right1-0.6%-fit"] = replace(
                 out[f"qtip-L12-{bits}bit+ReQuant-right1-0.6%"], sparse_values="fit"
             )
+            # About half of that budget as 4-bit codes on the layers that gain most (--widen-bits 0.15) and half as
+            # detached entries (0.3% × 48 = 0.144): 3.003 + 0.144 + ≤ 0.15 ≤ 3.3.
+            out[f"qtip-L12-{bits}bit-widen+ReQuant-right1-0.3%"] = replace(
+                out[f"qtip-L12-{bits}bit+ReQuant-right1"], significant=0.3, step=0.15, widen_bits=0.15
+            )
         out[f"qtip-{bits}bit+ReQuant-0.25%"] = replace(
             qt, outliers=0.0, significant=0.25, significant_select="pqi", step=0.125, pqi_nodes=2, pqi_rule="gauss"
         )

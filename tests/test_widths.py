@@ -94,3 +94,41 @@ def test_bad_widths_are_refused_by_name():
     with pytest.raises(ConfigError, match=r"widen bits -0\.1"):
         QuantConfig(widen_bits=-0.1)
     assert QuantConfig(base="rtn", widen_bits=0.2).needs_fisher  # the plan weighs errors by the Fisher
+
+
+@pytest.mark.parametrize("base", ["squeezellm", "qtip"])
+def test_the_dense_fit_takes_the_plans_fits_when_it_excludes_nothing(base, monkeypatch, tmp_path):
+    """Detached entries only: the dense fit would repeat the width plan's fit, so it reuses it — bit-identical to
+    fitting again (the plan's fits dropped), and with no layer fitted a third time."""
+    import requant.pipeline as pipeline
+
+    text = tmp_path / "t.txt"
+    word_text(text, seed=7)
+    cfg = QuantConfig(
+        base=base, bits=2, significant=0.2, significant_select="pqi", step=0.1, pqi_nodes=1, pqi_rule="right",
+        widen_bits=0.3, calib=str(text), nsamples=2, seqlen=32,
+    )  # fmt: skip
+    fitted: list[int] = []
+    real_fit, real_widen = pipeline.fit_dense, pipeline.widen_layers
+
+    def counting_fit(quantizer, weights, **kw):
+        fitted.append(len(weights))
+        return real_fit(quantizer, weights, **kw)
+
+    def forgetful_widen(run):
+        real_widen(run)
+        assert len(run.planned) == len(run.layers)
+        run.planned = {}
+
+    monkeypatch.setattr(pipeline, "fit_dense", counting_fit)
+    tok = byte_tokenizer()
+    reused = quantize(tiny_llama(), tok, cfg)
+    assert fitted == [0]  # the dense stage fitted no layer
+    monkeypatch.setattr(pipeline, "widen_layers", forgetful_widen)
+    again = quantize(tiny_llama(), tok, cfg)
+    assert fitted[1] == len(again.layers)
+    assert 0 < len(reused.report["widths"]["layers"]) < len(reused.layers)
+    for n, q in reused.layers.items():
+        assert torch.equal(q.dense.dequantize(), again.layers[n].dense.dequantize()), n
+        assert torch.equal(q.sparse.index, again.layers[n].sparse.index), n
+        assert torch.equal(q.sparse.value, again.layers[n].sparse.value), n

@@ -417,6 +417,9 @@ class Run:
     fallback: dict[str, list[str]] = field(default_factory=dict)  # MoE fallbacks applied: "fisher", "inputs"
     wide: BaseQuantizer | None = None  # --widen-bits: the quantizer at config.bits + 1, for the layers in `widened`
     widened: frozenset[str] = frozenset()
+    # The width plan's fits at each layer's chosen width, kept when the dense fit would repeat them (no excluded
+    # entries, independent layers): the dense stage takes them instead of fitting again.
+    planned: dict[str, QuantizedTensor] = field(default_factory=dict)
 
     @property
     def quantizers(self) -> dict[str, BaseQuantizer]:
@@ -610,12 +613,20 @@ def widen_layers(run: Run) -> None:
     fisher = run.fisher
     pair = (run.quantizer, run.wide)
 
+    # With no entry left out of the dense fit, that fit would repeat one of these two: both are kept until the
+    # plan picks (two quantized copies, ~7 bits per weight at 3 bits) and the picked one becomes the dense fit.
+    reuse = c.outliers <= 0 and not (c.significant > 0 and c.significant_select == "fisher")
+    reuse = reuse and not (run.quantizer.uses_inputs and run.quantizer.sequential)
+    kept: dict[str, list[QuantizedTensor]] = {}
+
     def layer(n: str) -> list[float]:
         """[error at bits, error at bits + 1, extra bits of the wider fit] of layer n."""
         inputs = run.inputs()
         imp = run.importance[n] if run.importance is not None else None
         fits = [q.fit(run.weights[n], importance=imp, inputs=inputs.get(n) if inputs else None) for q in pair]
         errors = [fisher_error(run.weights[n], t.dequantize(), fisher[n]) for t in fits]
+        if reuse:
+            kept[n] = fits
         return [*errors, float(fits[1].bit_count(0).total_bits - fits[0].bit_count(0).total_bits)]
 
     def compute() -> dict[str, Any]:
@@ -638,6 +649,7 @@ def widen_layers(run: Run) -> None:
     stored = run.work.cached("widths", compute, META)
     run.widened = frozenset(stored["layers"])
     run.report.widths = stored
+    run.planned = {n: fits[n in run.widened] for n, fits in kept.items()}  # empty on resume: the dense stage fits
 
 
 def sensitive_values(run: Run) -> Masks | None:
@@ -738,15 +750,18 @@ def dense_fit(run: Run, exclude: Masks, *, stage: str = "dense") -> dict[str, Qu
             )
             run.fallback["inputs"] = fallback
             return out
-        return fit_dense(
+        done = {n: t for n, t in planned.items() if not exclude[n].any()}  # the width plan's fit, when the same
+        fitted = fit_dense(
             run.quantizers,
-            run.weights,
+            {n: w for n, w in run.weights.items() if n not in done},
             importance=run.importance,
             exclude=exclude,
             inputs=run.inputs(),
             progress=_layer_bar(f"quantize {q.name}"),
         )
+        return {n: done[n] if n in done else fitted[n] for n in run.names}
 
+    planned, run.planned = (run.planned if stage == "dense" else {}), {}
     return run.work.cached(stage, compute, DENSE)
 
 
