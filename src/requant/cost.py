@@ -26,7 +26,7 @@ from torch import nn
 from .config import QuantConfig
 from .model import all_units, find_blocks, quantizable_layers
 from .quantizers import make_quantizer
-from .sparse.detach import step_counts
+from .sparse.detach import detach_step, step_counts
 from .sparse.outliers import budget
 
 # Python + torch + transformers after import (0.28 GB RSS measured on CPU, torch 2.13) plus allocator slack.
@@ -70,7 +70,7 @@ def _pqi_passes(config: QuantConfig, quantized: int) -> int:
     passes = 1 if config.needs_pqi_pre else 0
     if config.significant > 0 and config.significant_select == "pqi":
         count = budget(config.significant, quantized)
-        step = max(budget(config.step, quantized) if config.step is not None else count, 1)
+        step = detach_step(count, config.significant, config.step, quantized)
         passes += len(step_counts(count, step))
     return passes
 

@@ -54,7 +54,7 @@ from .results import QuantizationResult, QuantizedLayer
 from .sensitivity import PQIResult, fisher_information, post_quantization_integral
 from .sparse import SparseResidual, iqr_outlier_masks, topk_masks_per_module
 from .sparse.adaptive import LayerMap, allocate_outliers, outlier_masks
-from .sparse.detach import select_top, step_counts, stepwise_detach
+from .sparse.detach import detach_step, select_top, step_counts, stepwise_detach
 from .sparse.outliers import budget
 from .sparse.values import fit_sparse_values, output_error
 from .widths import fisher_error, plan_widths
@@ -790,7 +790,7 @@ def algorithm2(run: Run, dense: Mapping[str, QuantizedTensor], exclude: Masks, c
             for n, q in dense.items()
         ),
     )
-    step = max(budget(c.step, run.total) if c.step is not None else count, 1)
+    step = detach_step(count, c.significant, c.step, run.total)
     start = None
     stored = work.stored("detach")
     if stored is not None:

@@ -2,7 +2,15 @@ import pytest
 import torch
 
 from requant.errors import ConfigError
-from requant.sparse.detach import rank_scores, restore_entries, select_top, step_counts, stepwise_detach
+from requant.sparse.detach import (
+    detach_step,
+    rank_scores,
+    restore_entries,
+    select_top,
+    step_counts,
+    stepwise_detach,
+)
+from requant.sparse.outliers import budget
 from requant.sparse.residual import SparseResidual
 
 
@@ -35,6 +43,16 @@ def test_rankings():
     s = torch.tensor([-3.0, 1.0, 2.0])
     assert torch.equal(rank_scores(s, "abs"), torch.tensor([3.0, 1.0, 2.0]))
     assert torch.equal(rank_scores(s, "positive"), torch.tensor([0.0, 1.0, 2.0]))
+
+
+def test_a_step_that_divides_the_budget_gives_that_many_steps():
+    n = 134_217_728  # 0.5% and 0.25% of it round to 671,089 and 335,544: one entry would be left for a third step
+    count = budget(0.5, n)
+    assert len(step_counts(count, budget(0.25, n))) == 3
+    assert step_counts(count, detach_step(count, 0.5, 0.25, n)) == [335_545, 335_544]
+    assert step_counts(budget(0.3, n), detach_step(budget(0.3, n), 0.3, 0.15, n)) == [201_327, 201_326]
+    assert detach_step(count, 0.5, 0.2, n) == budget(0.2, n)  # no whole number of steps: the step as given
+    assert detach_step(count, 0.5, None, n) == count and detach_step(0, 0.5, None, n) == 1
 
 
 def test_step_counts():

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 
 from ..errors import ConfigError
+from .outliers import budget
 from .selection import global_top_indices, masked_keys
 
 RANKINGS = ("abs", "positive")
@@ -102,6 +103,18 @@ def restore_entries(
     cur = current[mask].float()  # a gathered copy: read before the masked entries are overwritten
     out[mask] = cur + (original[mask].float() - cur).half().float()
     return out
+
+
+def detach_step(count: int, significant: float, step: float | None, numel: int) -> int:
+    """Entries per detach step for `count` = `significant` percent of `numel`, in steps of `step` percent (None:
+    one step). A step that divides the budget a whole number of times k gives k steps: rounding both percentages
+    to entries on their own can leave one more step of a single entry (a whole PQI pass for nothing)."""
+    if step is None:
+        return max(count, 1)
+    k = round(significant / step)
+    if k >= 1 and math.isclose(significant / step, k, rel_tol=1e-9):
+        return max(math.ceil(count / k), 1)
+    return max(budget(step, numel), 1)
 
 
 def step_counts(total: int, step: int) -> list[int]:
