@@ -351,7 +351,12 @@ def main() -> int:
         "--fresh", action="store_true", help="run the --only points even if another benchmark measured them"
     )
     ap.add_argument("--batch-size", type=int, default=2)
-    ap.add_argument("--save", default=None, metavar="DIR", help="also write each point's checkpoint to DIR/NAME")
+    ap.add_argument(
+        "--save",
+        default=None,
+        metavar="DIR",
+        help="also write each point's checkpoint to DIR/NAME (DIR/seedS/NAME at seed S > 0)",
+    )
     ap.add_argument(
         "--runs",
         default="frontier-runs",
@@ -371,7 +376,8 @@ def main() -> int:
             texts=",".join(TEXTS),
             batch_size=args.batch_size,
             tag=args.runs + ("" if args.seed == 0 else f"-seed{args.seed}"),
-            save=args.save,
+            # Two seeds run at once must not write the same checkpoint directory.
+            save=args.save if args.save is None or args.seed == 0 else str(Path(args.save) / f"seed{args.seed}"),
         )
         variants = {n: replace(grid()[n], seed=args.seed) for n in todo}
         run_variants(variants, run, run.tag, note="Grid points of benchmarks/frontier.py.")
