@@ -207,6 +207,11 @@ def fulltext_table() -> str:
         v = {t: get(key, t) for t in texts}
         rows.append([label, *(ppl(v[t]) for t in texts)])
         rows.append(["P1", *(f"{p1(v[t], dns[t], fp[t]):.3f}" for t in texts)])
+    # Below 3.3 bits (QTIP's trellis, no D&S to measure P1 against): the excess over fp32.
+    key = "qtip-L12-3bit-widen+ReQuant-right1-0.3%"
+    if key in full:
+        label = f"QTIP L = 12, 4-bit codes on 0.15 bits + ReQuant's detach at 0.3%, 3.297 bits (`{key}`)"
+        rows.append([label, *(f"{ppl(get(key, t))} (+{get(key, t) / fp[t] - 1:.1%})" for t in texts)])
     some = full["fp32"]["results"]
     head = ["model", *(f"{r['data']} ({r['windows']} windows, {r['tokens']:,} tokens)" for r in some)]
     return table(head, rows)

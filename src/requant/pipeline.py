@@ -614,7 +614,7 @@ def widen_layers(run: Run) -> None:
     pair = (run.quantizer, run.wide)
 
     # With no entry left out of the dense fit, that fit would repeat one of these two: both are kept until the
-    # plan picks (two quantized copies, ~7 bits per weight at 3 bits) and the picked one becomes the dense fit.
+    # plan picks (two quantized copies: codes of a byte per weight each) and the picked one becomes the dense fit.
     reuse = c.outliers <= 0 and not (c.significant > 0 and c.significant_select == "fisher")
     reuse = reuse and not (run.quantizer.uses_inputs and run.quantizer.sequential)
     kept: dict[str, list[QuantizedTensor]] = {}
