@@ -182,9 +182,8 @@ def fulltext_table() -> str:
         return next(r["perplexity"] for r in full[key]["results"] if r["data"] == text)
 
     texts = ("wiki:test", "c4")
-    fp, dns = ({t: get(k, t) for t in texts} for k in ("fp32", "squeezellm-3bit-D&S"))
-    rows = [["fp32", *(ppl(fp[t]) for t in texts)], ["SqueezeLLM D&S", *(ppl(dns[t]) for t in texts)]]
-    for label, key in [
+    fp = {t: get("fp32", t) for t in texts}
+    points = [
         ("ReQuant, the paper's reading (PQI of 2 Gauss nodes)", "squeezellm-3bit-ReQuant"),
         ("ReQuant, the recipe (detach by the gradient at w̃)", "squeezellm-3bit-ReQuant-right1"),
         (
@@ -201,12 +200,20 @@ def fulltext_table() -> str:
             "(`squeezellm-fb-3bit-widen-half+IQR+detach-0.25%`)",
             "squeezellm-fb-3bit-widen-half+IQR+detach-0.25%",
         ),
-    ]:
-        if key not in full:
+    ]
+    rows = [["fp32", *(ppl(fp[t]) for t in texts)]]
+    # Calibration seed 0, then seed 1 (rows keyed "NAME seed1"), each P1 against D&S at the same seed.
+    for suffix, seed_label in (("", ""), (" seed1", ", calibration seed 1")):
+        if f"squeezellm-3bit-D&S{suffix}" not in full:
             continue
-        v = {t: get(key, t) for t in texts}
-        rows.append([label, *(ppl(v[t]) for t in texts)])
-        rows.append(["P1", *(f"{p1(v[t], dns[t], fp[t]):.3f}" for t in texts)])
+        dns = {t: get(f"squeezellm-3bit-D&S{suffix}", t) for t in texts}
+        rows.append([f"SqueezeLLM D&S{seed_label}", *(ppl(dns[t]) for t in texts)])
+        for label, key in points:
+            if key + suffix not in full:
+                continue
+            v = {t: get(key + suffix, t) for t in texts}
+            rows.append([label + seed_label, *(ppl(v[t]) for t in texts)])
+            rows.append(["P1", *(f"{p1(v[t], dns[t], fp[t]):.3f}" for t in texts)])
     # Below 3.3 bits (QTIP's trellis, no D&S to measure P1 against): the excess over fp32.
     key = "qtip-L12-3bit-widen+ReQuant-right1-0.3%"
     if key in full:
