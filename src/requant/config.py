@@ -230,10 +230,15 @@ class QuantConfig:
         object.__setattr__(self, "exclude", tuple(self.exclude))
 
     @property
+    def fisher_sensitive(self) -> bool:
+        """SqueezeLLM's sensitive values: the top Fisher entries, chosen before the dense fit and kept out of it."""
+        return self.significant > 0 and self.significant_select == "fisher"
+
+    @property
     def needs_fisher(self) -> bool:
         return (
             QUANTIZERS[self.base].uses_importance
-            or (self.significant > 0 and self.significant_select == "fisher")
+            or self.fisher_sensitive
             or (self.outliers > 0 and self.outlier_select == "adaptive" and self.alg1_objective == "fisher")
             or self.widen_bits > 0
         )

@@ -615,7 +615,7 @@ def widen_layers(run: Run) -> None:
 
     # With no entry left out of the dense fit, that fit would repeat one of these two: both are kept until the
     # plan picks (two quantized copies: codes of a byte per weight each) and the picked one becomes the dense fit.
-    reuse = c.outliers <= 0 and not (c.significant > 0 and c.significant_select == "fisher")
+    reuse = c.outliers <= 0 and not c.fisher_sensitive
     reuse = reuse and not (run.quantizer.uses_inputs and run.quantizer.sequential)
     kept: dict[str, list[QuantizedTensor]] = {}
 
@@ -655,7 +655,7 @@ def widen_layers(run: Run) -> None:
 def sensitive_values(run: Run) -> Masks | None:
     """SqueezeLLM's sensitive values: the top Fisher entries of each layer, kept sparse and out of every fit."""
     c = run.config
-    if not (c.significant > 0 and c.significant_select == "fisher"):
+    if not c.fisher_sensitive:
         return None
     assert run.fisher is not None
     return topk_masks_per_module(run.fisher, c.significant)
